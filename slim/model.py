@@ -1,0 +1,295 @@
+"""The one owner of "a Whisper whose layers may differ": structure, build, save, load.
+
+A whisper-slim model directory is a Hugging Face Whisper directory plus, when the model is not the
+dense original, `slim_structure.json`:
+
+    {"format": 1, "head_dim": 64,
+     "encoder_heads": [6, 3, 1, 6], "decoder_heads": [...], "cross_heads": [...],
+     "encoder_ffn": [1536, ...], "decoder_ffn": [...],
+     "quant": null | {...settings owned by qat/...}}
+
+`config.json` keeps the base model's shape (layers, d_model, vocab); the structure says what each layer
+kept. Weights are always `model.safetensors`; nothing is pickled. A dense, unquantized model is
+written as a plain HF directory (no structure file) that stock `transformers` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model as st_load_model
+from safetensors.torch import save_model as st_save_model
+from torch import nn
+from transformers import WhisperConfig, WhisperForConditionalGeneration
+from transformers.models.whisper.modeling_whisper import WhisperAttention
+
+from slim.attention import SlimAttention
+
+STRUCTURE_FILE = "slim_structure.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Structure:
+    """Heads kept per layer for each attention kind, FFN width per layer, and quantization settings."""
+
+    head_dim: int
+    encoder_heads: list[int]
+    decoder_heads: list[int]
+    cross_heads: list[int]
+    encoder_ffn: list[int]
+    decoder_ffn: list[int]
+    quant: dict | None = field(default=None)
+
+    @classmethod
+    def dense(cls, config: WhisperConfig) -> "Structure":
+        return cls(
+            head_dim=config.d_model // config.encoder_attention_heads,
+            encoder_heads=[config.encoder_attention_heads] * config.encoder_layers,
+            decoder_heads=[config.decoder_attention_heads] * config.decoder_layers,
+            cross_heads=[config.decoder_attention_heads] * config.decoder_layers,
+            encoder_ffn=[config.encoder_ffn_dim] * config.encoder_layers,
+            decoder_ffn=[config.decoder_ffn_dim] * config.decoder_layers,
+        )
+
+    def validate(self, config: WhisperConfig) -> "Structure":
+        n_enc, n_dec = config.encoder_layers, config.decoder_layers
+        for name, n in [("encoder_heads", n_enc), ("encoder_ffn", n_enc), ("decoder_heads", n_dec),
+                        ("cross_heads", n_dec), ("decoder_ffn", n_dec)]:
+            values = getattr(self, name)
+            if len(values) != n:
+                raise ValueError(f"structure.{name} has {len(values)} entries, the model has {n} layers")
+            if any((not isinstance(v, int)) or v < 0 for v in values):
+                raise ValueError(f"structure.{name} must hold non-negative integers, got {values}")
+        if self.head_dim * config.encoder_attention_heads != config.d_model:
+            raise ValueError(f"structure.head_dim={self.head_dim} does not match d_model={config.d_model}")
+        return self
+
+    def is_dense(self, config: WhisperConfig) -> bool:
+        return self.quant is None and self == Structure.dense(config)
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Structure":
+        d = dict(d)
+        version = d.pop("format", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{STRUCTURE_FILE}: format {version} is not supported (expected {FORMAT_VERSION})")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ValueError(f"{STRUCTURE_FILE}: {e}") from None
+
+    def num_heads(self) -> int:
+        return sum(self.encoder_heads) + sum(self.decoder_heads) + sum(self.cross_heads)
+
+
+# ---------------------------------------------------------------------------------------------
+# building
+
+
+def _attentions(model: WhisperForConditionalGeneration):
+    """(kind, layer index, parent layer, attribute name) for every attention in the model."""
+    for i, layer in enumerate(model.model.encoder.layers):
+        yield "encoder", i, layer, "self_attn"
+    for i, layer in enumerate(model.model.decoder.layers):
+        yield "decoder", i, layer, "self_attn"
+        yield "cross", i, layer, "encoder_attn"
+
+
+def install_explicit_attention(model: WhisperForConditionalGeneration) -> WhisperForConditionalGeneration:
+    """Replace every HF `WhisperAttention` by `SlimAttention`, in place, keeping the same Parameters."""
+    for _, _, layer, name in _attentions(model):
+        attn = getattr(layer, name)
+        if isinstance(attn, WhisperAttention):
+            setattr(layer, name, SlimAttention.from_whisper(attn))
+    # Our attention needs materialised masks: with "sdpa" HF may pass no causal mask at all and rely on
+    # SDPA's is_causal flag, which an explicit matmul cannot see.
+    model.config._attn_implementation = "eager"
+    for sub in (model.model.encoder, model.model.decoder):
+        sub.config._attn_implementation = "eager"
+    return model
+
+
+def apply_structure(model: WhisperForConditionalGeneration, structure: Structure) -> WhisperForConditionalGeneration:
+    """Resize every attention and FFN to `structure` (fresh weights where the size changes)."""
+    cfg = model.config
+    structure.validate(cfg)
+    heads = {"encoder": structure.encoder_heads, "decoder": structure.decoder_heads, "cross": structure.cross_heads}
+    for kind, i, layer, name in _attentions(model):
+        attn = getattr(layer, name)
+        h = heads[kind][i]
+        if not isinstance(attn, SlimAttention) or attn.num_heads != h or attn.head_dim != structure.head_dim:
+            new = SlimAttention(
+                cfg.d_model, h, structure.head_dim, is_decoder=kind != "encoder", is_causal=kind == "decoder",
+                layer_idx=i if kind != "encoder" else None, dropout=cfg.attention_dropout,
+            )
+            setattr(layer, name, new.to(attn.q_proj.weight.dtype))
+    for layers, widths in ((model.model.encoder.layers, structure.encoder_ffn),
+                           (model.model.decoder.layers, structure.decoder_ffn)):
+        for layer, w in zip(layers, widths):
+            if layer.fc1.out_features != w:
+                dtype = layer.fc1.weight.dtype
+                layer.fc1 = nn.Linear(cfg.d_model, w).to(dtype)
+                layer.fc2 = nn.Linear(w, cfg.d_model).to(dtype)
+    install_explicit_attention(model)
+    return model
+
+
+def build_model(config: WhisperConfig, structure: Structure | None = None) -> WhisperForConditionalGeneration:
+    """A randomly initialised model of `config`'s base shape cut to `structure` (dense if None)."""
+    model = WhisperForConditionalGeneration(config)
+    return apply_structure(model, structure or Structure.dense(config))
+
+
+def structure_of(model: WhisperForConditionalGeneration, quant: dict | None = None) -> Structure:
+    """Read the structure off the modules (the modules are the truth; the JSON is derived)."""
+    heads: dict[str, list[int]] = {"encoder": [], "decoder": [], "cross": []}
+    head_dim = None
+    for kind, _, layer, name in _attentions(model):
+        attn = getattr(layer, name)
+        heads[kind].append(attn.num_heads)
+        head_dim = attn.head_dim
+    return Structure(
+        head_dim=head_dim,
+        encoder_heads=heads["encoder"], decoder_heads=heads["decoder"], cross_heads=heads["cross"],
+        encoder_ffn=[l.fc1.out_features for l in model.model.encoder.layers],
+        decoder_ffn=[l.fc1.out_features for l in model.model.decoder.layers],
+        quant=quant,
+    )
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters (the tied embedding / output projection counted once)."""
+    seen, n = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# saving and loading
+
+
+def _atomic_dir(out: Path):
+    """A temp dir beside `out`; `commit()` swaps it into place, `abort()` removes it."""
+
+    class _Tx:
+        def __init__(self):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
+            self.tmp.mkdir()
+
+        def commit(self):
+            old = None
+            if out.exists():
+                old = out.parent / f".old-{out.name}-{uuid.uuid4().hex[:8]}"
+                os.replace(out, old)
+            os.replace(self.tmp, out)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+
+        def abort(self):
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    return _Tx()
+
+
+def save_model(model: WhisperForConditionalGeneration, out: str | Path, processor=None,
+               quant: dict | None = None, extra_files: dict[str, str] | None = None) -> Path:
+    """Write `model` (+ processor, generation config) to `out` atomically.
+
+    Dense and unquantized: a plain HF directory. Otherwise: `config.json` of the base shape,
+    `slim_structure.json`, and `model.safetensors` holding every parameter and buffer (quantizer
+    state included), which only `load_model` (or `qat`) can rebuild.
+    `extra_files` maps file names to text written alongside (e.g. the resolved recipe).
+    """
+    out = Path(out)
+    structure = structure_of(model, quant)
+    tx = _atomic_dir(out)
+    try:
+        if structure.is_dense(model.config):
+            model.save_pretrained(tx.tmp, safe_serialization=True)
+        else:
+            model.config.save_pretrained(tx.tmp)
+            if model.generation_config is not None:
+                model.generation_config.save_pretrained(tx.tmp)
+            # safetensors' save_model drops the tied proj_out alias instead of refusing shared storage.
+            st_save_model(model, str(tx.tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            (tx.tmp / STRUCTURE_FILE).write_text(json.dumps(structure.to_dict(), indent=2) + "\n")
+        if processor is not None:
+            processor.save_pretrained(tx.tmp)
+        for name, text in (extra_files or {}).items():
+            (tx.tmp / name).write_text(text)
+        tx.commit()
+    except BaseException:
+        tx.abort()
+        raise
+    return out
+
+
+def read_structure(path: str | Path) -> Structure | None:
+    f = Path(path) / STRUCTURE_FILE
+    if not f.exists():
+        return None
+    try:
+        return Structure.from_dict(json.loads(f.read_text()))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: not valid JSON ({e})") from None
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load `model.safetensors` from `path` into `model` strictly (every tensor, exact shapes)."""
+    f = Path(path) / WEIGHTS_FILE
+    if not f.exists():
+        raise FileNotFoundError(f"{f}: missing weights file")
+    missing, unexpected = st_load_model(model, str(f), strict=False)
+    # the tied output projection is stored once, under the embedding's name
+    missing = [k for k in missing if k != "proj_out.weight"]
+    if missing or unexpected:
+        raise ValueError(f"{f}: weights do not match the structure (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    model.tie_weights()
+    return model
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> WhisperForConditionalGeneration:
+    """Load any float model directory this project wrote (or a stock HF Whisper dir), with explicit attention.
+
+    A quantization-aware or INT8 directory holds quantizer state that the core cannot rebuild; load those
+    with `qat` (or let `eval.engines` pick the loader).
+    """
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
+    structure = read_structure(path)
+    if structure is None:
+        model = WhisperForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        return install_explicit_attention(model).eval()
+    if structure.quant is not None:
+        raise ValueError(f"{path} is a quantized model ({STRUCTURE_FILE} has quant settings); load it with "
+                         "qat.load_quantized_model or eval.engines.load_engine")
+    config = WhisperConfig.from_pretrained(path)
+    model = build_model(config, structure)
+    load_weights(model, path)
+    if (path / "generation_config.json").exists():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model.to(dtype).eval()
+
+
+def load_processor(path: str | Path):
+    from transformers import WhisperProcessor
+
+    return WhisperProcessor.from_pretrained(path)
