@@ -15,6 +15,7 @@ written as a plain HF directory (no structure file) that stock `transformers` lo
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -114,9 +115,7 @@ def install_explicit_attention(model: WhisperForConditionalGeneration) -> Whispe
             setattr(layer, name, SlimAttention.from_whisper(attn))
     # Our attention needs materialised masks: with "sdpa" HF may pass no causal mask at all and rely on
     # SDPA's is_causal flag, which an explicit matmul cannot see.
-    model.config._attn_implementation = "eager"
-    for sub in (model.model.encoder, model.model.decoder):
-        sub.config._attn_implementation = "eager"
+    model.set_attn_implementation("eager")
     return model
 
 
@@ -147,7 +146,7 @@ def apply_structure(model: WhisperForConditionalGeneration, structure: Structure
 
 def build_model(config: WhisperConfig, structure: Structure | None = None) -> WhisperForConditionalGeneration:
     """A randomly initialised model of `config`'s base shape cut to `structure` (dense if None)."""
-    model = WhisperForConditionalGeneration(config)
+    model = WhisperForConditionalGeneration(copy.deepcopy(config))  # the model owns (and edits) its config
     return apply_structure(model, structure or Structure.dense(config))
 
 

@@ -111,8 +111,9 @@ def test_dense_model_saves_as_stock_hf_directory(stock, inputs, tmp_path):
     assert not (out / STRUCTURE_FILE).exists()
     reloaded = WhisperForConditionalGeneration.from_pretrained(out).eval()
     with torch.no_grad():
-        assert torch.equal(stock(input_features=feats, decoder_input_ids=dec).logits,
-                           reloaded(input_features=feats, decoder_input_ids=dec).logits)
+        a = stock(input_features=feats, decoder_input_ids=dec).logits
+        b = reloaded(input_features=feats, decoder_input_ids=dec).logits
+    assert torch.equal(a, b)
 
 
 def test_save_is_atomic_and_replaces_previous(stock, tmp_path, monkeypatch):
