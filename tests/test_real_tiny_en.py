@@ -1,0 +1,49 @@
+"""Explicit attention on real tiny.en: same logits and the same greedy transcripts as stock HF (SDPA)."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from slim.audio import load_audio
+from slim.model import install_explicit_attention
+from slim.sources import load_source
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-speech"
+pytestmark = [pytest.mark.real,
+              pytest.mark.skipif(not (REAL / "manifest.jsonl").exists(), reason=f"{REAL} not present")]
+
+
+@pytest.fixture(scope="module")
+def real():
+    stock, processor = load_source("tiny.en")
+    rows = [json.loads(l) for l in (REAL / "manifest.jsonl").read_text().splitlines() if l.strip()]
+    audio = [load_audio(REAL / r["audio"]) for r in rows]
+    feats = processor.feature_extractor(audio, sampling_rate=16000, return_tensors="pt").input_features
+    return stock.eval(), processor, feats
+
+
+def test_teacher_forced_logits_match_stock(real):
+    stock, processor, feats = real
+    ours = install_explicit_attention(copy.deepcopy(stock)).eval()
+    dec = processor.tokenizer(["the child almost hurt the small dog"] * 3, return_tensors="pt").input_ids
+    with torch.no_grad():
+        a = stock(input_features=feats[:3], decoder_input_ids=dec).logits
+        b = ours(input_features=feats[:3], decoder_input_ids=dec).logits
+    assert (a - b).abs().max().item() <= 1e-4
+
+
+def test_greedy_transcripts_identical_on_all_real_clips(real):
+    stock, processor, feats = real
+    assert feats.shape[0] == 11
+    ours = install_explicit_attention(copy.deepcopy(stock)).eval()
+    with torch.no_grad():
+        ref = stock.generate(feats)
+        cached = ours.generate(feats)
+        uncached = ours.generate(feats, use_cache=False)
+    assert torch.equal(ref, cached)
+    assert torch.equal(cached, uncached)
+    texts = processor.batch_decode(cached, skip_special_tokens=True)
+    assert texts[0].strip().lower().startswith("the child almost hurt the small dog")
