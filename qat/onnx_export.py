@@ -1,0 +1,749 @@
+"""Export a (pruned, quantization-aware) Whisper to ONNX Runtime: one encoder graph, one decoder graph.
+
+    encoder.onnx   input_features (B, n_mels, 3000)
+                   -> encoder_hidden_states (B, 1500, d_model),
+                      cross_key_{i} (B, H_i, head_dim, 1500), cross_value_{i} (B, H_i, 1500, head_dim)
+    decoder.onnx   input_ids (B, T), offset (1,) int64, past_key_{i} (B, H_i, head_dim, P),
+                   past_value_{i} (B, H_i, P, head_dim), cross_key_{i}, cross_value_{i}
+                   -> logits (B, vocab) of the last position, present_key_{i}, present_value_{i}
+    export_config.json   decoding rules (prompt, eos, suppress tokens, max length), structure, I/O names,
+                   and every shipped file with its size and sha256.
+
+Why this shape:
+* The cross-attention K/V depend only on the audio, so the encoder graph computes them once; the
+  decoder step never touches the cross-attention k/v weights (they live in the encoder graph only).
+* One decoder graph serves the first step (P = 0: empty past tensors) and every later step, so each
+  decoder weight is stored once. Keys are cached transposed (head_dim before time), so the new step's
+  keys are concatenated on the last axis and `Q·Kᵀ` reads the cache without a per-step transpose.
+* Layers keep their own head counts (a layer with 0 heads has no cache tensors and its attention is
+  just the out-projection bias); `offset` gives the position of the first new token, so nothing
+  depends on which layers still have a cache.
+
+Modes:
+* `float`: fp32, traced with the TorchScript exporter (torch 2.13's default dynamo exporter needs
+  `onnxscript`, which this project does not ship; the TorchScript graph is clean and ORT fuses it).
+* `dynamic-int8`: ONNX Runtime's `quantize_dynamic` on the float export, the post-training baseline.
+* `qdq`: static INT8 carrying the QAT scales. Rather than exporting the fake-quant modules and
+  rewriting the graph afterwards, the export wrapper emits the Q/DQ nodes itself (autograd Functions
+  with an ONNX `symbolic`): QuantizeLinear/DequantizeLinear with the observer's scale and zero point
+  at every quantized Linear input and at both inputs of the attention matmuls, int8 weights stored as
+  int8 initializers (per output channel) behind DequantizeLinear. ORT fuses these into
+  MatMulIntegerToFloat / DynamicQuantizeMatMul (checked by `int8_kernel_counts`). Keys/values are
+  put on their int8 grid where they are made, so the cached ones (decoder self-attention, the
+  encoder's cross K/V) are quantized once, not at every step. The tied token embedding / output
+  projection is int8 weight-only, stored once (transposed, per-token scales): a Gather + dequant for
+  the embedding, a MatMulInteger with a dynamically quantized input for the logits.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slim.attention import SlimAttention
+from slim.model import install_explicit_attention, structure_of
+
+MODES = ("float", "dynamic-int8", "qdq")
+CONFIG_FILE = "export_config.json"
+ENCODER_FILE = "encoder.onnx"
+DECODER_FILE = "decoder.onnx"
+EXPORT_FORMAT = 1
+OPSET = 17
+# A saved WhisperProcessor (transformers 5 writes processor_config.json, older ones preprocessor_config.json);
+# the engine loads it with `WhisperProcessor.from_pretrained`, and it counts in the deployment size.
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+def has_processor(d: Path) -> bool:
+    return any((Path(d) / f).exists() for f in PROCESSOR_FILES)
+_NEG = torch.finfo(torch.float32).min
+
+
+# ---------------------------------------------------------------------------------------------
+# what a QDQ graph carries
+
+
+@dataclass
+class ActQuant:
+    """Per-tensor affine activation quantizer on the uint8 grid: q = clamp(round(x / scale) + zero_point, 0, 255).
+
+    A signed int8 quantizer with zero point z is the same grid shifted by 128 (zero_point = z + 128).
+    """
+
+    scale: float
+    zero_point: int
+
+    def __post_init__(self):
+        if not self.scale > 0:
+            raise ValueError(f"activation scale must be positive, got {self.scale}")
+        if not 0 <= self.zero_point <= 255:
+            raise ValueError(f"activation zero_point must be in [0, 255] (uint8 grid), got {self.zero_point}")
+
+
+@dataclass
+class WeightQuant:
+    """Symmetric int8 weight, one scale per output channel: w ≈ q * scale[:, None]."""
+
+    q: torch.Tensor  # int8 (out, in)
+    scale: torch.Tensor  # float32 (out,)
+
+    def __post_init__(self):
+        if self.q.dtype != torch.int8 or self.q.dim() != 2:
+            raise ValueError(f"weight must be a 2-D int8 tensor, got {self.q.dtype} {tuple(self.q.shape)}")
+        if self.scale.shape != (self.q.shape[0],):
+            raise ValueError(f"weight scale must have shape ({self.q.shape[0]},), got {tuple(self.scale.shape)}")
+
+
+@dataclass
+class QuantPlan:
+    """The QAT state the QDQ graph carries, keyed by `model.named_modules()` names.
+
+    `linears[name]` = (input quantizer, weight) of a quantized nn.Linear; a Linear absent here stays
+    float. `matmuls[name]` = (quantizer of input a, quantizer of input b) of an attention `qk`/`pv`.
+    `embedding` is the tied token embedding / output projection (int8 per token row), and
+    `logits_act` an optional static quantizer for the output projection's input (dynamic if None).
+    """
+
+    linears: dict[str, tuple[ActQuant, WeightQuant]] = field(default_factory=dict)
+    matmuls: dict[str, tuple[ActQuant, ActQuant]] = field(default_factory=dict)
+    embedding: WeightQuant | None = None
+    logits_act: ActQuant | None = None
+
+
+def quantize_weight_per_row(w: torch.Tensor, bits: int = 8) -> WeightQuant:
+    """Symmetric per-row int8 (range ±127): the weight-only quantization of the tied embedding."""
+    qmax = 2 ** (bits - 1) - 1
+    w = w.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / qmax
+    q = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax).to(torch.int8)
+    return WeightQuant(q, scale)
+
+
+def quant_plan(model: nn.Module) -> QuantPlan:
+    """Read the QAT scales off a fake-quant model prepared by `qat.prepare` (frozen or not)."""
+    try:
+        from qat.prepare import export_quant_plan
+    except ImportError as e:  # helper-5's module: the export needs its state in our terms
+        raise RuntimeError("qat.prepare.export_quant_plan is not available: cannot read QAT scales") from e
+    return export_quant_plan(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Q/DQ as traceable functions: eager forward = the fake-quant arithmetic, export = the ONNX node
+
+
+class _FakeQuant(torch.autograd.Function):
+    """Quantize to uint8 and back (per tensor). Exported as QuantizeLinear -> DequantizeLinear."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point):
+        q = torch.clamp(torch.round(x / scale) + zero_point.float(), 0, 255)
+        return (q - zero_point.float()) * scale
+
+    @staticmethod
+    def symbolic(g, x, scale, zero_point):
+        return g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, zero_point), scale, zero_point)
+
+
+class _Dequant(torch.autograd.Function):
+    """int -> float, per tensor or per channel along `axis`. Exported as DequantizeLinear."""
+
+    @staticmethod
+    def forward(ctx, q, scale, zero_point, axis):
+        shape = [1] * q.dim()
+        if scale.dim() == 1:
+            shape[axis] = -1
+        return (q.float() - zero_point.float().reshape(shape)) * scale.reshape(shape)
+
+    @staticmethod
+    def symbolic(g, q, scale, zero_point, axis):
+        return g.op("DequantizeLinear", q, scale, zero_point, axis_i=axis)
+
+
+class _DynamicQuantMatMul(torch.autograd.Function):
+    """x (float) @ int8 weight (K, N) with per-column scales; x quantized per call as ORT does.
+
+    Exported as DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul, the pattern ORT fuses into
+    DynamicQuantizeMatMul (the eager forward reproduces DynamicQuantizeLinear's arithmetic).
+    """
+
+    @staticmethod
+    def forward(ctx, x, wq, wscale, wzero):
+        lo, hi = torch.clamp(x.min(), max=0), torch.clamp(x.max(), min=0)
+        scale = torch.clamp((hi - lo) / 255, min=1e-30)
+        zp = torch.clamp(torch.round(-lo / scale), 0, 255)
+        q = torch.clamp(torch.round(x / scale) + zp, 0, 255)
+        acc = torch.matmul((q - zp).double(), wq.double() - wzero.double())  # exact integer sums
+        return (acc.float() * (scale * wscale)).to(x.dtype)
+
+    @staticmethod
+    def symbolic(g, x, wq, wscale, wzero):
+        from torch.onnx import TensorProtoDataType as TP
+
+        q, scale, zp = g.op("DynamicQuantizeLinear", x, outputs=3)
+        acc = g.op("MatMulInteger", q, wq, zp, wzero)
+        return g.op("Mul", g.op("Cast", acc, to_i=TP.FLOAT), g.op("Mul", scale, wscale))
+
+
+class _Reshape(torch.autograd.Function):
+    """`x.reshape(shape)` with ONNX's 0 = "keep this dim" and one -1, exported as one Reshape of a constant.
+
+    Tracing `x.reshape(B, T, H, D)` exports a Shape/Gather/Unsqueeze/Concat chain per reshape, which the
+    per-token decoder graph pays for at every step.
+    """
+
+    @staticmethod
+    def forward(ctx, x, shape):
+        return x.reshape([x.shape[i] if s == 0 else s for i, s in enumerate(shape)])
+
+    @staticmethod
+    def symbolic(g, x, shape):
+        return g.op("Reshape", x, g.op("Constant", value_t=torch.tensor(shape, dtype=torch.int64)))
+
+
+# ---------------------------------------------------------------------------------------------
+# the export wrappers
+
+
+class _Tables(nn.Module):
+    """The QAT tensors as buffers (so they export as named initializers), looked up by module."""
+
+    def __init__(self, model: nn.Module, plan: QuantPlan | None):
+        super().__init__()
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.linears: dict[str, tuple[float, int]] = {}  # quantized Linear -> its input (scale, zero point)
+        self.matmuls: set[str] = set()
+        self.groups: dict[tuple[str, ...], list[int]] = {}  # fused projections -> output widths
+        if plan is None:
+            return
+        for name, (act, w) in plan.linears.items():
+            self._act(name, "in", act)
+            self._buf(name, "wq", w.q.t().contiguous())  # (in, out): MatMul's B layout, axis 1 = channel
+            self._buf(name, "ws", w.scale.float())
+            self._buf(name, "wz", torch.zeros_like(w.scale, dtype=torch.int8))
+            self.linears[name] = (float(act.scale), int(act.zero_point))
+        for name, (a, b) in plan.matmuls.items():
+            self._act(name, "a", a)
+            self._act(name, "b", b)
+            self.matmuls.add(name)
+
+    def fuse(self, mods: list[nn.Linear]) -> None:
+        """One concatenated projection for Linears that read the same tensor the same way.
+
+        q/k/v of an attention (and the cross-attention k/v of every decoder layer, all reading the
+        encoder output) become one MatMul when all are float or all share one input quantizer (min-max
+        observers on the same tensor agree exactly): fewer kernels, one QuantizeLinear instead of three.
+        """
+        names = tuple(self.name(m) for m in mods)
+        acts = {self.linears.get(n) for n in names}
+        if len(mods) < 2 or len(acts) != 1:
+            return
+        key = "+".join(names)
+        bias = torch.cat([m.bias.detach() if m.bias is not None else torch.zeros(m.out_features) for m in mods])
+        self._buf(key, "b", bias)
+        if None in acts:
+            self._buf(key, "w", torch.cat([m.weight.detach() for m in mods]).t().contiguous())
+        else:
+            scale, zp = acts.pop()
+            self._act(key, "in", ActQuant(scale, zp))
+            self._buf(key, "wq", torch.cat([self.get(n, "wq") for n in names], dim=1))
+            self._buf(key, "ws", torch.cat([self.get(n, "ws") for n in names]))
+            self._buf(key, "wz", torch.cat([self.get(n, "wz") for n in names]))
+        self.groups[names] = [m.out_features for m in mods]
+
+    @staticmethod
+    def _key(name: str, what: str) -> str:
+        return f"{name.replace('.', '_')}__{what}"
+
+    def _buf(self, name: str, what: str, t: torch.Tensor) -> None:
+        self.register_buffer(self._key(name, what), t.detach().clone())
+
+    def _act(self, name: str, what: str, a: ActQuant) -> None:
+        self._buf(name, f"{what}_scale", torch.tensor(float(a.scale), dtype=torch.float32))
+        self._buf(name, f"{what}_zp", torch.tensor(int(a.zero_point), dtype=torch.uint8))
+
+    def get(self, name: str, what: str) -> torch.Tensor:
+        return getattr(self, self._key(name, what))
+
+    def name(self, mod: nn.Module) -> str:
+        return self.names[id(mod)]
+
+
+class _Graph(nn.Module):
+    """Linear layers and attention matmuls, float or Q/DQ; shared by the encoder and decoder wrappers."""
+
+    def __init__(self, model: nn.Module, plan: QuantPlan | None):
+        super().__init__()
+        self.t = _Tables(model, plan)
+
+    def fq(self, x, name: str, what: str):
+        return _FakeQuant.apply(x, self.t.get(name, f"{what}_scale"), self.t.get(name, f"{what}_zp"))
+
+    def linear(self, x, mod: nn.Linear):
+        name = self.t.name(mod)
+        if name not in self.t.linears:
+            return F.linear(x, mod.weight, mod.bias)
+        x = self.fq(x, name, "in")
+        w = _Dequant.apply(self.t.get(name, "wq"), self.t.get(name, "ws"), self.t.get(name, "wz"), 1)
+        y = torch.matmul(x, w)
+        return y if mod.bias is None else y + mod.bias
+
+    def linears(self, x, mods: list[nn.Linear]) -> list[torch.Tensor]:
+        """`[linear(x, m) for m in mods]`, as one MatMul + Split when `_Tables.fuse` registered the group."""
+        names = tuple(self.t.name(m) for m in mods)
+        widths = self.t.groups.get(names)
+        if widths is None:
+            return [self.linear(x, m) for m in mods]
+        key = "+".join(names)
+        if names[0] in self.t.linears:
+            x = self.fq(x, key, "in")
+            w = _Dequant.apply(self.t.get(key, "wq"), self.t.get(key, "ws"), self.t.get(key, "wz"), 1)
+        else:
+            w = self.t.get(key, "w")
+        return list(torch.split(torch.matmul(x, w) + self.t.get(key, "b"), widths, dim=-1))
+
+    def quantized(self, mm: nn.Module) -> bool:
+        return self.t.name(mm) in self.t.matmuls
+
+    def attend(self, attn, q, k_t, v, mask=None):
+        """softmax(q·kᵀ + mask)·v. q (B,H,T,D) scaled; k_t (B,H,D,S), v (B,H,S,D) from `keys_values`."""
+        qk, pv = self.t.name(attn.qk), self.t.name(attn.pv)
+        if qk in self.t.matmuls:
+            q = self.fq(q, qk, "a")
+        scores = torch.matmul(q, k_t)
+        if mask is not None:
+            scores = scores + mask
+        probs = torch.softmax(scores.float(), dim=-1)
+        if pv in self.t.matmuls:
+            probs = self.fq(probs, pv, "a")
+        return torch.matmul(probs, v)
+
+    def self_attention(self, attn, h, past=None, mask=None):
+        """Self-attention of h (B,T,C); `past` = cached (k_t, v) to extend. Returns (output, (k_t, v))."""
+        q, k, v = self.linears(h, [attn.q_proj, attn.k_proj, attn.v_proj])
+        k_t, v = self.split_kv(attn, k, v)
+        if past is not None:
+            k_t, v = torch.cat([past[0], k_t], dim=3), torch.cat([past[1], v], dim=2)
+        m = mask(k_t.shape[3]) if mask is not None else None
+        return self.merge(attn, self.attend(attn, self.split_q(attn, q), k_t, v, m)), (k_t, v)
+
+    def split_kv(self, attn, k, v):
+        """k, v (B,S,H*D) as (B,H,D,S) and (B,H,S,D), already on the matmul inputs' int8 grid.
+
+        Quantizing here, where the keys/values are made, means a cached tensor is quantized once: the
+        decoder step reads fake-quantized float caches (its M=1 attention matmuls are faster in float
+        than as int8 kernels that repack the 1500-frame cross K/V at every step), while in the encoder
+        the Q/DQ pairs meet at the matmul and ORT fuses them into int8 kernels.
+        """
+        shape = (0, -1, attn.num_heads, attn.head_dim)
+        k_t = _Reshape.apply(k, shape).permute(0, 2, 3, 1)
+        v = _Reshape.apply(v, shape).transpose(1, 2)
+        if self.quantized(attn.qk):
+            k_t = self.fq(k_t, self.t.name(attn.qk), "b")
+        if self.quantized(attn.pv):
+            v = self.fq(v, self.t.name(attn.pv), "b")
+        return k_t, v
+
+    def split_q(self, attn, q):
+        return _Reshape.apply(q * attn.scaling, (0, -1, attn.num_heads, attn.head_dim)).transpose(1, 2)
+
+    def merge(self, attn, out):
+        return self.linear(_Reshape.apply(out.transpose(1, 2), (0, 0, -1)), attn.out_proj)
+
+    def mlp(self, layer, x):
+        if layer.fc1.out_features == 0:  # every neuron pruned: only fc2's bias is left
+            return torch.zeros_like(x) + layer.fc2.bias
+        return self.linear(layer.activation_fn(self.linear(x, layer.fc1)), layer.fc2)
+
+
+def _no_heads(attn, x):
+    """An attention with every head pruned contributes its out-projection bias only."""
+    return torch.zeros_like(x) + attn.out_proj.bias if attn.out_proj.bias is not None else torch.zeros_like(x)
+
+
+class _EncoderGraph(_Graph):
+    def __init__(self, model, plan):
+        super().__init__(model, plan)
+        self.encoder = model.model.encoder
+        self.cross = nn.ModuleList([l.encoder_attn for l in model.model.decoder.layers if l.encoder_attn.num_heads])
+        for layer in self.encoder.layers:
+            a = layer.self_attn
+            if a.num_heads:
+                self.t.fuse([a.q_proj, a.k_proj, a.v_proj])
+        self.t.fuse([p for a in self.cross for p in (a.k_proj, a.v_proj)])
+
+    def forward(self, input_features):
+        e = self.encoder
+        x = F.gelu(e.conv1(input_features))
+        x = F.gelu(e.conv2(x)).transpose(1, 2)
+        x = x + e.embed_positions.weight
+        for layer in e.layers:
+            attn = layer.self_attn
+            h = layer.self_attn_layer_norm(x)
+            x = x + (self.self_attention(attn, h)[0] if attn.num_heads else _no_heads(attn, h))
+            x = x + self.mlp(layer, layer.final_layer_norm(x))
+        x = e.layer_norm(x)
+        outs = [x]
+        kv = self.linears(x, [p for a in self.cross for p in (a.k_proj, a.v_proj)])
+        for i, attn in enumerate(self.cross):
+            outs.extend(self.split_kv(attn, kv[2 * i], kv[2 * i + 1]))
+        return tuple(outs)
+
+
+class _DecoderGraph(_Graph):
+    def __init__(self, model, plan: QuantPlan | None):
+        super().__init__(model, plan)
+        self.decoder = model.model.decoder
+        self.self_heads = [l.self_attn.num_heads for l in self.decoder.layers]
+        self.cross_heads = [l.encoder_attn.num_heads for l in self.decoder.layers]
+        emb = model.model.decoder.embed_tokens.weight.detach()
+        self.emb_quant = plan is not None and plan.embedding is not None
+        if self.emb_quant:
+            # stored once, transposed (d_model, vocab): MatMulInteger's B as is, and a Gather on axis 1
+            self.register_buffer("embed_q_t", plan.embedding.q.t().contiguous())
+            self.register_buffer("embed_scale", plan.embedding.scale.float().clone())
+            self.register_buffer("embed_zero", torch.zeros_like(plan.embedding.scale, dtype=torch.int8))
+            self.logits_act = plan.logits_act
+            if plan.logits_act is not None:
+                self.t._act("proj_out", "in", plan.logits_act)
+        else:
+            self.register_buffer("embed_t", emb.t().contiguous())  # stored once: MatMul B and Gather axis 1
+        for layer in self.decoder.layers:
+            a = layer.self_attn
+            if a.num_heads:
+                self.t.fuse([a.q_proj, a.k_proj, a.v_proj])
+
+    def embed(self, input_ids):
+        B, T = input_ids.shape[0], input_ids.shape[1]
+        flat = input_ids.reshape(-1)
+        if self.emb_quant:
+            rows = torch.index_select(self.embed_q_t, 1, flat)  # (C, B*T) int8
+            x = rows.t().float() * torch.index_select(self.embed_scale, 0, flat)[:, None]
+        else:
+            x = torch.index_select(self.embed_t, 1, flat).t()
+        return x.reshape(B, T, -1)
+
+    def logits(self, h):
+        if not self.emb_quant:
+            return torch.matmul(h, self.embed_t)
+        if self.logits_act is None:
+            return _DynamicQuantMatMul.apply(h, self.embed_q_t, self.embed_scale, self.embed_zero)
+        h = self.fq(h, "proj_out", "in")
+        return torch.matmul(h, _Dequant.apply(self.embed_q_t, self.embed_scale, self.embed_zero, 1))
+
+    def forward(self, input_ids, offset, *caches):
+        """caches: per layer with self heads (past_key, past_value), then per layer with cross heads (key, value)."""
+        d = self.decoder
+        T = input_ids.shape[1]
+        pos = offset + torch.arange(T, dtype=torch.int64)
+        x = self.embed(input_ids) + F.embedding(pos, d.embed_positions.weight)
+        caches = list(caches)
+        n_self = 2 * sum(1 for h in self.self_heads if h)
+        past, cross = caches[:n_self], caches[n_self:]
+        presents = []
+
+        def causal(S):  # over [past, new]: new token i (position S-T+i) sees keys 0 .. S-T+i
+            q_pos = torch.arange(T, dtype=torch.int64)[:, None] + (S - T)
+            return torch.where(torch.arange(S, dtype=torch.int64)[None, :] > q_pos, _NEG, 0.0)
+
+        for layer in d.layers:
+            attn = layer.self_attn
+            h = layer.self_attn_layer_norm(x)
+            if attn.num_heads == 0:
+                x = x + _no_heads(attn, h)
+            else:
+                out, kv = self.self_attention(attn, h, past=(past.pop(0), past.pop(0)), mask=causal)
+                x = x + out
+                presents += kv
+            attn = layer.encoder_attn
+            h = layer.encoder_attn_layer_norm(x)
+            if attn.num_heads == 0:
+                x = x + _no_heads(attn, h)
+            else:
+                q = self.split_q(attn, self.linear(h, attn.q_proj))
+                x = x + self.merge(attn, self.attend(attn, q, cross.pop(0), cross.pop(0)))
+            x = x + self.mlp(layer, layer.final_layer_norm(x))
+        h = d.layer_norm(x[:, -1])
+        return (self.logits(h), *presents)
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding rules shipped with the graphs
+
+
+@dataclass
+class DecodeConfig:
+    """What greedy decoding needs besides the graphs; the torch reference and the ONNX engine share it."""
+
+    prompt: list[int]
+    eos_token_id: int
+    suppress_tokens: list[int] = field(default_factory=list)
+    begin_suppress_tokens: list[int] = field(default_factory=list)
+    max_length: int = 448
+    """Prompt plus generated tokens, at most the decoder's `max_target_positions`."""
+
+    @classmethod
+    def from_model(cls, model, prompt: list[int] | None = None, language: str = "en",
+                   max_length: int | None = None) -> "DecodeConfig":
+        """Whisper's English transcription prompt without timestamps, from the generation config."""
+        cfg, gc = model.config, getattr(model, "generation_config", None)
+        get = lambda k, default=None: getattr(gc, k, None) if gc is not None and getattr(gc, k, None) is not None \
+            else getattr(cfg, k, default)
+        if prompt is None:
+            prompt = [get("decoder_start_token_id")]
+            if get("is_multilingual") and get("lang_to_id"):
+                lang = f"<|{language}|>"
+                if lang not in gc.lang_to_id:
+                    raise ValueError(f"language {language!r} is not in the model's lang_to_id")
+                prompt += [gc.lang_to_id[lang], gc.task_to_id["transcribe"]]
+            if get("no_timestamps_token_id") is not None:
+                prompt.append(get("no_timestamps_token_id"))
+        eos = get("eos_token_id")
+        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+        limit = cfg.max_target_positions
+        max_length = min(max_length or limit, limit)
+        if len(prompt) >= max_length:
+            raise ValueError(f"prompt of {len(prompt)} tokens leaves no room under max_length={max_length}")
+        return cls(prompt=[int(t) for t in prompt], eos_token_id=int(eos),
+                   suppress_tokens=[int(t) for t in (get("suppress_tokens") or [])],
+                   begin_suppress_tokens=[int(t) for t in (get("begin_suppress_tokens") or [])],
+                   max_length=int(max_length))
+
+
+# ---------------------------------------------------------------------------------------------
+# exporting
+
+
+def _names(self_heads: list[int], cross_heads: list[int]) -> dict[str, list[str]]:
+    past = [f"past_{kv}_{i}" for i, h in enumerate(self_heads) if h for kv in ("key", "value")]
+    return {
+        "cross": [f"cross_{kv}_{i}" for i, h in enumerate(cross_heads) if h for kv in ("key", "value")],
+        "past": past,
+        "present": [n.replace("past_", "present_") for n in past],
+    }
+
+
+def _export_graphs(model, plan: QuantPlan | None, tmp: Path, opset: int) -> dict:
+    enc, dec = _EncoderGraph(model, plan).eval(), _DecoderGraph(model, plan).eval()
+    names = _names(dec.self_heads, dec.cross_heads)
+    cfg = model.config
+    feats = torch.zeros(1, cfg.num_mel_bins, 2 * cfg.max_source_positions)
+    frames = cfg.max_source_positions
+    # example cross K/V for tracing the decoder: only their shapes matter (no second encoder pass)
+    cross = []
+    for layer in model.model.decoder.layers:
+        H, D = layer.encoder_attn.num_heads, layer.encoder_attn.head_dim
+        if H:
+            cross += [torch.zeros(1, H, D, frames), torch.zeros(1, H, frames, D)]
+    enc_names = ["encoder_hidden_states"] + names["cross"]
+    batch = {0: "batch"}
+    axes = {"input_features": batch, "encoder_hidden_states": batch}
+    for n in names["cross"]:
+        axes[n] = {0: "batch", (3 if "key" in n else 2): "frames"}
+    _onnx_export(enc, (feats,), tmp / ENCODER_FILE, ["input_features"], enc_names, axes, opset)
+
+    # trace the decoder with a non-empty past, so every cache shape is a traced (dynamic) shape
+    P, T = 3, 2
+    past = []
+    for layer in model.model.decoder.layers:
+        H, D = layer.self_attn.num_heads, layer.self_attn.head_dim
+        if H:
+            past += [torch.zeros(1, H, D, P), torch.zeros(1, H, P, D)]
+    ids = torch.full((1, T), int(cfg.decoder_start_token_id), dtype=torch.int64)
+    offset = torch.tensor([P], dtype=torch.int64)
+    args = (ids, offset, *past, *cross)
+    in_names = ["input_ids", "offset"] + names["past"] + names["cross"]
+    out_names = ["logits"] + names["present"]
+    axes = {"input_ids": {0: "batch", 1: "tokens"}, "logits": batch}
+    for n in names["cross"]:
+        axes[n] = {0: "batch", (3 if "key" in n else 2): "frames"}
+    for n in names["past"]:
+        axes[n] = {0: "batch", (3 if "key" in n else 2): "past"}
+    for n in names["present"]:
+        axes[n] = {0: "batch", (3 if "key" in n else 2): "total"}
+    _onnx_export(dec, args, tmp / DECODER_FILE, in_names, out_names, axes, opset)
+    return {"names": names}
+
+
+def _onnx_export(module, args, path: Path, inputs, outputs, axes, opset: int) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset, input_names=inputs,
+                          output_names=outputs, dynamic_axes=axes, do_constant_folding=True)
+
+
+def _compact_float_initializers(path: Path, min_elements: int = 4096) -> list[str]:
+    """Store large fp32 initializers as fp16 + Cast where fp16 holds them exactly (lossless).
+
+    A model imported from a float16 CTranslate2 directory keeps fp16-exact values in every tensor it was
+    not fine-tuned on (at least the encoder's fixed positional table); ORT folds the Cast at load, so
+    the arithmetic is unchanged and only the file shrinks.
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph, done = model.graph, []
+    for init in list(graph.initializer):
+        if init.data_type != onnx.TensorProto.FLOAT or int(np.prod(init.dims)) < min_elements:
+            continue
+        a = numpy_helper.to_array(init)
+        h = a.astype(np.float16)
+        if not np.array_equal(h.astype(np.float32), a):
+            continue
+        name = init.name
+        graph.initializer.remove(init)
+        graph.initializer.append(numpy_helper.from_array(h, name + "_fp16"))
+        graph.node.insert(0, onnx.helper.make_node("Cast", [name + "_fp16"], [name], to=onnx.TensorProto.FLOAT,
+                                                   name=f"cast_{name}"))
+        done.append(name)
+    if done:
+        onnx.save(model, str(path))
+    return done
+
+
+def _quantize_dynamic(path: Path) -> None:
+    """ORT's post-training dynamic INT8 (int8 weights, activations quantized per call), in place."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tmp = path.with_suffix(".float.onnx")
+    os.replace(path, tmp)
+    # Conv stays float: ORT's CPU ConvInteger has no int8-weight kernel.
+    quantize_dynamic(str(tmp), str(path), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"])
+    tmp.unlink()
+
+
+def file_digest(path: Path) -> dict:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def load_source_model(src):
+    """(model, processor or None): a model object as is; a directory through the loader its structure
+    file asks for (float -> slim.model.load_model, fake-quant -> qat.prepare.load_quantized_model,
+    converted INT8 -> qat.convert.load_int8_model)."""
+    if isinstance(src, nn.Module):
+        return src, None
+    from slim.model import load_processor, load_model, read_structure
+
+    src = Path(src)
+    s = read_structure(src) if (src / "config.json").exists() else None
+    if s is not None and s.quant is not None:
+        if s.quant.get("converted"):
+            from qat.convert import load_int8_model
+
+            model = load_int8_model(src)
+        else:
+            from qat.prepare import load_quantized_model
+
+            model = load_quantized_model(src)
+    else:
+        model = load_model(src)
+    processor = load_processor(src) if has_processor(src) else None
+    return model, processor
+
+
+def export_model(src, out: str | Path, mode: str = "qdq", *, processor=None, plan: QuantPlan | None = None,
+                 prompt: list[int] | None = None, language: str = "en", max_length: int | None = None,
+                 opset: int = OPSET) -> Path:
+    """Export `src` (a model or a model directory) to `out` for `eval.onnx_engine.OnnxEngine`.
+
+    mode: "float" (fp32), "dynamic-int8" (ORT quantize_dynamic of the float export) or "qdq" (static INT8
+    with the QAT scales of a fake-quant model, or of `plan` when given). Writes atomically.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if opset < 17:
+        raise ValueError(f"opset must be >= 17 (LayerNormalization), got {opset}")
+    if not isinstance(src, nn.Module):
+        from slim.model import read_structure
+
+        s = read_structure(src) if (Path(src) / "config.json").exists() else None
+        if s is not None and (s.quant or {}).get("converted"):
+            raise ValueError(f"{src}: is a converted INT8 model; export reads the fake-quant (QAT/PTQ) model it "
+                             "was converted from")
+    model, src_processor = load_source_model(src)
+    processor = processor or src_processor
+    if not all(isinstance(l.self_attn, SlimAttention) for l in model.model.encoder.layers):
+        model = install_explicit_attention(copy.deepcopy(model))  # a stock HF model: leave the caller's alone
+    model = model.eval()
+    if mode == "qdq":
+        plan = plan or quant_plan(model)
+        if plan.embedding is None:
+            plan = dataclasses.replace(plan, embedding=quantize_weight_per_row(model.model.decoder.embed_tokens.weight))
+    else:
+        plan = None
+    decode = DecodeConfig.from_model(model, prompt=prompt, language=language, max_length=max_length)
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        io = _export_graphs(model, plan, tmp, opset)
+        compacted = []
+        for f in (ENCODER_FILE, DECODER_FILE):
+            if mode == "dynamic-int8":
+                _quantize_dynamic(tmp / f)
+            elif mode == "qdq":
+                compacted += _compact_float_initializers(tmp / f)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        structure = structure_of(model)
+        cfg = model.config
+        files = {p.name: file_digest(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        config = {
+            "format": EXPORT_FORMAT,
+            "mode": mode,
+            "opset": opset,
+            "decode": dataclasses.asdict(decode),
+            "model": {"d_model": cfg.d_model, "vocab_size": cfg.vocab_size, "num_mel_bins": cfg.num_mel_bins,
+                      "n_frames": 2 * cfg.max_source_positions, "head_dim": structure.head_dim},
+            "structure": {k: v for k, v in structure.to_dict().items() if k != "quant"},
+            "io": io,
+            "fp16_stored": compacted,
+            "files": files,
+        }
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def int8_kernel_counts(onnx_path: str | Path, threads: int = 1) -> dict[str, int]:
+    """Op types of the graph ORT actually runs (ORT_ENABLE_ALL), to check that QDQ became int8 kernels."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as d:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        so.optimized_model_filepath = str(Path(d) / "optimized.onnx")
+        ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+        counts: dict[str, int] = {}
+        for node in onnx.load(so.optimized_model_filepath).graph.node:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts

@@ -1,0 +1,421 @@
+"""Prepare a Whisper for quantization-aware training: a layer swap that keeps the same Parameters.
+
+    prepare_qat(model, cfg)   every matched nn.Linear -> QATLinear (same weight/bias Parameters,
+                              + `input_quant` uint8 per tensor, `weight_quant` int8 per channel);
+                              every matched attention MatMul (`qk`, `pv`) -> QuantMatMul
+                              (+ `a_quant`, `b_quant`, both uint8 per tensor);
+                              optionally the tied embedding / output projection, int8 weight-only.
+    calibrate(model, batches) teacher-forced forward passes with the observers on
+    freeze_observers(model)   fixed scales from now on
+    ptq(model, cfg, batches)  prepare + calibrate + freeze: the post-training baseline
+
+LayerNorm, softmax and the conv front end stay float. The quantizer state lives in buffers under
+the module names, e.g. `model.encoder.layers.0.fc1.input_quant.scale` (uint8 grid: scale float32 (),
+zero_point int32 () in [0, 255]), `...fc1.weight_quant.scale` (float32 (out,), zero point 0), and
+`model.decoder.layers.1.encoder_attn.qk.a_quant.scale`; `save_model(model, out, quant=cfg.to_dict())`
+writes them all and `load_quantized_model` rebuilds the same modules and loads them strictly.
+`export_quant_plan` hands the same numbers to the ONNX exporter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qat.quantizers import FakeQuantizer, activation_quantizer, weight_quantizer
+from slim.attention import MatMul, SlimAttention
+
+LAYER_PREFIXES = ("model.encoder.layers.", "model.decoder.layers.")
+# keys of the saved quant dict that describe a converted model rather than the QAT settings
+CONVERT_KEYS = ("converted", "engine")
+
+
+@dataclass
+class QuantConfig:
+    """What `prepare_qat` quantizes and how. Saved as the `quant` entry of slim_structure.json."""
+
+    weight_bits: int = 8
+    """Bits of the symmetric per-output-channel weight grid (8 for convert/export; fewer only for fake quant)."""
+    activation_bits: int = 8
+    """Bits of the affine per-tensor activation grid (uint8 when 8; 8 for convert/export)."""
+    observer: Literal["minmax", "moving_average", "percentile"] = "minmax"
+    """Activation observer: running min/max, moving-average min/max, or per-batch percentiles averaged."""
+    momentum: float = 0.1
+    """Weight of each new batch in the moving average (observer=moving_average)."""
+    percentile: float = 99.99
+    """Upper percentile kept (the lower one is 100 - percentile) for observer=percentile."""
+    include: list[str] = field(default_factory=lambda: ["*"])
+    """fnmatch patterns on module names (e.g. `model.encoder.layers.*.fc1`); a module is quantized if it
+    matches one of these and none of `exclude`. Applies to Linear layers and to the `qk`/`pv` matmuls."""
+    exclude: list[str] = field(default_factory=list)
+    """fnmatch patterns of modules kept in float (e.g. from `qat.sensitivity.most_sensitive`)."""
+    quantize_matmuls: bool = True
+    """Quantize both inputs of the attention matmuls Q·Kᵀ (`qk`) and P·V (`pv`)."""
+    embeddings: bool = False
+    """Int8 weight-only (per token row) for the decoder's tied embed_tokens / proj_out."""
+    freeze_observers_after: int | None = None
+    """Trainer step after which activation observers are frozen (None: observe throughout QAT)."""
+    lsq: bool = False
+    """Learn the scales (LSQ) as Parameters, initialised by calibration; freeze right after calibrating."""
+    calibration_batches: int = 8
+    """Batches of training data for the calibration pass before QAT / for PTQ."""
+
+    def __post_init__(self):
+        for name in ("weight_bits", "activation_bits"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 2 <= v <= 8:
+                raise ValueError(f"quant.{name} must be an integer in [2, 8], got {v!r}")
+        if self.observer not in ("minmax", "moving_average", "percentile"):
+            raise ValueError(f"quant.observer must be minmax, moving_average or percentile, got {self.observer!r}")
+        if not 0.0 < self.momentum <= 1.0:
+            raise ValueError(f"quant.momentum must be in (0, 1], got {self.momentum!r}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"quant.percentile must be in (50, 100], got {self.percentile!r}")
+        for name in ("include", "exclude"):
+            v = getattr(self, name)
+            if isinstance(v, str) or not all(isinstance(p, str) for p in v):
+                raise ValueError(f"quant.{name} must be a list of fnmatch patterns, got {v!r}")
+            setattr(self, name, list(v))
+        if self.freeze_observers_after is not None and (not isinstance(self.freeze_observers_after, int)
+                                                        or self.freeze_observers_after < 0):
+            raise ValueError(f"quant.freeze_observers_after must be a step >= 0 or null, got {self.freeze_observers_after!r}")
+        if not isinstance(self.calibration_batches, int) or self.calibration_batches < 0:
+            raise ValueError(f"quant.calibration_batches must be an integer >= 0, got {self.calibration_batches!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        d = {k: v for k, v in d.items() if k not in CONVERT_KEYS}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"quant: unknown setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def selects(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in self.include) and \
+            not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
+
+
+# ---------------------------------------------------------------------------------------------
+# the swapped-in modules
+
+
+class QATLinear(nn.Linear):
+    """nn.Linear with fake-quantized input (uint8 per tensor) and weight (int8 per output channel).
+
+    Built by `from_linear`, which reuses the Linear's Parameters (optimizer state and tying survive);
+    `to_linear` gives the plain Linear back. `input_quant=None` is weight-only (the output projection).
+    With both quantizers disabled the forward is exactly `nn.Linear`'s.
+    """
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, weight_quant: FakeQuantizer, input_quant: FakeQuantizer | None) -> "QATLinear":
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight, new.bias = linear.weight, linear.bias
+        new.weight_quant, new.input_quant = weight_quant, input_quant
+        return new.train(linear.training)
+
+    def to_linear(self) -> nn.Linear:
+        lin = nn.Linear.__new__(nn.Linear)
+        nn.Module.__init__(lin)
+        lin.in_features, lin.out_features = self.in_features, self.out_features
+        lin.weight, lin.bias = self.weight, self.bias
+        return lin.train(self.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        return F.linear(x, self.weight_quant.cached(self.weight), self.bias)
+
+
+class QATEmbedding(nn.Embedding):
+    """nn.Embedding with an int8 weight-only fake quant per token row (same Parameter)."""
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, weight_quant: FakeQuantizer) -> "QATEmbedding":
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for k in ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
+                  "scale_grad_by_freq", "sparse"):
+            setattr(new, k, getattr(emb, k))
+        new.weight = emb.weight
+        new.weight_quant = weight_quant
+        return new.train(emb.training)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight_quant.cached(self.weight), self.padding_idx, self.max_norm, self.norm_type,
+                           self.scale_grad_by_freq, self.sparse)
+
+
+class QuantMatMul(MatMul):
+    """`a @ b` with both inputs fake-quantized (uint8 per tensor): the attention Q·Kᵀ or P·V."""
+
+    def __init__(self, a_quant: FakeQuantizer, b_quant: FakeQuantizer):
+        super().__init__()
+        self.a_quant, self.b_quant = a_quant, b_quant
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(self.a_quant(a), self.b_quant(b))
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
+
+
+def quantizable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every Linear inside the encoder/decoder layers and every attention MatMul that
+    has something to quantize (layers with all heads or all FFN neurons pruned are skipped)."""
+    empty_mm: set[int] = set()
+    for m in model.modules():
+        if isinstance(m, SlimAttention) and m.num_heads == 0:
+            empty_mm.update((id(m.qk), id(m.pv)))
+    out = []
+    for name, m in model.named_modules():
+        if not name.startswith(LAYER_PREFIXES):
+            continue
+        if isinstance(m, nn.Linear) and m.in_features > 0 and m.out_features > 0:
+            out.append((name, m))
+        elif isinstance(m, MatMul) and id(m) not in empty_mm:
+            out.append((name, m))
+    return out
+
+
+def prepare_qat(model: nn.Module, cfg: QuantConfig) -> nn.Module:
+    """Swap in fake-quant modules (in place; the same Parameters). Returns `model`.
+
+    A stock HF Whisper first gets the explicit attention (`slim.model.install_explicit_attention`).
+    Quantizers start enabled and observing; call `calibrate` (then `freeze_observers` for PTQ).
+    """
+    from slim.model import install_explicit_attention
+
+    if not isinstance(cfg, QuantConfig):
+        raise TypeError(f"cfg must be a QuantConfig, got {type(cfg).__name__}")
+    if any(isinstance(m, FakeQuantizer) for m in model.modules()):
+        raise ValueError("model is already prepared for QAT (it holds FakeQuantizer modules)")
+    install_explicit_attention(model)
+
+    def act():
+        return activation_quantizer(cfg.activation_bits, cfg.observer, cfg.momentum, cfg.percentile, cfg.lsq)
+
+    for name, m in quantizable_modules(model):
+        if not cfg.selects(name):
+            continue
+        if isinstance(m, nn.Linear):
+            _set(model, name, QATLinear.from_linear(m, weight_quantizer(m.out_features, cfg.weight_bits, cfg.lsq), act()))
+        elif cfg.quantize_matmuls:
+            _set(model, name, QuantMatMul(act(), act()).train(m.training))
+    if cfg.embeddings:
+        emb = model.model.decoder.embed_tokens
+        model.model.decoder.embed_tokens = QATEmbedding.from_embedding(
+            emb, weight_quantizer(emb.num_embeddings, cfg.weight_bits, cfg.lsq))
+        # proj_out is tied to embed_tokens: the same Parameter, its own (identical) quantizer state
+        model.proj_out = QATLinear.from_linear(
+            model.proj_out, weight_quantizer(model.proj_out.out_features, cfg.weight_bits, cfg.lsq), None)
+    model.slim_quant_config = cfg
+    return model
+
+
+def quantizers(model: nn.Module, pattern: str | None = None) -> Iterable[tuple[str, FakeQuantizer]]:
+    """(name, quantizer) of every FakeQuantizer, optionally only those whose *owner* module matches `pattern`."""
+    for name, m in model.named_modules():
+        if isinstance(m, FakeQuantizer):
+            owner = name.rpartition(".")[0]
+            if pattern is None or fnmatch.fnmatchcase(owner, pattern):
+                yield name, m
+
+
+def _batch_kwargs(batch: dict) -> dict:
+    keys = ("input_features", "labels", "decoder_input_ids", "decoder_attention_mask")
+    kw = {k: batch[k] for k in keys if k in batch and batch[k] is not None}
+    if "input_features" not in kw:
+        raise ValueError(f"a calibration batch needs 'input_features', got keys {sorted(batch)}")
+    if "labels" not in kw and "decoder_input_ids" not in kw:
+        raise ValueError(f"a calibration batch needs 'labels' or 'decoder_input_ids', got keys {sorted(batch)}")
+    return kw
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[dict], *, fake_quant: bool = False) -> int:
+    """Teacher-forced forward passes over `batches` ({"input_features", "labels"} dicts) with every
+    observing quantizer updating its statistics. Returns the number of batches seen.
+
+    The model runs in eval mode (no dropout); only the quantizers are switched to training mode,
+    which is what lets them observe. With `fake_quant=False` (post-training practice) the observers
+    see float activations: quantization is switched off during the pass and restored after.
+    """
+    qs = [q for _, q in quantizers(model)]
+    if not qs:
+        raise ValueError("model has no quantizers: call prepare_qat first")
+    was_training = model.training
+    enabled = [q.is_enabled for q in qs]
+    device = next(model.parameters()).device
+    model.eval()
+    for q in qs:
+        q.train()
+        if not fake_quant:
+            q.enable(False)
+    n = 0
+    try:
+        for batch in batches:
+            kw = {k: v.to(device) for k, v in _batch_kwargs(batch).items()}
+            model(**kw)
+            n += 1
+    finally:
+        for q, e in zip(qs, enabled):
+            q.enable(e)
+        model.train(was_training)
+    return n
+
+
+def freeze_observers(model: nn.Module, weights: bool = False) -> int:
+    """Stop the activation observers (scales fixed from now on). Returns how many were frozen.
+
+    Weight quantizers keep following their weights (`observer="current"`: the scale is the weight's
+    own per-channel range, which is what convert computes too) unless `weights=True`, or the
+    scales are learned (LSQ), where freezing the observer hands the scale to the optimizer.
+    """
+    n = 0
+    for _, q in quantizers(model):
+        if q.observer != "current" or weights or q.lsq:
+            q.freeze()
+            n += 1
+    return n
+
+
+def maybe_freeze_observers(model: nn.Module, cfg: QuantConfig, step: int) -> bool:
+    """For the trainer: freeze at step `cfg.freeze_observers_after` (once). True when it froze."""
+    if cfg.freeze_observers_after is None or step != cfg.freeze_observers_after:
+        return False
+    freeze_observers(model)
+    return True
+
+
+def set_fake_quant(model: nn.Module, enabled: bool, pattern: str | None = None) -> int:
+    """Switch fake quant on/off for all quantizers (or those of modules matching `pattern`)."""
+    n = 0
+    for _, q in quantizers(model, pattern):
+        q.enable(enabled)
+        n += 1
+    return n
+
+
+def quant_state_summary(model: nn.Module) -> list[dict]:
+    """One row per quantizer: name, grid, state, observer, batches seen, range and scale span."""
+    rows = []
+    for name, q in quantizers(model):
+        scale, zp = q.qparams()
+        rows.append({
+            "name": name,
+            "grid": "int8 symmetric per channel" if q.symmetric else f"uint{q.bits} per tensor",
+            "state": "disabled" if not q.is_enabled else ("observing" if q.is_observing else "frozen"),
+            "observer": q.observer,
+            "lsq": q.lsq,
+            "batches": int(q.num_batches),
+            "min": float(q.min_val.min()) if q.min_val.numel() else None,
+            "max": float(q.max_val.max()) if q.max_val.numel() else None,
+            "scale_min": float(scale.min()) if scale.numel() else None,
+            "scale_max": float(scale.max()) if scale.numel() else None,
+            "zero_point": int(zp) if zp.dim() == 0 else None,
+        })
+    return rows
+
+
+def ptq(model: nn.Module, cfg: QuantConfig, batches: Iterable[dict]) -> nn.Module:
+    """Post-training static quantization with the same quantizers: prepare, calibrate, freeze."""
+    prepare_qat(model, cfg)
+    if calibrate(model, batches) == 0:
+        raise ValueError("ptq: no calibration batches")
+    freeze_observers(model)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# loading, and the state the exporters read
+
+
+def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Rebuild a fake-quant model written by `save_model(model, out, quant=cfg.to_dict())`:
+    the float structure, `prepare_qat` with the saved settings, then every tensor loaded strictly."""
+    from transformers import GenerationConfig, WhisperConfig
+
+    from slim.model import STRUCTURE_FILE, build_model, load_weights, read_structure
+
+    path = Path(path)
+    s = read_structure(path)
+    if s is None or s.quant is None:
+        raise ValueError(f"{path / STRUCTURE_FILE}: no quant settings; not a quantization-aware model "
+                         "(load it with slim.model.load_model)")
+    if s.quant.get("converted"):
+        raise ValueError(f"{path}: a converted INT8 model; load it with qat.convert.load_int8_model")
+    cfg = QuantConfig.from_dict(s.quant)
+    model = build_model(WhisperConfig.from_pretrained(path), dataclasses.replace(s, quant=None))
+    prepare_qat(model, cfg)
+    load_weights(model, path)
+    if (path / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model.to(dtype).eval()
+
+
+def export_quant_plan(model: nn.Module):
+    """The QAT state as `qat.onnx_export.QuantPlan`: per quantized Linear (input ActQuant on the uint8
+    grid, int8 per-channel weight), per quantized matmul (ActQuant of a, ActQuant of b), and the int8
+    embedding when `embeddings` was on. Disabled quantizers are left out (those modules stay float);
+    an enabled activation quantizer that never saw data is an error."""
+    from qat.onnx_export import ActQuant, QuantPlan, WeightQuant
+    from qat.quantizers import quantize
+
+    def act(name: str, q: FakeQuantizer) -> ActQuant:
+        if not q.calibrated and q.is_observing:
+            raise ValueError(f"{name}: activation quantizer was never calibrated (run qat.prepare.calibrate)")
+        if q.bits != 8 or q.symmetric:
+            raise ValueError(f"{name}: only 8-bit affine activations export, got {q.bits} bits")
+        scale, zp = q.qparams()
+        return ActQuant(float(scale), int(zp))
+
+    def weight(name: str, q: FakeQuantizer, w: torch.Tensor) -> WeightQuant:
+        if q.bits != 8:
+            raise ValueError(f"{name}: only 8-bit weights export, got {q.bits} bits")
+        scale, zp = weight_qparams(q, w)
+        return WeightQuant(quantize(w, scale, zp, q.qmin, q.qmax, axis=0), scale)
+
+    plan = QuantPlan()
+    for name, m in model.named_modules():
+        if isinstance(m, QATLinear) and m.input_quant is not None:
+            if m.input_quant.is_enabled and m.weight_quant.is_enabled:
+                plan.linears[name] = (act(name + ".input_quant", m.input_quant), weight(name, m.weight_quant, m.weight))
+            elif m.input_quant.is_enabled != m.weight_quant.is_enabled:
+                raise ValueError(f"{name}: input and weight quantizers must be both on or both off to export")
+        elif isinstance(m, QuantMatMul):
+            if m.a_quant.is_enabled and m.b_quant.is_enabled:
+                plan.matmuls[name] = (act(name + ".a_quant", m.a_quant), act(name + ".b_quant", m.b_quant))
+            elif m.a_quant.is_enabled != m.b_quant.is_enabled:
+                raise ValueError(f"{name}: both matmul input quantizers must be on or off to export")
+        elif isinstance(m, QATEmbedding) and m.weight_quant.is_enabled:
+            plan.embedding = weight(name, m.weight_quant, m.weight)
+    return plan
+
+
+@torch.no_grad()
+def weight_qparams(q: FakeQuantizer, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (scale, zero_point) the fake-quant forward would use for weight `w` now: recomputed from
+    `w` while the quantizer follows its weight, the stored (frozen / learned) ones otherwise."""
+    if q.is_observing and q.observer == "current":
+        q.update_stats(w)
+    return q.qparams()

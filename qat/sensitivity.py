@@ -1,0 +1,124 @@
+"""Which layers suffer from quantization: PTQ one unit at a time, loss (and WER) change per unit.
+
+One calibration pass observes every quantizer at once on float activations (post-training practice:
+fake quant off while observing), so each quantizer sees exactly what it would see if its unit were
+the only one quantized. Then for each unit only its quantizers are switched on and the teacher-forced
+cross-entropy is measured; the baseline (everything off) is the float model exactly.
+
+    table = sensitivity_scan(model, QuantConfig(), calib_batches, by="group")
+    print(to_markdown(table))
+    cfg = QuantConfig(exclude=most_sensitive(table, k=2))   # keep the two worst units in float
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from typing import Callable, Iterable, Literal
+
+import torch
+from torch import nn
+
+from qat.prepare import QuantConfig, _batch_kwargs, calibrate, freeze_observers, prepare_qat, quantizers, set_fake_quant
+
+# Kinds of quantized module, as fnmatch patterns on module names (usable as QuantConfig.exclude).
+GROUPS: dict[str, list[str]] = {
+    "encoder attention": ["model.encoder.layers.*.self_attn.*_proj"],
+    "decoder self-attention": ["model.decoder.layers.*.self_attn.*_proj"],
+    "cross-attention": ["model.decoder.layers.*.encoder_attn.*_proj"],
+    "encoder FFN": ["model.encoder.layers.*.fc1", "model.encoder.layers.*.fc2"],
+    "decoder FFN": ["model.decoder.layers.*.fc1", "model.decoder.layers.*.fc2"],
+    "attention matmuls": ["*.qk", "*.pv"],
+}
+
+
+@torch.no_grad()
+def teacher_forced_loss(model: nn.Module, batches: Iterable[dict]) -> float:
+    """Mean cross-entropy of the labels over `batches` (token-weighted, -100 ignored)."""
+    total, tokens = 0.0, 0
+    device = next(model.parameters()).device
+    for batch in batches:
+        kw = {k: v.to(device) for k, v in _batch_kwargs(batch).items()}
+        out = model(**kw)
+        n = int((kw["labels"] != -100).sum())
+        total += float(out.loss) * n
+        tokens += n
+    if tokens == 0:
+        raise ValueError("teacher_forced_loss: no label tokens in the batches")
+    return total / tokens
+
+
+def _units(model: nn.Module, by: str) -> list[tuple[str, list[str]]]:
+    owners = sorted({name.rpartition(".")[0] for name, _ in quantizers(model)})
+    if by == "layer":
+        return [(o, [o]) for o in owners]
+    units = []
+    for unit, pats in GROUPS.items():
+        if any(fnmatch.fnmatchcase(o, p) for o in owners for p in pats):
+            units.append((unit, pats))
+    return units
+
+
+def sensitivity_scan(model: nn.Module, cfg: QuantConfig, calib_batches: list[dict], *,
+                     eval_batches: list[dict] | None = None, by: Literal["group", "layer"] = "group",
+                     wer_fn: Callable[[nn.Module], float] | None = None) -> list[dict]:
+    """PTQ each unit alone; rows sorted by loss increase (most sensitive first).
+
+    `model` is a float model (left untouched: the scan works on a copy). `by="group"` scans the kinds
+    in GROUPS, `by="layer"` every quantized module (Linear or matmul) alone. `wer_fn(model) -> WER`
+    adds a WER column (and costs a decoding pass per unit). The first row is "all" (full PTQ).
+    Each row: unit, patterns, loss, delta_loss (vs float), and wer / delta_wer with `wer_fn`.
+    """
+    if by not in ("group", "layer"):
+        raise ValueError(f"by must be 'group' or 'layer', got {by!r}")
+    eval_batches = eval_batches if eval_batches is not None else calib_batches
+    m = prepare_qat(copy.deepcopy(model).eval(), cfg)
+    calibrate(m, calib_batches)
+    freeze_observers(m)
+
+    def measure(unit: str, patterns: list[str]) -> dict:
+        row = {"unit": unit, "patterns": patterns, "loss": teacher_forced_loss(m, eval_batches)}
+        if wer_fn is not None:
+            row["wer"] = float(wer_fn(m))
+        return row
+
+    set_fake_quant(m, False)
+    base = measure("float", [])
+    rows = []
+    for unit, patterns in [("all", ["*"])] + _units(m, by):
+        set_fake_quant(m, False)
+        for p in patterns:
+            set_fake_quant(m, True, p)
+        rows.append(measure(unit, patterns))
+    for r in rows:
+        r["delta_loss"] = r["loss"] - base["loss"]
+        if wer_fn is not None:
+            r["delta_wer"] = r["wer"] - base["wer"]
+    head, rest = rows[0], sorted(rows[1:], key=lambda r: r["delta_loss"], reverse=True)
+    base["delta_loss"] = 0.0
+    if wer_fn is not None:
+        base["delta_wer"] = 0.0
+    return [base, head] + rest
+
+
+def most_sensitive(table: list[dict], k: int) -> list[str]:
+    """Exclude patterns (for QuantConfig.exclude) of the k units with the largest loss increase."""
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    units = [r for r in table if r["unit"] not in ("float", "all")]
+    units.sort(key=lambda r: r["delta_loss"], reverse=True)
+    return [p for r in units[:k] for p in r["patterns"]]
+
+
+def to_markdown(table: list[dict]) -> str:
+    """The scan as a markdown table."""
+    wer = any("wer" in r for r in table)
+    head = "| unit | loss | Δ loss |" + (" WER | Δ WER |" if wer else "")
+    sep = "|---|---:|---:|" + ("---:|---:|" if wer else "")
+    lines = [head, sep]
+    for r in table:
+        line = f"| {r['unit']} | {r['loss']:.4f} | {r['delta_loss']:+.4f} |"
+        if wer:
+            line += f" {100 * r['wer']:.2f}% | {100 * r['delta_wer']:+.2f} |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"

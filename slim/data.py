@@ -1,0 +1,358 @@
+"""Speech data behind one interface: JSONL manifests, audio folders and `datasets` specs -> examples.
+
+DATA is one of
+- a JSONL manifest: one `{"audio": path relative to the manifest, "text": transcript}` per line
+  (an optional "id"; other keys are ignored);
+- an audio folder: `manifest.jsonl` inside it, or the `datasets` audiofolder layout (`metadata.jsonl` or
+  `metadata.csv` with `file_name` and a transcript column: transcription, text, sentence or transcript);
+- a `datasets` spec: `hf:PATH?split=S&name=N&streaming=1&text_column=T&data_files=F&...`, the shorthand
+  `hf:PATH/NAME/SPLIT` (`hf:librispeech_asr/clean/validation`, `hf:ORG/REPO/NAME/SPLIT`) or
+  `hf:PATH/SPLIT`, or a dict of `HFSpec` fields.
+
+Every source yields examples `{"id", "audio": float32 mono 16 kHz, "text"}`. Bad items (missing or
+unreadable audio, empty, silent, over 30 s, empty transcript, transcript over the decoder's 448 tokens)
+are skipped with one warning line each and counted in a `SkipStats`, which callers put into reports:
+a bad file never stops a run.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from urllib.parse import parse_qsl
+
+import numpy as np
+import torch
+
+from slim.audio import MAX_SECONDS, SAMPLING_RATE, AudioError, decode_audio, load_audio
+
+log = logging.getLogger(__name__)
+
+MAX_LABEL_LENGTH = 448
+"""Whisper's decoder positions (`max_target_positions`): a longer label sequence cannot be trained on."""
+SILENCE_PEAK = 1e-4
+"""Peak amplitude (-80 dBFS, about 3 LSB of 16-bit PCM) below which a clip counts as silent."""
+TEXT_COLUMNS = ("text", "transcription", "sentence", "transcript", "normalized_text")
+"""Transcript columns looked for, in this order, in audio folders and `datasets` rows."""
+REASONS = ("bad_entry", "missing", "unreadable", "empty_audio", "silent", "too_long", "empty_text", "text_too_long")
+"""Why an item is skipped. bad_entry: a manifest line that is not JSON or has no "audio"."""
+
+
+@dataclass
+class SkipStats:
+    """Counts of skipped items by reason; `total` goes into every report as `skipped`."""
+
+    by_reason: Counter = field(default_factory=Counter)
+
+    def skip(self, reason: str, item_id: str, detail: str = "") -> None:
+        assert reason in REASONS, reason
+        self.by_reason[reason] += 1
+        log.warning("skipped %s: %s%s", item_id, reason, f" ({detail})" if detail else "")
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_reason.values())
+
+    def as_dict(self) -> dict[str, int]:
+        return {r: self.by_reason[r] for r in REASONS if self.by_reason[r]}
+
+    def __str__(self) -> str:
+        return f"{self.total} skipped" + (f" {self.as_dict()}" if self.total else "")
+
+
+@dataclass
+class Item:
+    """One raw entry of a source, before its audio is decoded: a file on disk or encoded bytes."""
+
+    id: str
+    text: str | None
+    path: Path | None = None
+    data: bytes | None = None
+
+
+@dataclass
+class HFSpec:
+    """A `datasets.load_dataset` call. Audio is read with `Audio(decode=False)` and decoded by soundfile."""
+
+    path: str
+    """Hub id (`openslr/librispeech_asr`) or builder (`parquet`, `audiofolder`) or local directory."""
+    name: str | None = None
+    """Config name (`clean`, `en`)."""
+    split: str = "test"
+    streaming: bool = False
+    """Stream instead of downloading the whole split first."""
+    text_column: str | None = None
+    """Transcript column (None: the first of TEXT_COLUMNS present)."""
+    audio_column: str = "audio"
+    data_files: str | list[str] | None = None
+    data_dir: str | None = None
+    revision: str | None = None
+    cache_dir: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.streaming, str):
+            self.streaming = self.streaming.lower() in ("1", "true", "yes")
+
+    @classmethod
+    def parse(cls, spec: str | dict) -> HFSpec:
+        """`hf:PATH?key=value&...`, `hf:PATH/NAME/SPLIT`, `hf:PATH/SPLIT`, or a dict of fields."""
+        if isinstance(spec, dict):
+            known = {f.name for f in fields(cls)}
+            bad = sorted(set(spec) - known)
+            if bad:
+                raise ValueError(f"datasets spec {spec}: unknown key(s) {bad}; known: {sorted(known)}")
+            return cls(**spec)
+        body = spec[3:] if spec.startswith("hf:") else spec
+        body, _, query = body.partition("?")
+        kw: dict[str, Any] = dict(parse_qsl(query, keep_blank_values=False))
+        if query:
+            kw["path"] = body
+        else:  # shorthand: the last segment is the split, the one before it the config when there are 3 or 4
+            parts = body.split("/")
+            if len(parts) < 2 or not all(parts):
+                raise ValueError(f"datasets spec {spec!r}: write hf:PATH/SPLIT, hf:PATH/NAME/SPLIT, or "
+                                 "hf:PATH?split=S&name=N (e.g. hf:librispeech_asr/clean/validation)")
+            if len(parts) == 2:
+                kw.update(path=parts[0], split=parts[1])
+            else:
+                kw.update(path="/".join(parts[:-2]), name=parts[-2], split=parts[-1])
+        return cls.parse(kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# sources: each yields Items and knows its length when that is cheap
+
+
+def _manifest_items(manifest: Path, stats: SkipStats) -> tuple[Iterator[Item], int]:
+    lines = [(i, line) for i, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+
+    def gen() -> Iterator[Item]:
+        for lineno, line in lines:
+            where = f"{manifest}:{lineno}"
+            try:
+                entry = json.loads(line)
+                audio = entry["audio"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                stats.skip("bad_entry", where, f"not a JSON object with an 'audio' key: {e}")
+                continue
+            yield Item(id=str(entry.get("id", audio)), text=entry.get("text"), path=manifest.parent / audio)
+
+    return gen(), len(lines)
+
+
+def _metadata_rows(folder: Path) -> list[dict]:
+    if (folder / "metadata.jsonl").is_file():
+        text = (folder / "metadata.jsonl").read_text(encoding="utf-8")
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    with open(folder / "metadata.csv", newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _folder_items(folder: Path, stats: SkipStats) -> tuple[Iterator[Item], int]:
+    """An audio folder, read by hand rather than by `load_dataset("audiofolder")`: that one fails on a
+    metadata row whose file is missing and copies the folder into its cache; we want skips, no copy."""
+    if (folder / "manifest.jsonl").is_file():
+        return _manifest_items(folder / "manifest.jsonl", stats)
+    if not ((folder / "metadata.jsonl").is_file() or (folder / "metadata.csv").is_file()):
+        raise FileNotFoundError(f"{folder}: an audio folder needs manifest.jsonl, metadata.jsonl or metadata.csv")
+    rows = _metadata_rows(folder)
+    column = next((c for c in TEXT_COLUMNS if rows and c in rows[0]), None)
+    if rows and ("file_name" not in rows[0] or column is None):
+        raise ValueError(f"{folder}: metadata needs a file_name column and one of {list(TEXT_COLUMNS)}; "
+                         f"it has {list(rows[0])}")
+
+    def gen() -> Iterator[Item]:
+        for row in rows:
+            yield Item(id=str(row["file_name"]), text=row.get(column), path=folder / row["file_name"])
+
+    return gen(), len(rows)
+
+
+def _hf_items(spec: HFSpec) -> tuple[Iterator[Item], int | None]:
+    """The real `load_dataset` path, with `Audio(decode=False)`: datasets 5.x decodes (and, for folder
+    and webdataset builders, even encodes) audio only through torchcodec, which we do not ship. Parquet
+    datasets (most audio sets on the hub, LibriSpeech included) never touch it; the first row is read
+    here so that a dataset that needs it fails now, with a clear message, not mid-run."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(spec.path, spec.name, split=spec.split, streaming=spec.streaming,
+                                   data_files=spec.data_files, data_dir=spec.data_dir, revision=spec.revision,
+                                   cache_dir=spec.cache_dir)
+        columns = list(ds.column_names or ds.features or [])
+        if spec.audio_column not in columns:
+            raise ValueError(f"{spec.path}: no audio column {spec.audio_column!r} (columns: {columns}); "
+                             "set audio_column")
+        text_column = spec.text_column or next((c for c in TEXT_COLUMNS if c in columns), None)
+        if text_column not in columns:
+            raise ValueError(f"{spec.path}: no transcript column {spec.text_column or list(TEXT_COLUMNS)} "
+                             f"(columns: {columns}); set text_column")
+        rows = iter(ds.cast_column(spec.audio_column, datasets.Audio(decode=False)))
+        first = next(rows, None)
+    except (ImportError, datasets.exceptions.DatasetGenerationError) as e:
+        if "torchcodec" not in repr(e) + repr(e.__cause__):
+            raise
+        raise RuntimeError(f"{spec.path}: this datasets builder needs torchcodec to read audio; use a parquet "
+                           "dataset, a JSONL manifest or an audio folder path (read without datasets)") from e
+
+    def gen() -> Iterator[Item]:
+        for i, row in enumerate(itertools.chain([first] if first is not None else [], rows)):
+            audio = row[spec.audio_column] or {}
+            name = audio.get("path") or f"{spec.path}/{spec.split}/{i}"
+            path = Path(audio["path"]) if audio.get("path") and not audio.get("bytes") else None
+            yield Item(id=str(row.get("id", name)), text=row[text_column], path=path, data=audio.get("bytes"))
+
+    return gen(), None if spec.streaming else len(ds)
+
+
+def open_items(data: str | Path | dict, stats: SkipStats) -> tuple[Iterator[Item], int | None]:
+    """The raw items of DATA (see the module docstring) and their number when known."""
+    if isinstance(data, dict) or (isinstance(data, str) and data.startswith("hf:")):
+        spec = HFSpec.parse(data)
+        if spec.path == "audiofolder" and spec.data_dir:  # datasets' own would need torchcodec (above)
+            return _folder_items(Path(spec.data_dir).expanduser(), stats)
+        return _hf_items(spec)
+    path = Path(data).expanduser()
+    if path.is_dir():
+        return _folder_items(path, stats)
+    if path.is_file():
+        return _manifest_items(path, stats)
+    raise FileNotFoundError(f"{data}: no such manifest or audio folder (DATA is a JSONL manifest, an audio "
+                            "folder, or a datasets spec such as hf:librispeech_asr/clean/validation)")
+
+
+# ---------------------------------------------------------------------------------------------
+# validation: Item -> example or a counted skip
+
+
+def check_item(item: Item, stats: SkipStats, tokenizer=None, max_seconds: float = MAX_SECONDS,
+               max_label_length: int = MAX_LABEL_LENGTH) -> dict | None:
+    """Decode and validate one item: the example, or None after `stats.skip` (transcript checks first:
+    they are cheap and spare decoding a clip that would be dropped anyway)."""
+    text = str(item.text).strip() if item.text is not None else ""
+    if not text:
+        stats.skip("empty_text", item.id)
+        return None
+    if tokenizer is not None:
+        n = len(tokenizer(text).input_ids)
+        if n > max_label_length:
+            stats.skip("text_too_long", item.id, f"{n} tokens > {max_label_length}")
+            return None
+    if item.data is None and (item.path is None or not item.path.exists()):
+        stats.skip("missing", item.id, f"{item.path}: no such file")
+        return None
+    try:
+        audio = decode_audio(item.data, item.id) if item.data is not None else load_audio(item.path)
+    except AudioError as e:
+        stats.skip("unreadable", item.id, e.reason)
+        return None
+    seconds = len(audio) / SAMPLING_RATE
+    if len(audio) == 0:
+        stats.skip("empty_audio", item.id)
+    elif seconds > max_seconds:
+        stats.skip("too_long", item.id, f"{seconds:.1f} s > {max_seconds:g} s")
+    elif float(np.abs(audio).max()) < SILENCE_PEAK:
+        stats.skip("silent", item.id, f"peak {float(np.abs(audio).max()):.1e}")
+    else:
+        return {"id": item.id, "audio": audio, "text": text}
+    return None
+
+
+def _examples(items: Iterator[Item], name, stats: SkipStats, tokenizer, limit, max_seconds, max_label_length
+              ) -> Iterator[dict]:
+    n = 0
+    for item in items:
+        if limit is not None and n >= limit:
+            break
+        example = check_item(item, stats, tokenizer, max_seconds, max_label_length)
+        if example is not None:
+            n += 1
+            yield example
+    log.info("%s: %d examples, %s", name, n, stats)
+
+
+def iter_examples(data: str | Path | dict, stats: SkipStats | None = None, tokenizer=None, limit: int | None = None,
+                  max_seconds: float = MAX_SECONDS, max_label_length: int = MAX_LABEL_LENGTH) -> Iterator[dict]:
+    """Yield up to LIMIT good examples of DATA, counting the bad ones in STATS (pass one to read it after)."""
+    stats = stats if stats is not None else SkipStats()
+    items, _ = open_items(data, stats)
+    yield from _examples(items, data, stats, tokenizer, limit, max_seconds, max_label_length)
+
+
+def open_eval_source(data: str | Path | dict, limit: int | None = None, tokenizer=None,
+                     max_seconds: float = MAX_SECONDS) -> tuple[Iterator[dict], SkipStats, int | None]:
+    """(lazy examples, their SkipStats, the item count for a progress bar or None): stats fill as it runs."""
+    stats = SkipStats()
+    items, total = open_items(data, stats)
+    if total is not None and limit is not None:
+        total = min(total, limit)
+    return _examples(items, data, stats, tokenizer, limit, max_seconds, MAX_LABEL_LENGTH), stats, total
+
+
+def load_examples(data: str | Path | dict, tokenizer=None, limit: int | None = None, **kw
+                  ) -> tuple[list[dict], SkipStats]:
+    """All good examples of DATA in memory (for training) and the SkipStats."""
+    stats = SkipStats()
+    return list(iter_examples(data, stats, tokenizer=tokenizer, limit=limit, **kw)), stats
+
+
+# ---------------------------------------------------------------------------------------------
+# training: features, labels, collation
+
+
+class SpeechDataset(torch.utils.data.Dataset):
+    """Examples -> `{"input_features": (n_mels, 3000) float, "labels": LongTensor}` for Whisper training.
+
+    Labels are `tokenizer(text).input_ids`, as in HF's Whisper fine-tuning: the tokenizer's prefix
+    (`<|startoftranscript|>` [+ `<|en|><|transcribe|>`] + `<|notimestamps|>`), the text, `<|endoftext|>`.
+    The log-mel features cost most of a CPU step's data time, so each example's are computed once and,
+    with `cache=True`, kept (about 1 MB each at 80 mels; per worker process with num_workers > 0).
+    """
+
+    def __init__(self, examples: list[dict], processor, cache: bool = True):
+        self.examples, self.processor, self.cache = examples, processor, cache
+        self._cached: dict[int, dict[str, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if i in self._cached:
+            return self._cached[i]
+        ex = self.examples[i]
+        feats = self.processor.feature_extractor(ex["audio"], sampling_rate=SAMPLING_RATE,
+                                                 return_tensors="np").input_features[0]
+        out = {"input_features": torch.from_numpy(np.asarray(feats, dtype=np.float32)),
+               "labels": torch.tensor(self.processor.tokenizer(ex["text"]).input_ids, dtype=torch.long)}
+        if self.cache:
+            self._cached[i] = out
+        return out
+
+
+@dataclass
+class SpeechCollator:
+    """Stack features; pad labels with -100 (ignored by the loss); drop a leading decoder-start token,
+    which the model prepends itself when it shifts labels right (HF's DataCollatorSpeechSeq2SeqWithPadding)."""
+
+    decoder_start_token_id: int
+
+    def __call__(self, batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        feats = torch.stack([b["input_features"] for b in batch])
+        labels = torch.nn.utils.rnn.pad_sequence([b["labels"] for b in batch], batch_first=True, padding_value=-100)
+        if labels.shape[1] and bool((labels[:, 0] == self.decoder_start_token_id).all()):
+            labels = labels[:, 1:]
+        return {"input_features": feats, "labels": labels}
+
+
+def make_collator(processor, decoder_start_token_id: int | None = None) -> Callable[[list[dict]], dict]:
+    """The collator for PROCESSOR's model; decoder start defaults to `<|startoftranscript|>`."""
+    if decoder_start_token_id is None:
+        decoder_start_token_id = processor.tokenizer.convert_tokens_to_ids("<|startoftranscript|>")
+    return SpeechCollator(int(decoder_start_token_id))
+

@@ -1,0 +1,406 @@
+"""Synthetic speech for offline runs and tests: Debian's espeak-ng and flite read sentences into 16 kHz wav.
+
+    ./launch.sh synth --out data/synth                                  # the project's default split
+    ./launch.sh synth --text a.txt b.txt --out DIR [--eval-text c.txt] [--voices v1,v2] [--holdout-voices v2]
+                      [--limit N] [--eval-fraction F] [--train-limit N] [--eval-limit N] [--seed S]
+
+Layout: DIR/{train,eval}/manifest.jsonl (`{"id", "audio": "wav/<id>.wav", "text", "voice", "speed",
+"pitch", "seconds"}`, audio relative to the manifest), DIR/{train,eval}/wav/, and DIR/synth.json (the
+settings and counts). Guarantees:
+- train and eval SENTENCES are disjoint: split by sentence before voicing (an eval text file's lines are
+  also removed from the training lines); `holdout_voices` are voiced only in eval;
+- transcripts are the text lines lowercased (LibriSpeech lines are upper case, no punctuation);
+- deterministic for a seed (sentence order, voice assignment, speed/pitch draws; both tools are);
+- idempotent: a directory whose synth.json matches the requested settings is reused as is;
+- a sentence whose audio would pass 30 s is dropped and counted.
+
+Default design: train on librispeech-train.txt, one utterance per sentence over 5 voices (3 flite,
+2 espeak-ng); eval on librispeech-test.txt, 3 utterances per sentence over those 5 voices plus 2 held-out
+ones (flite rms, espeak-ng en-us+m7): 453 utterances, 7 voices.
+Voices are `engine:name`: `espeak-ng:en-us`, `espeak-ng:en-gb-x-rp+m3` (voice+variant), `flite:slt`;
+a bare name is a flite voice when flite has it (`flite -lv`), else an espeak-ng voice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import soundfile as sf
+
+from slim.audio import MAX_SECONDS, SAMPLING_RATE, load_audio
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+"""Bumped when the same settings would produce different audio: invalidates reuse."""
+TEXT_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "text"
+DEFAULT_TRAIN_TEXT = (str(TEXT_DIR / "librispeech-train.txt"),)
+DEFAULT_EVAL_TEXT = (str(TEXT_DIR / "librispeech-test.txt"),)
+DEFAULT_TRAIN_VOICES = ("flite:slt", "flite:awb", "flite:kal16", "espeak-ng:en-us", "espeak-ng:en-gb-x-rp")
+DEFAULT_HOLDOUT_VOICES = ("flite:rms", "espeak-ng:en-us+m7")
+"""tiny.en (CT2 int8, greedy) WER on 8 librispeech-valid sentences per voice, at default speed and pitch:
+flite awb 9.4%, slt 10.2%, rms 11.0%, kal16 21.6%; espeak-ng en-us 23.7%, en-us+m7 26.9%, en-gb-x-rp 28.2%
+(rejected: en-us+m3 29%, en-gb-x-rp+m3 35%, en-us-nyc 36%, en-us+f3 38%, en+f3 40%, en-029 48%,
+en-gb-scotland 51%, flite kal 31% (8 kHz)). Eval keeps most of its weight on the clearer voices."""
+SPEED = (0.9, 1.1)
+"""Speaking-rate factor drawn per utterance (espeak-ng words per minute, flite duration_stretch)."""
+PITCH = (-12, 12)
+"""espeak-ng pitch offset (0-99 scale, default 50) drawn per utterance; flite voices keep their own."""
+ESPEAK_WPM = 175
+APT = {"espeak-ng": "espeak-ng", "flite": "flite"}
+
+
+@dataclass(frozen=True)
+class Voice:
+    engine: str  # "espeak-ng" or "flite"
+    name: str  # "en-us+m3", "slt"
+
+    @property
+    def spec(self) -> str:
+        return f"{self.engine}:{self.name}"
+
+    @classmethod
+    def parse(cls, spec: str) -> Voice:
+        engine, sep, name = spec.strip().partition(":")
+        if not sep:
+            engine, name = ("flite" if spec in flite_voices() else "espeak-ng"), spec.strip()
+        engine = {"espeak": "espeak-ng"}.get(engine, engine)
+        if engine not in APT or not name:
+            raise ValueError(f"voice {spec!r}: write espeak-ng:NAME[+VARIANT] or flite:NAME (e.g. espeak-ng:en-us, "
+                             "flite:slt)")
+        return cls(engine, name)
+
+
+def require_tool(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        raise RuntimeError(f"{tool} not found on PATH; the synthetic speech builder needs it: "
+                           f"apt-get install {APT[tool]} (./launch.sh installs it when run as root)")
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def flite_voices() -> tuple[str, ...]:
+    """Voices compiled into flite (`flite -lv`: "Voices available: kal awb_time kal16 awb rms slt")."""
+    if shutil.which("flite") is None:
+        return ()
+    out = subprocess.run(["flite", "-lv"], capture_output=True, text=True, check=True).stdout
+    return tuple(out.split(":", 1)[-1].split())
+
+
+def check_voices(voices: list[Voice]) -> None:
+    """Fail before voicing anything: a missing tool or voice names itself (flite would silently fall back
+    to its default voice; espeak-ng exits 1)."""
+    for tool in sorted({v.engine for v in voices}):
+        require_tool(tool)
+    known = flite_voices()
+    with tempfile.TemporaryDirectory() as tmp:
+        for v in voices:
+            if v.engine == "flite" and v.name not in known:
+                raise ValueError(f"voice {v.spec}: flite has {list(known)} (flite -lv)")
+            if v.engine == "espeak-ng":
+                r = subprocess.run(["espeak-ng", "-v", v.name, "-w", f"{tmp}/t.wav", "test"], capture_output=True,
+                                   text=True)
+                if r.returncode != 0:
+                    raise ValueError(f"voice {v.spec}: espeak-ng says {r.stderr.strip() or r.returncode} "
+                                     "(list voices with espeak-ng --voices=en and variants with --voices=variant)")
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan: which sentence, which voice, what speed and pitch (all decided before any audio)
+
+
+@dataclass
+class Utterance:
+    id: str
+    text: str  # lower case, what the manifest stores and the tool reads
+    voice: str
+    speed: float
+    pitch: int
+
+
+def read_sentences(files: list[str], limit: int | None = None) -> list[str]:
+    """Non-empty lines, whitespace-collapsed, upper case, deduplicated in order; first LIMIT per file."""
+    out: dict[str, None] = {}
+    for f in files:
+        p = Path(f).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(f"{f}: no such text file (one sentence per line)")
+        lines = [" ".join(line.split()).upper() for line in p.read_text(encoding="utf-8").splitlines()]
+        for line in [s for s in lines if s][:limit]:
+            out.setdefault(line)
+    return list(out)
+
+
+def plan_split(split: str, sentences: list[str], voices: list[Voice], per_sentence: int, seed: int,
+               limit: int | None) -> list[Utterance]:
+    """Shuffle sentences, give each PER_SENTENCE distinct voices in rotation (so voices get equal shares),
+    draw a speed and pitch per utterance (pitch only for espeak-ng); keep the first LIMIT utterances.
+    One random stream per split, so the eval plan does not move when the training text changes."""
+    rng = random.Random(f"{split}-{seed}")
+    order = sentences[:]
+    rng.shuffle(order)
+    per = min(per_sentence, len(voices))
+    plan: list[Utterance] = []
+    for i, text in enumerate(order):
+        for j in range(per):
+            v = voices[(i * per + j) % len(voices)]
+            slug = re.sub(r"[^A-Za-z0-9]+", "-", v.spec)
+            speed, pitch = round(rng.uniform(*SPEED), 3), rng.randint(*PITCH)
+            plan.append(Utterance(id=f"{split}-{len(plan):05d}-{slug}", text=text.lower(), voice=v.spec,
+                                  speed=speed, pitch=pitch if v.engine == "espeak-ng" else 0))
+    return plan[:limit]
+
+
+# ---------------------------------------------------------------------------------------------
+# voicing
+
+
+def synthesize(voice: Voice, text: str, out_wav: Path, speed: float = 1.0, pitch: int = 0) -> float:
+    """Voice TEXT into OUT_WAV as 16 kHz mono PCM16; returns its duration in seconds. The tool writes its
+    own rate (espeak-ng 22.05 kHz, flite kal 8 kHz) into a temp file that is resampled here."""
+    with tempfile.TemporaryDirectory() as tmp:
+        txt, raw = Path(tmp) / "s.txt", Path(tmp) / "raw.wav"
+        txt.write_text(text + "\n", encoding="utf-8")
+        if voice.engine == "espeak-ng":
+            cmd = ["espeak-ng", "-v", voice.name, "-s", str(round(ESPEAK_WPM * speed)), "-p", str(50 + pitch),
+                   "-f", str(txt), "-w", str(raw)]
+        else:  # a larger duration_stretch is slower speech
+            cmd = ["flite", "-voice", voice.name, "--setf", f"duration_stretch={1.0 / speed:.4f}",
+                   "-f", str(txt), "-o", str(raw)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0 or not raw.exists():
+            raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()}")
+        audio = load_audio(raw, SAMPLING_RATE)
+    sf.write(str(out_wav), audio, SAMPLING_RATE, subtype="PCM_16")
+    return len(audio) / SAMPLING_RATE
+
+
+def _voice_split(plan: list[Utterance], split_dir: Path, workers: int, progress: bool) -> tuple[list[dict], int]:
+    """Voice every planned utterance (a thread pool: the work is in the subprocesses); manifest rows in plan
+    order and the number dropped for passing MAX_SECONDS."""
+    from tqdm.auto import tqdm
+
+    wav_dir = split_dir / "wav"
+    if wav_dir.exists():  # left by an interrupted or differently-configured build
+        shutil.rmtree(wav_dir)
+    wav_dir.mkdir(parents=True)
+
+    def one(u: Utterance) -> dict | None:
+        wav = wav_dir / f"{u.id}.wav"
+        seconds = synthesize(Voice.parse(u.voice), u.text, wav, u.speed, u.pitch)
+        if seconds > MAX_SECONDS:
+            wav.unlink()
+            log.warning("dropped %s: %.1f s of audio is over %g s", u.id, seconds, MAX_SECONDS)
+            return None
+        return {"id": u.id, "audio": f"wav/{wav.name}", "text": u.text, "voice": u.voice, "speed": u.speed,
+                "pitch": u.pitch, "seconds": round(seconds, 3)}
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        rows = list(tqdm(pool.map(one, plan), total=len(plan), desc=f"synth {split_dir.name}", unit="utt",
+                         disable=not progress, file=sys.stderr))
+    kept = [r for r in rows if r is not None]
+    return kept, len(rows) - len(kept)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# the builder
+
+
+@dataclass
+class SynthSettings:
+    """Everything that determines the output; stored in synth.json and compared for reuse."""
+
+    train_text: list[str]
+    eval_text: list[str] = field(default_factory=list)
+    """Empty: EVAL_FRACTION of the train_text sentences are set aside for eval instead."""
+    eval_fraction: float = 0.1
+    train_voices: list[str] = field(default_factory=lambda: list(DEFAULT_TRAIN_VOICES))
+    eval_voices: list[str] = field(default_factory=lambda: [*DEFAULT_TRAIN_VOICES, *DEFAULT_HOLDOUT_VOICES])
+    limit: int | None = None
+    """Read at most this many sentences from each text file."""
+    train_limit: int | None = None
+    eval_limit: int | None = None
+    train_per_sentence: int = 1
+    eval_per_sentence: int = 3
+    seed: int = 0
+    text_sha256: str = ""
+    version: int = VERSION
+    speed: tuple[float, float] = SPEED
+    pitch: tuple[int, int] = PITCH
+
+    def __post_init__(self):
+        if not self.train_text:
+            raise ValueError("synth: no training text file")
+        if not self.train_voices or not self.eval_voices:
+            raise ValueError("synth: train_voices and eval_voices must not be empty")
+        if not self.eval_text and not 0 < self.eval_fraction < 1:
+            raise ValueError(f"synth: eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        self.train_voices = list(dict.fromkeys(Voice.parse(v).spec for v in self.train_voices))
+        self.eval_voices = list(dict.fromkeys(Voice.parse(v).spec for v in self.eval_voices))
+        h = hashlib.sha256()
+        for f in [*self.train_text, *self.eval_text]:
+            h.update(Path(f).expanduser().read_bytes() if Path(f).expanduser().is_file() else b"")
+        self.text_sha256 = h.hexdigest()
+        self.speed, self.pitch = tuple(self.speed), tuple(self.pitch)
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))  # tuples -> lists, as they read back
+
+
+def split_sentences(s: SynthSettings) -> tuple[list[str], list[str]]:
+    """(train, eval) sentences, disjoint: before any voicing."""
+    train = read_sentences(s.train_text, s.limit)
+    if s.eval_text:
+        evals = read_sentences(s.eval_text, s.limit)
+        held = set(evals)
+        return [t for t in train if t not in held], evals
+    order = train[:]
+    random.Random(f"split-{s.seed}").shuffle(order)
+    n_eval = max(1, round(len(order) * s.eval_fraction)) if len(order) > 1 else 0
+    eval_set = set(order[:n_eval])
+    return [t for t in train if t not in eval_set], [t for t in train if t in eval_set]
+
+
+def build(s: SynthSettings, out_dir: str | Path, workers: int = 2, progress: bool = True,
+          force: bool = False) -> dict[str, Path]:
+    """Build (or reuse) the synthetic set described by S in OUT_DIR; returns {"train", "eval"} manifests
+    and "meta" (synth.json)."""
+    out = Path(out_dir)
+    meta = out / "synth.json"
+    paths = {"train": out / "train" / "manifest.jsonl", "eval": out / "eval" / "manifest.jsonl", "meta": meta}
+    if not force and meta.is_file() and paths["train"].is_file() and paths["eval"].is_file():
+        if json.loads(meta.read_text()).get("settings") == s.to_json():
+            log.info("synth: reusing %s (same settings)", out)
+            return paths
+        log.info("synth: %s was built with other settings; rebuilding", out)
+    t0 = time.perf_counter()
+    check_voices([Voice.parse(v) for v in dict.fromkeys([*s.train_voices, *s.eval_voices])])
+    train_sents, eval_sents = split_sentences(s)
+    plans = {"train": plan_split("train", train_sents, [Voice.parse(v) for v in s.train_voices],
+                                 s.train_per_sentence, s.seed, s.train_limit),
+             "eval": plan_split("eval", eval_sents, [Voice.parse(v) for v in s.eval_voices],
+                                s.eval_per_sentence, s.seed, s.eval_limit)}
+    meta.unlink(missing_ok=True)  # a half-built directory never looks reusable
+    stats: dict = {}
+    for split, plan in plans.items():
+        (out / split).mkdir(parents=True, exist_ok=True)
+        rows, dropped = _voice_split(plan, out / split, workers, progress)
+        _write_jsonl(paths[split], rows)
+        stats[split] = {"utterances": len(rows), "sentences": len({r["text"] for r in rows}),
+                        "dropped_over_30s": dropped, "hours": round(sum(r["seconds"] for r in rows) / 3600, 3),
+                        "voices": dict(Counter(r["voice"] for r in rows))}
+    stats["build_seconds"] = round(time.perf_counter() - t0, 1)
+    tmp = meta.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"settings": s.to_json(), "stats": stats}, indent=2) + "\n")
+    os.replace(tmp, meta)
+    log.info("synth: built %s in %.0f s: %s", out, stats["build_seconds"], stats)
+    return paths
+
+
+def _as_list(x) -> list[str]:
+    if x is None:
+        return []
+    return [str(x)] if isinstance(x, (str, Path)) else [str(v) for v in x]
+
+
+def build_synthetic(text_file=None, out_dir: str | Path = "data/synth", voices=None, limit: int | None = None,
+                    eval_fraction: float = 0.1, holdout_voices=None, seed: int = 0, workers: int = 2, *,
+                    train_text=None, eval_text=None, train_voices=None, eval_voices=None,
+                    train_limit: int | None = None, eval_limit: int | None = None,
+                    train_per_sentence: int = 1, eval_per_sentence: int = 3, progress: bool = True,
+                    force: bool = False) -> dict[str, Path]:
+    """Build or reuse a synthetic train/eval set; returns {"train", "eval", "meta"} paths.
+
+    Text: TRAIN_TEXT (or TEXT_FILE) lines, with EVAL_TEXT lines for eval; without EVAL_TEXT, EVAL_FRACTION of
+    the sentences go to eval. Neither given: the project default (librispeech-train / librispeech-test).
+    Voices: VOICES are all voices, HOLDOUT_VOICES only in eval (train = voices - holdout, eval = voices);
+    or TRAIN_VOICES / EVAL_VOICES explicitly (eval defaults to the train voices + HOLDOUT_VOICES).
+    Nothing given: the default 5 train voices, and eval on those + 2 held-out ones.
+    LIMIT caps sentences read per file; TRAIN_LIMIT / EVAL_LIMIT cap utterances per split.
+    """
+    train_files = _as_list(train_text) or _as_list(text_file)
+    eval_files = _as_list(eval_text)
+    if not train_files:
+        train_files, eval_files = list(DEFAULT_TRAIN_TEXT), eval_files or list(DEFAULT_EVAL_TEXT)
+    holdout = _as_list(holdout_voices) if holdout_voices is not None else (
+        list(DEFAULT_HOLDOUT_VOICES) if voices is None and train_voices is None else [])
+    all_voices = _as_list(voices) or [*DEFAULT_TRAIN_VOICES, *holdout]
+    held = {Voice.parse(v).spec for v in holdout}
+    tv = _as_list(train_voices) or [v for v in all_voices if Voice.parse(v).spec not in held]
+    ev = _as_list(eval_voices) or list(dict.fromkeys([*tv, *holdout, *_as_list(voices)]))
+    leaked = {Voice.parse(v).spec for v in tv} & held
+    if leaked:
+        raise ValueError(f"synth: held-out voices {sorted(leaked)} are also training voices")
+    s = SynthSettings(train_text=train_files, eval_text=eval_files, eval_fraction=eval_fraction, train_voices=tv,
+                      eval_voices=ev, limit=limit, train_limit=train_limit, eval_limit=eval_limit,
+                      train_per_sentence=train_per_sentence, eval_per_sentence=eval_per_sentence, seed=seed)
+    return build(s, out_dir, workers=workers, progress=progress, force=force)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="./launch.sh synth", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--text", nargs="+", help="training text file(s), one sentence per line "
+                   "(default: ../shared/data/text/librispeech-train.txt, with librispeech-test.txt for eval)")
+    p.add_argument("--eval-text", nargs="+", help="eval text file(s); without it --eval-fraction of --text is used")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--voices", help="comma-separated voices (all of them; default: "
+                   f"{','.join(DEFAULT_TRAIN_VOICES + DEFAULT_HOLDOUT_VOICES)})")
+    p.add_argument("--holdout-voices", help="comma-separated voices used only for eval (default with no --voices: "
+                   f"{','.join(DEFAULT_HOLDOUT_VOICES)}; with --voices: none)")
+    p.add_argument("--train-voices", help="comma-separated training voices (overrides --voices/--holdout-voices)")
+    p.add_argument("--eval-voices", help="comma-separated eval voices (overrides --voices/--holdout-voices)")
+    p.add_argument("--limit", type=int, help="read at most N sentences from each text file")
+    p.add_argument("--train-limit", type=int, help="at most N training utterances")
+    p.add_argument("--eval-limit", type=int, help="at most N eval utterances")
+    p.add_argument("--eval-fraction", type=float, default=0.1)
+    p.add_argument("--train-per-sentence", type=int, default=1, help="voices per training sentence (default 1)")
+    p.add_argument("--eval-per-sentence", type=int, default=3, help="voices per eval sentence (default 3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2, help="parallel synthesizer processes")
+    p.add_argument("--force", action="store_true", help="rebuild even if DIR matches the settings")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    def split(x):
+        return [v for v in x.split(",") if v.strip()] if x else None
+
+    paths = build_synthetic(a.text, a.out, voices=split(a.voices), limit=a.limit, eval_fraction=a.eval_fraction,
+                            holdout_voices=split(a.holdout_voices), seed=a.seed, workers=a.workers,
+                            eval_text=a.eval_text, train_voices=split(a.train_voices),
+                            eval_voices=split(a.eval_voices), train_limit=a.train_limit, eval_limit=a.eval_limit,
+                            train_per_sentence=a.train_per_sentence, eval_per_sentence=a.eval_per_sentence,
+                            force=a.force)
+    stats = json.loads(paths["meta"].read_text())["stats"]
+    for split_name in ("train", "eval"):
+        st = stats[split_name]
+        print(f"{split_name}: {st['utterances']} utterances, {st['sentences']} sentences, {len(st['voices'])} voices, "
+              f"{st['hours']:.2f} h -> {paths[split_name]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

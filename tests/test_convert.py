@@ -1,0 +1,155 @@
+"""Convert to real INT8 PyTorch modules: matches fake quant, saves/loads through the model format."""
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from qat.convert import (Int8Embedding, Int8Linear, QDQMatMul, TiedInt8Logits, convert_to_int8, load_int8_model,
+                         save_int8_model)
+from qat.prepare import QATLinear, QuantConfig, calibrate, prepare_qat, ptq
+from qat.quantizers import activation_quantizer, weight_quantizer
+from slim.model import Structure, build_model, install_explicit_attention, save_model
+from slim.sources import tiny_random_whisper
+
+FRAMES = 300  # 150 encoder positions: same code paths as 1500, 10x less work
+
+
+def _batches(n=1, B=2, T=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_features": torch.randn(B, 80, FRAMES, generator=g),
+             "labels": torch.randint(0, 50000, (B, T), generator=g)} for _ in range(n)]
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(input_features=batch["input_features"], labels=batch["labels"]).logits
+
+
+def _greedy(model, feats, n=12):
+    with torch.no_grad():
+        return model.generate(feats, max_new_tokens=n, do_sample=False, num_beams=1)
+
+
+@pytest.fixture(scope="module")
+def fq():
+    float_model = install_explicit_attention(tiny_random_whisper(seed=0, max_source_positions=FRAMES // 2).eval())
+    return ptq(float_model, QuantConfig(embeddings=True), _batches(2))
+
+
+@pytest.fixture(scope="module")
+def int8(fq):
+    return convert_to_int8(fq)
+
+
+def test_int8_linear_matches_fake_quant_linear():
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 200)
+    q = QATLinear.from_linear(lin, weight_quantizer(200), activation_quantizer())
+    x = torch.randn(3, 50, 96) * 2
+    q.train()(x)
+    q.eval().input_quant.freeze()
+    with torch.no_grad():
+        ref = q(x)
+        exact = Int8Linear.from_qat(q)(x)
+        loose = Int8Linear.from_qat(q, exact=False)(x)
+    assert exact.shape == ref.shape == (3, 50, 200)
+    # same integer codes; only fp32 vs int32 accumulation and the order of the scale products differ
+    assert float((exact - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    # the kernel's own input rounding (x * 1/scale) moves a few codes by one step: still close, not exact
+    assert float((loose - ref).abs().max()) <= 0.05 * float(ref.abs().max())
+    m = Int8Linear.from_qat(q)
+    assert m.weight_int8.dtype == torch.int8 and int(m.weight_int8.abs().max()) == 127
+    assert torch.equal(m.weight_scale, q.weight_quant.scale) and m.input_zero_point.dtype == torch.int32
+
+
+def test_convert_matches_fake_quant(fq, int8):
+    """Tolerance: the int8 kernels see exactly fake quant's integer codes (inputs are put on the grid first),
+    so logits differ only by fp32-vs-int32 accumulation order, ~1e-6 relative per layer; 1e-3 absolute
+    on logits of magnitude ~1 leaves room for that to compound over 4 layers, and greedy tokens must agree."""
+    assert sum(isinstance(m, Int8Linear) for m in int8.modules()) == 32
+    assert sum(isinstance(m, QDQMatMul) for m in int8.modules()) == 12
+    assert isinstance(int8.model.decoder.embed_tokens, Int8Embedding) and isinstance(int8.proj_out, TiedInt8Logits)
+    assert not any(isinstance(m, QATLinear) for m in int8.modules())
+    assert any(isinstance(m, QATLinear) for m in fq.modules())  # convert copies unless inplace=True
+    b = _batches(1, seed=5)[0]
+    a, c = _logits(fq, b), _logits(int8, b)
+    assert float((a - c).abs().max()) < 1e-3, float((a - c).abs().max())
+    assert torch.equal(_greedy(fq, b["input_features"]), _greedy(int8, b["input_features"]))
+    # the fbgemm engine runs the same kernel family: same numbers
+    fb = convert_to_int8(fq, engine="fbgemm")
+    assert float((_logits(fb, b) - c).abs().max()) < 1e-5
+
+
+def test_save_and_load_int8_model(fq, int8, tmp_path):
+    out = save_int8_model(int8, tmp_path / "int8")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
+                                                     "slim_structure.json"]
+    quant = json.loads((out / "slim_structure.json").read_text())["quant"]
+    assert quant["converted"] is True and quant["engine"] == "x86" and quant["embeddings"] is True
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert f.get_tensor("model.encoder.layers.0.fc1.weight_int8").dtype == torch.int8
+        assert f.get_tensor("model.encoder.layers.0.fc1.input_zero_point").dtype == torch.int32
+        assert f.get_tensor("model.decoder.embed_tokens.weight_int8").shape == (51864, 64)
+    assert not any(k.startswith("proj_out") for k in keys)  # the int8 table is stored once
+    assert not any(k.endswith(".weight") and "layers" in k and ("proj" in k or "fc" in k) for k in keys)
+    # int8 weights + int8 embedding: well under a third of the fake-quant (fp32) file
+    save_model(fq, tmp_path / "fq", quant=fq.slim_quant_config.to_dict())
+    assert (out / "model.safetensors").stat().st_size < 0.34 * (tmp_path / "fq" / "model.safetensors").stat().st_size
+
+    loaded = load_int8_model(out)
+    b = _batches(1, seed=6)[0]
+    assert torch.equal(_logits(loaded, b), _logits(int8, b))
+    sd, sd2 = int8.state_dict(), loaded.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    with pytest.raises(ValueError, match="not a converted INT8 model"):
+        load_int8_model(tmp_path / "fq")
+
+
+def test_float_embeddings_stay_tied(tmp_path):
+    m = install_explicit_attention(tiny_random_whisper(seed=1, max_source_positions=FRAMES // 2).eval())
+    fq = ptq(m, QuantConfig(exclude=["*.fc2"]), _batches(1))
+    int8 = convert_to_int8(fq)
+    assert type(int8.model.encoder.layers[0].fc2) is nn.Linear  # excluded: float, same Parameters as before
+    assert int8.proj_out.weight is int8.model.decoder.embed_tokens.weight
+    loaded = load_int8_model(save_int8_model(int8, tmp_path / "i8"))
+    assert loaded.proj_out.weight is loaded.model.decoder.embed_tokens.weight
+    b = _batches(1, seed=2)[0]
+    assert torch.equal(_logits(loaded, b), _logits(int8, b))
+    assert float((_logits(fq, b) - _logits(int8, b)).abs().max()) < 1e-3
+
+
+def test_pruned_uneven_heads_convert(tmp_path):
+    config = tiny_random_whisper(max_source_positions=FRAMES // 2).config
+    s = Structure(head_dim=16, encoder_heads=[3, 0], decoder_heads=[1, 4], cross_heads=[0, 2],
+                  encoder_ffn=[64, 128], decoder_ffn=[32, 0])
+    torch.manual_seed(0)
+    fq = ptq(build_model(config, s).eval(), QuantConfig(), _batches(1))
+    int8 = convert_to_int8(fq)
+    b = _batches(1, seed=8)[0]
+    assert float((_logits(fq, b) - _logits(int8, b)).abs().max()) < 1e-3
+    loaded = load_int8_model(save_int8_model(int8, tmp_path / "p"))
+    assert loaded.model.encoder.layers[1].self_attn.num_heads == 0
+    assert torch.equal(_logits(loaded, b), _logits(int8, b))
+
+
+def test_convert_errors(fq):
+    with pytest.raises(ValueError, match="qnnpack has no fp32-output"):
+        convert_to_int8(fq, engine="qnnpack")
+    float_model = install_explicit_attention(tiny_random_whisper(max_source_positions=FRAMES // 2).eval())
+    with pytest.raises(ValueError, match="not prepared"):
+        convert_to_int8(float_model)
+    fresh = prepare_qat(copy.deepcopy(float_model), QuantConfig())
+    with pytest.raises(ValueError, match="never calibrated"):
+        convert_to_int8(fresh)
+    calibrate(fresh, _batches(1))
+    fresh.model.encoder.layers[0].fc1.weight_quant.enable(False)
+    with pytest.raises(ValueError, match="model.encoder.layers.0.fc1: input and weight quantizers"):
+        convert_to_int8(fresh)

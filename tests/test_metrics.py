@@ -1,0 +1,107 @@
+"""eval.metrics and the local `evaluate` module against hand-computed error rates."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+from eval.metrics import (METRIC_DIR, char_error_rate, error_counts, failure_counts, longest_repeat,  # noqa: E402
+                          normalize, word_error_rate)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wer_hand_computed():
+    # "the cat sat on the mat" -> "the cat sit on mat": 1 substitution (sat/sit) + 1 deletion (the) of 6 words
+    assert word_error_rate(["the cat sat on the mat"], ["the cat sit on mat"]) == pytest.approx(2 / 6)
+    # 2 insertions of 2 words
+    assert word_error_rate(["hello world"], ["hello big bad world"]) == pytest.approx(1.0)
+    assert word_error_rate(["hello world"], [""]) == 1.0
+    assert error_counts(["the cat sat on the mat"], ["the cat sit on mat"]) == {
+        "hits": 4, "substitutions": 1, "deletions": 1, "insertions": 0, "reference_words": 6}
+
+
+def test_wer_is_corpus_level_not_mean_of_utterances():
+    # utterance 1: 0 errors / 4 words; utterance 2: 2 substitutions + 1 insertion / 2 words (rate 1.5).
+    # corpus: 3 / 6 = 0.5 (the mean of rates would be 0.75)
+    refs, hyps = ["a b c d", "e f"], ["a b c d", "x y z"]
+    assert word_error_rate(refs, hyps) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("ref, hyp", [
+    ("Mr. Smith paid twenty-one dollars.", "mister smith paid $21"),   # abbreviation, numbers, currency
+    ("Hello, World!", "hello world"),                                  # punctuation and case
+    ("The colour of the theatre", "the color of the theater"),         # British -> American spelling
+    ("I have twenty one apples", "i have 21 apples"),                  # spelled numbers -> digits
+    ("it's nine o'clock", "It is nine o'clock."),                      # contractions
+    ("well uh I think so", "well i think so"),                         # fillers dropped
+])
+def test_normalization_makes_equivalent_forms_equal(ref, hyp):
+    assert word_error_rate([ref], [hyp]) == 0.0
+    assert char_error_rate([ref], [hyp]) == 0.0
+
+
+def test_normalize_false_scores_raw_strings():
+    assert word_error_rate(["Hello, World!"], ["hello world"], normalize=False) == 1.0
+    assert normalize("Mr. Jones, the COLOUR!") == "mister jones the color"
+
+
+def test_cer_hand_computed():
+    assert char_error_rate(["abcd"], ["abed"]) == pytest.approx(1 / 4)
+    # "the cat" (7 chars incl. space) -> "the bat": 1 substitution
+    assert char_error_rate(["the cat", "dog"], ["the bat", "dog"]) == pytest.approx(1 / 10)
+
+
+def test_errors_on_bad_input():
+    with pytest.raises(ValueError, match="2 references but 1 hypotheses"):
+        word_error_rate(["a", "b"], ["a"])
+    with pytest.raises(ValueError, match="no references"):
+        word_error_rate([], [])
+    with pytest.raises(ValueError, match="every reference is empty"):
+        word_error_rate(["uh", "hmm"], ["a", "b"])
+
+
+def test_number_words_become_digits():
+    # the normalizer joins spelled numbers: "one two three" is the single word "123"
+    assert normalize("one two three") == "123"
+    assert word_error_rate(["one two three"], ["one three"]) == 1.0
+
+
+def test_longest_repeat():
+    assert longest_repeat([]) == 0
+    assert longest_repeat("a b c".split()) == 1
+    assert longest_repeat("a b a b a b c".split()) == 3
+    assert longest_repeat("x the the the the the y".split()) == 5
+
+
+def test_failure_counts():
+    refs = ["the cat sat", "go to bed", "ha ha ha ha", "a b", "go home now"]
+    hyps = ["", "go to go to go to go to", "ha ha ha ha", "a b c d e", "..."]
+    assert failure_counts(hyps, refs) == {"empty": 2, "repetition": 1, "overlong": 2, "runaway": 2}
+    # without references: loops only (the laughing reference no longer excuses it)
+    assert failure_counts(hyps) == {"empty": 2, "repetition": 2, "overlong": 0, "runaway": 2}
+    assert failure_counts(["fine text"], ["fine text"]) == {"empty": 0, "repetition": 0, "overlong": 0, "runaway": 0}
+
+
+def test_evaluate_loads_the_module_offline_and_matches_the_functions(tmp_path):
+    """evaluate.load(<dir>) in a fresh process with HF_HUB_OFFLINE=1 and an empty HF cache: nothing is
+    fetched, and it returns what the plain functions do. (One process: `import evaluate` alone takes
+    seconds, it imports transformers.pipelines.)"""
+    refs = ["Mr. Smith went to Washington.", "the colour is red", "red green blue"]
+    hyps = ["mister smith went to washington", "the color was red", "red blue"]
+    code = ("import evaluate, json, sys; m = evaluate.load(sys.argv[1]); "
+            "print(json.dumps(m.compute(predictions=json.loads(sys.argv[2]), references=json.loads(sys.argv[3]))))")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", code, str(METRIC_DIR), json.dumps(hyps), json.dumps(refs)],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    # 1 substitution (is/was) + 1 deletion (green) of 12 words
+    assert out["wer"] == pytest.approx(2 / 12) == pytest.approx(word_error_rate(refs, hyps))
+    assert out["cer"] == pytest.approx(char_error_rate(refs, hyps))
+    assert (out["substitutions"], out["deletions"], out["insertions"], out["reference_words"]) == (1, 1, 0, 12)

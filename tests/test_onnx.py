@@ -1,0 +1,353 @@
+"""ONNX export + ONNX Runtime engine against the torch model, on the tiny random Whisper (and tiny.en, marked real)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from eval.onnx_engine import ExportDirError, OnnxEngine, parity, token_agreement, torch_greedy_tokens
+from qat.onnx_export import (ActQuant, DecodeConfig, QuantPlan, export_model, int8_kernel_counts,
+                             quantize_weight_per_row)
+from slim.attention import MatMul
+from slim.model import Structure, build_model, install_explicit_attention
+from slim.sources import tiny_random_processor, tiny_random_whisper
+
+REAL_SPEECH = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-speech"
+NEW = 19  # generated tokens compared per utterance (random weights rarely stop early)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def dense():
+    return install_explicit_attention(tiny_random_whisper(seed=0)).eval()
+
+
+@pytest.fixture(scope="module")
+def uneven(dense):
+    s = Structure.dense(dense.config)
+    s.encoder_heads, s.decoder_heads, s.cross_heads = [3, 1], [2, 0], [1, 3]
+    s.encoder_ffn, s.decoder_ffn = [64, 0], [7, 128]
+    torch.manual_seed(3)
+    model = build_model(dense.config, s).eval()
+    model.generation_config = dense.generation_config
+    return model
+
+
+@pytest.fixture(scope="module")
+def feats():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(80, 3000, generator=g).numpy() for _ in range(2)]
+
+
+@pytest.fixture(scope="module")
+def dense_tokens(dense, feats):
+    """The torch reference's greedy tokens of the dense model (computed once: the torch encoder is the slow part)."""
+    return torch_greedy_tokens(dense, np.stack(feats), DecodeConfig.from_model(dense), max_new_tokens=NEW)
+
+
+def _calibrated_plan(model, feats) -> QuantPlan:
+    """Min-max activation ranges from one forward pass (a test stand-in for qat.prepare's observers)."""
+    ranges, hooks = {}, []
+
+    def observe(name, args):
+        for i, x in enumerate(args[:2]):
+            lo, hi = ranges.get((name, i), (0.0, 0.0))
+            ranges[(name, i)] = (min(lo, x.min().item()), max(hi, x.max().item()))
+
+    for name, mod in model.named_modules():
+        if (isinstance(mod, nn.Linear) and name != "proj_out") or isinstance(mod, MatMul):
+            hooks.append(mod.register_forward_pre_hook(lambda m, args, name=name: observe(name, args)))
+    with torch.no_grad():
+        ids = torch.tensor([model.generation_config.decoder_start_token_id] + list(range(100, 110)))[None]
+        model(input_features=torch.tensor(np.stack(feats[:2])), decoder_input_ids=ids.repeat(2, 1))
+    for h in hooks:
+        h.remove()
+
+    def act(lo, hi):
+        scale = (hi - lo) / 255
+        return ActQuant(scale, round(-lo / scale))
+
+    plan = QuantPlan(embedding=quantize_weight_per_row(model.model.decoder.embed_tokens.weight))
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and (name, 0) in ranges:
+            plan.linears[name] = (act(*ranges[(name, 0)]), quantize_weight_per_row(mod.weight))
+        elif isinstance(mod, MatMul) and (name, 0) in ranges:
+            plan.matmuls[name] = (act(*ranges[(name, 0)]), act(*ranges[(name, 1)]))
+    return plan
+
+
+def _fake_quant_model(model, plan: QuantPlan):
+    """The torch model with `plan` applied by hooks: the fake-quant arithmetic the QDQ graph must reproduce."""
+    import copy
+
+    model = copy.deepcopy(model)
+
+    def fq(x, a: ActQuant):
+        return (torch.clamp(torch.round(x / a.scale) + a.zero_point, 0, 255) - a.zero_point) * a.scale
+
+    def dynamic_fq(x):  # ONNX DynamicQuantizeLinear on the output projection's input
+        lo, hi = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
+        return fq(x, ActQuant((hi - lo) / 255, round(-lo / ((hi - lo) / 255))))
+
+    modules = dict(model.named_modules())
+    for name, (a, w) in plan.linears.items():
+        modules[name].weight.data = w.q.float() * w.scale[:, None]
+        modules[name].register_forward_pre_hook(lambda m, args, a=a: (fq(args[0], a),))
+    for name, (a, b) in plan.matmuls.items():
+        modules[name].register_forward_pre_hook(lambda m, args, a=a, b=b: (fq(args[0], a), fq(args[1], b)))
+    emb = plan.embedding
+    model.model.decoder.embed_tokens.weight.data = emb.q.float() * emb.scale[:, None]  # tied: proj_out too
+    model.proj_out.register_forward_pre_hook(lambda m, args: (dynamic_fq(args[0]),))
+    return model
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, dense, uneven, feats):
+    d = tmp_path_factory.mktemp("exports")
+    processor = tiny_random_processor()
+    plan = _calibrated_plan(dense, feats)
+    return {
+        "float": export_model(dense, d / "float", mode="float", processor=processor),
+        "uneven": export_model(uneven, d / "uneven", mode="float"),
+        "dynamic": export_model(dense, d / "dynamic", mode="dynamic-int8"),
+        "qdq": export_model(dense, d / "qdq", mode="qdq", plan=plan),
+        "plan": plan,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_float_export_greedy_tokens_equal_torch(exports, dense_tokens, feats):
+    e = OnnxEngine(exports["float"], threads=1)
+    assert [e.generate_tokens(f[None], NEW)[0] for f in feats] == dense_tokens
+    assert all(len(t) == NEW for t in dense_tokens)  # random weights never stop: every step compared
+
+
+def test_uneven_float_export_parity(exports, uneven, feats):
+    r = parity(uneven, exports["uneven"], feats, threads=1, max_new_tokens=NEW)
+    assert r["tokens_torch"] > 0
+    assert r["torch_tokens"] == r["onnx_tokens"]
+    assert r["token_agreement"] == 1.0 and r["exact_match"] == 1.0
+
+
+def test_torch_greedy_follows_hf_generate(dense_tokens, feats):
+    """The decoding rules shipped in export_config.json (prompt, suppress tokens) are HF generate's."""
+    stock = tiny_random_whisper(seed=0)  # stock SDPA attention, HF's own generate loop
+    decode = DecodeConfig.from_model(stock, max_length=NEW + 2)
+    assert decode.prompt == [50257, 50362] and decode.eos_token_id == 50256
+    with torch.no_grad():
+        out = stock.generate(torch.tensor(np.stack(feats)), max_new_tokens=NEW)
+    eos = decode.eos_token_id
+    hf = [row.tolist() for row in out]  # transformers 5 returns the generated tokens only
+    hf = [row[:row.index(eos)] if eos in row else row for row in hf]
+    assert dense_tokens == hf
+
+
+@pytest.mark.parametrize("which", ["float", "uneven"])
+def test_encoder_and_decoder_outputs_match_torch(which, exports, dense, uneven, feats):
+    import onnxruntime as ort
+
+    model = dense if which == "float" else uneven
+    d = exports[which]
+    cfg = json.loads((d / "export_config.json").read_text())
+    names = cfg["io"]["names"]
+    x = torch.tensor(np.stack(feats[:2]))
+    ids = torch.tensor([[50257, 50362, 400, 500, 600]] * 2)
+    with torch.no_grad():
+        hidden = model.model.encoder(x).last_hidden_state
+        ref = model(input_features=x, decoder_input_ids=ids).logits
+    enc = ort.InferenceSession(str(d / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    dec = ort.InferenceSession(str(d / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    outs = enc.run(None, {"input_features": x.numpy()})
+    assert np.abs(outs[0] - hidden.numpy()).max() <= 1e-4
+    cross = dict(zip(names["cross"], outs[1:]))
+    past = {i.name: np.zeros([2] + [0 if isinstance(s, str) else s for s in i.shape[1:]], np.float32)
+            for i in dec.get_inputs() if i.name.startswith("past_")}
+    # first step: the 2-token prompt with an empty past; then one token at a time
+    steps = [(0, 2), (2, 3), (3, 4), (4, 5)]
+    for start, end in steps:
+        o = dec.run(None, {"input_ids": ids[:, start:end].numpy(), "offset": np.array([start]), **past, **cross})
+        assert np.abs(o[0] - ref[:, end - 1].numpy()).max() <= 1e-4
+        past = dict(zip(names["past"], o[1:]))
+        assert all(v.shape[3 if "key" in k else 2] == end for k, v in past.items())
+    if which == "uneven":  # a layer with 0 self-attention heads has no cache tensors
+        assert names["past"] == ["past_key_0", "past_value_0"]
+        assert [i.shape[1] for i in dec.get_inputs() if i.name.startswith("cross_key")] == [1, 3]
+
+
+def test_batched_decoding_equals_one_by_one(exports, feats, dense_tokens):
+    e = OnnxEngine(exports["float"], threads=1)
+    assert e.generate_tokens(np.stack(feats), NEW) == dense_tokens
+
+
+def test_export_config_lists_files_and_decoding_rules(exports):
+    d = exports["float"]
+    cfg = json.loads((d / "export_config.json").read_text())
+    assert cfg["mode"] == "float" and cfg["opset"] >= 17
+    assert cfg["decode"]["prompt"] == [50257, 50362]
+    assert cfg["decode"]["begin_suppress_tokens"] == [220, 50256]
+    assert cfg["decode"]["max_length"] == 448
+    assert cfg["structure"]["decoder_heads"] == [4, 4]
+    assert {"encoder.onnx", "decoder.onnx", "tokenizer.json", "processor_config.json"} <= set(cfg["files"])
+    assert sorted(cfg["files"]) == sorted(p.name for p in d.iterdir() if p.name != "export_config.json")
+    e = OnnxEngine(d, threads=1)
+    assert e.model_bytes == sum(p.stat().st_size for p in d.iterdir())
+    assert e.graph_bytes == (d / "encoder.onnx").stat().st_size + (d / "decoder.onnx").stat().st_size
+
+
+def test_transcribe_decodes_text_with_the_shipped_tokenizer(exports):
+    e = OnnxEngine(exports["float"], threads=1)
+    g = np.random.default_rng(0)
+    audios = [g.standard_normal(16000).astype(np.float32) * 0.1, g.standard_normal(8000).astype(np.float32) * 0.1]
+    feats = e.features(audios)
+    assert feats.shape == (2, 80, 3000)
+    texts = e.transcribe(audios, batch_size=2)
+    tokens = e.generate_tokens(feats)
+    assert texts == [t.strip() for t in e.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+    assert all(isinstance(t, str) and t for t in texts)
+    assert e.timings.utterances == 4 and e.timings.decoder_steps > 0
+
+
+def test_dynamic_int8_export_runs_with_int8_kernels(exports, dense_tokens, feats):
+    counts = int8_kernel_counts(exports["dynamic"] / "decoder.onnx")
+    assert counts.get("DynamicQuantizeMatMul", 0) + counts.get("MatMulInteger", 0) >= 8
+    e = OnnxEngine(exports["dynamic"], threads=1)
+    assert e.graph_bytes < 0.5 * OnnxEngine(exports["float"], threads=1).graph_bytes
+    tokens = e.generate_tokens(np.stack(feats), NEW)
+    assert all(len(t) == NEW for t in tokens)
+    assert token_agreement(dense_tokens, tokens) > 0.5
+
+
+def test_qdq_export_uses_int8_kernels_and_stores_weights_once(exports):
+    d = exports["qdq"]
+    enc, dec = int8_kernel_counts(d / "encoder.onnx"), int8_kernel_counts(d / "decoder.onnx")
+    # q/k/v share one min-max input quantizer, so they run as one fused projection (the cross k/v of both
+    # decoder layers too). encoder: 2 layers x (qkv, out, fc1, fc2, qk, pv) + cross kv, all int8 kernels
+    assert enc.get("MatMulIntegerToFloat", 0) + enc.get("QLinearMatMul", 0) == 2 * 6 + 1
+    assert enc.get("MatMul", 0) == 0
+    # decoder: qkv, out, cross q, cross out, fc1, fc2 per layer int8, the logits DynamicQuantizeMatMul;
+    # the per-step attention matmuls read fake-quantized caches in float (4 per layer)
+    assert dec.get("MatMulIntegerToFloat", 0) + dec.get("QLinearMatMul", 0) == 2 * 6
+    assert dec.get("DynamicQuantizeMatMul", 0) == 1
+    assert dec.get("MatMul", 0) == 2 * 4
+    inits = [i for f in ("encoder.onnx", "decoder.onnx") for i in onnx.load(str(d / f)).graph.initializer]
+    vocab_tables = [i for i in inits if 51864 in i.dims]
+    assert [(i.data_type, list(i.dims)) for i in vocab_tables if len(i.dims) == 2] == [(onnx.TensorProto.INT8, [64, 51864])]
+    big_float = [i.name for i in inits if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2
+                 and np.prod(i.dims) >= 64 * 64 and "positions" not in i.name]
+    assert big_float == []
+    # the 27% target is for tiny.en (test below); this d_model-64 model keeps a relatively bigger share of
+    # float tensors (conv, positional tables: random, so not stored as fp16)
+    ratio = OnnxEngine(d, threads=1).graph_bytes / OnnxEngine(exports["float"], threads=1).graph_bytes
+    assert ratio < 0.31
+
+
+def test_qdq_export_reproduces_the_fake_quant_arithmetic(exports, dense, feats):
+    reference = _fake_quant_model(dense, exports["plan"])
+    r = parity(reference, exports["qdq"], feats, threads=1, max_new_tokens=NEW)
+    assert r["token_agreement"] >= 0.99
+
+
+def test_qdq_needs_quantizer_state(dense, tmp_path):
+    with pytest.raises((RuntimeError, ValueError), match="qat|quant"):
+        export_model(dense, tmp_path / "x", mode="qdq")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        export_model(dense, tmp_path / "x", mode="int4")
+    assert not (tmp_path / "x").exists()
+
+
+def test_token_agreement_counts_edits():
+    assert token_agreement([[1, 2, 3, 4]], [[1, 2, 3, 4]]) == 1.0
+    assert token_agreement([[1, 2, 3, 4]], [[1, 2, 9, 4]]) == 0.75
+    assert token_agreement([[1, 2, 3, 4], []], [[1, 2, 3], []]) == 0.75
+
+
+def test_broken_export_dir_errors_name_the_file(exports, tmp_path):
+    src = exports["float"]
+
+    def fresh(name):
+        d = tmp_path / name
+        shutil.copytree(src, d)
+        return d
+
+    with pytest.raises(ExportDirError, match="does not exist"):
+        OnnxEngine(tmp_path / "nowhere")
+    d = fresh("no_config")
+    (d / "export_config.json").unlink()
+    with pytest.raises(ExportDirError, match=r"export_config.json: missing"):
+        OnnxEngine(d)
+    d = fresh("bad_config")
+    (d / "export_config.json").write_text("{not json")
+    with pytest.raises(ExportDirError, match=r"export_config.json: corrupt"):
+        OnnxEngine(d)
+    d = fresh("missing")
+    (d / "decoder.onnx").unlink()
+    with pytest.raises(ExportDirError, match=r"decoder.onnx: missing"):
+        OnnxEngine(d)
+    d = fresh("truncated")
+    data = (d / "encoder.onnx").read_bytes()
+    (d / "encoder.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ExportDirError, match=r"encoder.onnx: has \d+ bytes"):
+        OnnxEngine(d)
+    d = fresh("flipped")
+    data = bytearray((d / "tokenizer.json").read_bytes())
+    data[100] ^= 0xFF
+    (d / "tokenizer.json").write_bytes(bytes(data))
+    with pytest.raises(ExportDirError, match=r"tokenizer.json: sha256 does not match"):
+        OnnxEngine(d)
+    # a graph ORT cannot parse, with a config that vouches for it: ORT's error, re-raised with the file name
+    d = fresh("unparsable")
+    (d / "decoder.onnx").write_bytes(b"\x08\x07garbage" * 10)
+    cfg = json.loads((d / "export_config.json").read_text())
+    from qat.onnx_export import file_digest
+
+    cfg["files"]["decoder.onnx"] = file_digest(d / "decoder.onnx")
+    (d / "export_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ExportDirError, match=r"decoder.onnx: ONNX Runtime cannot load it"):
+        OnnxEngine(d)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.real
+def test_tiny_en_exports_transcribe_real_speech(tmp_path):
+    import jiwer
+    import soundfile as sf
+    import soxr
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    from slim.model import load_model
+    from slim.sources import import_model
+
+    src = import_model("tiny.en", tmp_path / "tiny.en")
+    model = load_model(src)
+    items = [json.loads(line) for line in (REAL_SPEECH / "manifest.jsonl").read_text().splitlines()]
+    audios = []
+    for it in items:
+        a, sr = sf.read(REAL_SPEECH / it["audio"], dtype="float32")
+        audios.append(a if sr == 16000 else soxr.resample(a, sr, 16000))
+    fl = OnnxEngine(export_model(src, tmp_path / "float", mode="float"), threads=2)
+    feats = fl.features(audios)
+    assert parity(model, None, list(feats[:3]), engine=fl)["exact_match"] == 1.0
+
+    q = OnnxEngine(export_model(src, tmp_path / "qdq", mode="qdq", plan=_calibrated_plan(model, list(feats[:2]))),
+                   threads=2)
+    safetensors = (src / "model.safetensors").stat().st_size
+    assert q.graph_bytes <= 0.27 * safetensors
+    norm = EnglishTextNormalizer()
+    refs = [norm(it["text"]) for it in items]
+    wer_float = jiwer.wer(refs, [norm(t) for t in fl.transcribe(audios)])
+    wer_qdq = jiwer.wer(refs, [norm(t) for t in q.transcribe(audios)])
+    assert wer_float <= 0.06
+    assert wer_qdq <= wer_float + 0.03

@@ -1,0 +1,76 @@
+"""Every recipe in the repo parses and validates; bad keys fail before any work, naming the key."""
+
+from pathlib import Path
+
+import pytest
+
+from train.config_io import ConfigError
+from train.recipe import Recipe, load_recipe
+
+RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").rglob("*.yaml"))
+
+
+def test_repo_has_the_named_recipes():
+    assert {"quickstart.yaml", "smoke.yaml"} <= {p.name for p in RECIPES}
+    assert any("gpu" in p.as_posix() for p in RECIPES)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert isinstance(recipe, Recipe)
+    assert recipe.stages, path
+    assert len({s.name for s in recipe.stages}) == len(recipe.stages)
+    # the header shows the exact command that runs it (torchtune style)
+    assert "./launch.sh run" in path.read_text().splitlines()[0] + path.read_text().splitlines()[1]
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+BASE = """
+output_dir: /tmp/x
+data: {eval: a.jsonl, train: b.jsonl}
+stages:
+  - {name: dense, kind: eval}
+  - name: recover
+    kind: recover
+    train: {max_steps: 10}
+"""
+
+
+def test_unknown_key_is_named_with_suggestion(tmp_path):
+    p = _write(tmp_path, BASE.replace("max_steps: 10", "max_stepz: 10"))
+    with pytest.raises(ConfigError, match=r"unknown key 'stages\[1\]\.train\.max_stepz'.*max_steps"):
+        load_recipe(p)
+
+
+def test_mistyped_value_is_named(tmp_path):
+    p = _write(tmp_path, BASE.replace("max_steps: 10", "max_steps: ten"))
+    with pytest.raises(ConfigError, match=r"stages\[1\]\.train\.max_steps: expected an integer"):
+        load_recipe(p)
+
+
+def test_bool_is_not_coerced_from_string(tmp_path):
+    p = _write(tmp_path, BASE.replace("{name: dense, kind: eval}", "{name: dense, kind: eval, evaluate: 'no'}"))
+    with pytest.raises(ConfigError, match="evaluate: expected true/false"):
+        load_recipe(p)
+
+
+def test_overrides_address_stages_by_name(tmp_path):
+    p = _write(tmp_path, BASE)
+    r = load_recipe(p, ["stages.recover.train.max_steps=7", "eval.threads=1"])
+    assert r.stages[1].train.max_steps == 7 and r.eval.threads == 1
+    with pytest.raises(ConfigError, match="no list item named 'nope'"):
+        load_recipe(p, ["stages.nope.train.max_steps=7"])
+    with pytest.raises(ConfigError, match="unknown key 'eval.thread'"):
+        load_recipe(p, ["eval.thread=1"])
+
+
+def test_stage_order_is_checked(tmp_path):
+    p = _write(tmp_path, BASE + "  - {name: c, kind: convert}\n")
+    with pytest.raises(ConfigError, match="convert needs a qat or ptq stage before it"):
+        load_recipe(p)

