@@ -65,17 +65,20 @@ def _measure(model_dir: Path, teacher: bool, batch_size: int, steps: int, label_
         return {"input_features": torch.stack([it["input_features"] for it in items]),
                 "labels": torch.stack([it["labels"] for it in items])}
 
-    stamps: list[float] = []
+    stamps: list[tuple[float, float]] = []  # (wall, CPU time of this process) after each step
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     cfg = TrainConfig(max_steps=steps, batch_size=batch_size, lr=1e-5, save_every=0, log_every=steps)
     with tempfile.TemporaryDirectory() as tmp:
         train(model, cfg, Random(), collate, tmp, teacher=load_model(model_dir) if teacher else None,
-              on_step=lambda step, rec: stamps.append(time.perf_counter()),
+              on_step=lambda step, rec: stamps.append((time.perf_counter(), time.process_time())),
               save_fn=lambda m, d: Path(d).mkdir())
-    per_step = [b - a for a, b in zip(stamps[:-2], stamps[1:-1])]  # steps 2 .. steps-1
+    per_step = [b[0] - a[0] for a, b in zip(stamps[:-2], stamps[1:-1])]  # steps 2 .. steps-1
+    cpu = [b[1] - a[1] for a, b in zip(stamps[:-2], stamps[1:-1])]
     out = {"teacher": teacher, "batch_size": batch_size, "timed_steps": len(per_step),
            "sec_per_step": statistics.median(per_step), "sec_per_step_all": [round(s, 3) for s in per_step],
+           # CPU seconds (all threads) per step: what the step costs when the machine is shared
+           "cpu_sec_per_step": statistics.median(cpu),
            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
            "threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu",
            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
@@ -119,9 +122,12 @@ def main(argv=None) -> int:
 
     print(f"model {model_dir} ({results[0]['params_m']:.1f} M params), batch {a.batch_size}, "
           f"{a.label_tokens} label tokens, device {results[0]['device']}, {results[0]['threads']} threads")
-    print(f"{'teacher':<8} {'s/step':>8} {'peak RSS MiB':>13}" + (f" {'CUDA peak MiB':>14}" if "cuda_peak_mib" in results[0] else ""))
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (wall time suffers on a shared machine)")
+    print(f"{'teacher':<8} {'s/step':>8} {'CPU s/step':>11} {'peak RSS MiB':>13}"
+          + (f" {'CUDA peak MiB':>14}" if "cuda_peak_mib" in results[0] else ""))
     for r in results:
-        line = f"{'yes' if r['teacher'] else 'no':<8} {r['sec_per_step']:>8.2f} {r['peak_rss_mib']:>13.0f}"
+        line = (f"{'yes' if r['teacher'] else 'no':<8} {r['sec_per_step']:>8.2f} {r['cpu_sec_per_step']:>11.2f} "
+                f"{r['peak_rss_mib']:>13.0f}")
         if "cuda_peak_mib" in r:
             line += f" {r['cuda_peak_mib']:>14.0f}"
         print(line + f"   (median of {r['timed_steps']}: {r['sec_per_step_all']})")

@@ -455,9 +455,13 @@ class _DecoderGraph(_Graph):
         past, cross = caches[:n_self], caches[n_self:]
         presents = []
 
-        def causal(S):  # over [past, new]: new token i (position S-T+i) sees keys 0 .. S-T+i
-            q_pos = torch.arange(T, dtype=torch.int64)[:, None] + (S - T)
-            return torch.where(torch.arange(S, dtype=torch.int64)[None, :] > q_pos, _NEG, 0.0)
+        masks = []
+
+        def causal(S):  # over [past, new]: new token i (position S-T+i) sees keys 0 .. S-T+i; built once
+            if not masks:
+                q_pos = torch.arange(T, dtype=torch.int64)[:, None] + (S - T)
+                masks.append(torch.where(torch.arange(S, dtype=torch.int64)[None, :] > q_pos, _NEG, 0.0))
+            return masks[0]
 
         for layer in d.layers:
             attn = layer.self_attn

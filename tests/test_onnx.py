@@ -258,6 +258,26 @@ def test_qdq_export_reproduces_the_fake_quant_arithmetic(exports, dense, feats):
     assert r["token_agreement"] >= 0.99
 
 
+def test_qdq_export_of_a_calibrated_fake_quant_model(dense, feats, tmp_path):
+    """qat.prepare's fake-quant model (PTQ-calibrated, int8 embedding on), saved, exported from its directory."""
+    import copy
+
+    from qat.prepare import QuantConfig, ptq
+    from slim.model import save_model
+
+    cfg = QuantConfig(embeddings=True)
+    ids = torch.tensor([[50257, 50362] + list(range(400, 420))] * 2)
+    fq = ptq(copy.deepcopy(dense), cfg, [{"input_features": torch.tensor(np.stack(feats)), "labels": ids}])
+    src = save_model(fq, tmp_path / "ptq", processor=tiny_random_processor(), quant=cfg.to_dict())
+    out = export_model(src, tmp_path / "onnx", mode="qdq")
+    assert json.loads((out / "export_config.json").read_text())["mode"] == "qdq"
+    dec = int8_kernel_counts(out / "decoder.onnx")
+    assert dec.get("MatMulIntegerToFloat", 0) + dec.get("QLinearMatMul", 0) >= 2 * 6
+    r = parity(fq, out, feats, threads=1, max_new_tokens=NEW)
+    assert r["tokens_torch"] == 2 * NEW
+    assert r["token_agreement"] >= 0.99
+
+
 def test_qdq_needs_quantizer_state(dense, tmp_path):
     with pytest.raises((RuntimeError, ValueError), match="qat|quant"):
         export_model(dense, tmp_path / "x", mode="qdq")

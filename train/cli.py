@@ -63,7 +63,7 @@ def _relaunch(args) -> int:
     elif torch.cuda.is_available():
         cmd += ["--multi_gpu"]
     else:
-        cmd += ["--config_file", str(ROOT / "accelerate_configs" / "cpu_multiprocess.yaml")]
+        cmd += ["--config_file", str(ROOT / "accelerate_configs" / "cpu_2proc.yaml")]
     cmd += ["-m", "train.cli", "run", args.recipe, *args.overrides]
     if args.resume:
         cmd.append("--resume")

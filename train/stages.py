@@ -319,7 +319,9 @@ def _evaluate(ctx: RunContext, stage: StageConfig, model_dir: Path) -> dict:
 
 
 def run_recipe(recipe: Recipe, recipe_path: str | None = None, overrides=None, resume: bool = False) -> list[dict]:
-    state = PartialState()
+    from train.loop import distributed_state
+
+    state = distributed_state()  # CPU-aware: N processes without a GPU form one gloo group
     out = Path(_resolve(recipe.output_dir))
     finished = sorted(out.glob(f"*/{STAGE_FILE}")) if out.exists() else []
     if finished and not resume:
