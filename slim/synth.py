@@ -24,6 +24,7 @@ a bare name is a flite voice when flite has it (`flite -lv`), else an espeak-ng 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import functools
 import hashlib
 import json
@@ -246,8 +247,9 @@ class SynthSettings:
     train_per_sentence: int = 1
     eval_per_sentence: int = 3
     seed: int = 0
-    text_sha256: str = ""
-    version: int = VERSION
+    text_sha256: str = field(default="", init=False)
+    """Of the text files' contents: an edited file invalidates reuse."""
+    version: int = field(default=VERSION, init=False)
     speed: tuple[float, float] = SPEED
     pitch: tuple[int, int] = PITCH
 
@@ -289,13 +291,22 @@ def build(s: SynthSettings, out_dir: str | Path, workers: int = 2, progress: boo
     """Build (or reuse) the synthetic set described by S in OUT_DIR; returns {"train", "eval"} manifests
     and "meta" (synth.json)."""
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".synth.lock", "w") as lock:  # two runs sharing OUT_DIR: the second waits, then reuses
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_locked(s, out, workers, progress, force)
+
+
+def _build_locked(s: SynthSettings, out: Path, workers: int, progress: bool, force: bool) -> dict[str, Path]:
     meta = out / "synth.json"
     paths = {"train": out / "train" / "manifest.jsonl", "eval": out / "eval" / "manifest.jsonl", "meta": meta}
     if not force and meta.is_file() and paths["train"].is_file() and paths["eval"].is_file():
-        if json.loads(meta.read_text()).get("settings") == s.to_json():
+        old, new = json.loads(meta.read_text()).get("settings", {}), s.to_json()
+        if old == new:
             log.info("synth: reusing %s (same settings)", out)
             return paths
-        log.info("synth: %s was built with other settings; rebuilding", out)
+        changed = sorted(k for k in {*old, *new} if old.get(k) != new.get(k))
+        log.warning("synth: %s was built with other settings (%s); rebuilding it", out, ", ".join(changed))
     t0 = time.perf_counter()
     check_voices([Voice.parse(v) for v in dict.fromkeys([*s.train_voices, *s.eval_voices])])
     train_sents, eval_sents = split_sentences(s)
