@@ -91,19 +91,16 @@ def prepare_models(args, work: Path) -> dict:
 
 def ptq_model(model_dir: Path, work: Path, args) -> Path:
     """Post-training INT8 scales: qat.prepare's observers calibrated on synthetic speech (not the test clips)."""
-    from qat.prepare import QuantConfig, calibrate, freeze_observers, prepare_qat
+    from qat.prepare import QuantConfig, ptq
     from slim.model import load_model, load_processor, save_model
 
     out = work / "ptq"
     if (out / "slim_structure.json").exists() and not args.reexport:
         return out
     processor = load_processor(model_dir)
-    model = load_model(model_dir)
-    cfg = QuantConfig()
-    prepare_qat(model, cfg)
+    cfg = QuantConfig(embeddings=True)  # the export stores the tied embedding int8: calibrate with it on
     manifest = synthetic_set(work, args.calib, args.synth_eval)["train"]
-    calibrate(model, calibration_batches(processor, manifest, n=args.calib))
-    freeze_observers(model)
+    model = ptq(load_model(model_dir), cfg, calibration_batches(processor, manifest, n=args.calib))
     save_model(model, out, processor=processor, quant=cfg.to_dict())
     return out
 
@@ -209,8 +206,9 @@ class CT2Engine:
         t0 = time.perf_counter()
         enc = self.model.encode(sv)
         t1 = time.perf_counter()
-        # same prompt; CTranslate2's defaults suppress the config's suppress tokens and a blank first token
-        r = self.model.generate(enc, [self.decode.prompt], beam_size=1, without_timestamps=True,
+        # the same prompt (its <|notimestamps|> turns timestamps off); CTranslate2 suppresses the config's
+        # suppress tokens and a blank first token by default, as the other engines do
+        r = self.model.generate(enc, [self.decode.prompt], beam_size=1,
                                 max_length=self.decode.max_length)
         t2 = time.perf_counter()
         tokens = r[0].sequences_ids[0]

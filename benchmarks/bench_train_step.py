@@ -40,7 +40,8 @@ def _ensure_model(path: str | None) -> Path:
     return out
 
 
-def _measure(model_dir: Path, teacher: bool, batch_size: int, steps: int, label_tokens: int, threads: int | None) -> dict:
+def _measure(model_dir: Path, teacher: bool, batch_size: int, steps: int, label_tokens: int,
+             threads: int | None) -> dict:
     import torch
 
     from slim.model import load_model

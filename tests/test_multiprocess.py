@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# _one_thread: the autouse fixture (one intra-op thread) applies here too
 from test_train_loop import _one_thread, run_env, run_tiny  # noqa: E402,F401
 
 from train.checkpoint import MANIFEST  # noqa: E402

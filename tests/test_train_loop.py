@@ -193,7 +193,8 @@ def test_recipe_style_parsing_of_train_config():
     from train.config_io import ConfigError, from_dict
 
     cfg = from_dict(TrainConfig, {"max_steps": 5, "distill": {"kl_weight": 0.5}, "lora": {"enabled": True}})
-    assert cfg.max_steps == 5 and cfg.distill.kl_weight == 0.5 and cfg.lora.target_modules == ["q_proj", "v_proj", "fc1"]
+    assert (cfg.max_steps, cfg.distill.kl_weight, cfg.lora.enabled) == (5, 0.5, True)
+    assert cfg.lora.target_modules == ["q_proj", "v_proj", "fc1"]
     with pytest.raises(ConfigError, match="distill.temprature"):
         from_dict(TrainConfig, {"distill": {"temprature": 1.0}})
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -314,7 +313,8 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
           stage_name: str = "train", tracker_config: TrackingConfig | None = None,
           on_step: Callable[[int, dict], None] | None = None,
           save_fn: Callable[[torch.nn.Module, Path], None] | None = None,
-          eval_dataset: Dataset | None = None, extra_state: dict[str, Any] | None = None) -> TrainResult:
+          eval_dataset: Dataset | None = None, extra_state: dict[str, Any] | None = None,
+          metrics_path: str | Path | None = None) -> TrainResult:
     """Fine-tune `model` in place for cfg.max_steps optimizer steps; see the module docstring.
 
     model: a WhisperForConditionalGeneration (or any module taking input_features/decoder_input_ids and
@@ -330,6 +330,8 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
     on_step: on_step(step, record) on every process after each step (and after its checkpoint).
     save_fn: save_fn(model, dir) for the best/last models (default: model.save_pretrained(dir)).
     extra_state: objects with state_dict()/load_state_dict() saved in every checkpoint (e.g. QAT observers).
+    metrics_path: the JSONL log (default out_dir/metrics.jsonl); stages may share one file, since every
+        record names its stage.
     """
     t_start = time.time()
     out_dir = Path(out_dir)
@@ -387,7 +389,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
                **{f"extra.{k}": v for k, v in sorted((extra_state or {}).items())}}
     accelerator.register_for_checkpointing(*objects.values())
     names = list(objects)
-    metrics = MetricsLog(out_dir / "metrics.jsonl", stage_name, accelerator)
+    metrics = MetricsLog(Path(metrics_path or out_dir / "metrics.jsonl"), stage_name, accelerator)
     run_config = {"stage": stage_name, "num_processes": accelerator.num_processes, **asdict(cfg)}
     init_trackers(accelerator, tracker_config, run_config, out_dir, stage_name)
 

@@ -70,7 +70,8 @@ def wandb_available() -> bool:
     return True
 
 
-def init_trackers(accelerator, cfg: TrackingConfig | None, run_config: dict, out_dir: Path, run_name: str) -> str | None:
+def init_trackers(accelerator, cfg: TrackingConfig | None, run_config: dict, out_dir: Path,
+                  run_name: str) -> str | None:
     """Start the Accelerate trackers (wandb) for this run; returns the wandb mode used, or None."""
     if cfg is None or not cfg.wandb.enabled or not accelerator.log_with:
         return None
