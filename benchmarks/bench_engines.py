@@ -7,7 +7,8 @@ Engines (greedy, batch 1, English without timestamps, the same prompt and suppre
   hf-fp32          stock transformers `generate` (eager PyTorch fp32, SDPA attention)
   onnx-float       our export, fp32
   onnx-int8        our export, static INT8 QDQ with the QAT scales of --int8-model (default: post-training
-                   scales from qat.prepare's calibration of the float model)
+                   min-max scales from qat.prepare's calibration on synthetic speech, Linear layers and
+                   the tied embedding int8, attention matmuls float unless --ptq-matmuls)
   onnx-dynamic     ONNX Runtime `quantize_dynamic` of our float export (the post-training baseline)
   ct2-int8         CTranslate2 (the faster-whisper engine), compute_type int8, beam_size 1
 Every engine gets the same log-mel features (WhisperFeatureExtractor, timed once and added to each).
@@ -98,7 +99,10 @@ def ptq_model(model_dir: Path, work: Path, args) -> Path:
     if (out / "slim_structure.json").exists() and not args.reexport:
         return out
     processor = load_processor(model_dir)
-    cfg = QuantConfig(embeddings=True)  # the export stores the tied embedding int8: calibrate with it on
+    # min-max observers; the export stores the tied embedding int8, so calibrate with it on. The attention
+    # matmuls stay float unless --ptq-matmuls: post-training uint8 softmax outputs (steps of 1/255) cost
+    # tiny.en ~2 WER points on the synthetic eval set, and in float they cost the encoder only ~4% time.
+    cfg = QuantConfig(embeddings=True, quantize_matmuls=args.ptq_matmuls)
     manifest = synthetic_set(work, args.calib, args.synth_eval)["train"]
     model = ptq(load_model(model_dir), cfg, calibration_batches(processor, manifest, n=args.calib))
     save_model(model, out, processor=processor, quant=cfg.to_dict())
@@ -227,8 +231,11 @@ def main(argv=None) -> int:
     p.add_argument("--int8-model", help="fake-quant (QAT/PTQ) model directory for the QDQ export")
     p.add_argument("--ct2-dir", help="CTranslate2 model directory (default: --model converted to int8)")
     p.add_argument("--calib", type=int, default=32, help="synthetic calibration clips for the default PTQ scales")
+    p.add_argument("--ptq-matmuls", action="store_true", help="default PTQ: quantize the attention matmuls too")
     p.add_argument("--synth-eval", type=int, default=0, help="also run on N synthetic eval clips (slim.synth)")
     p.add_argument("--engines", default="hf-fp32,onnx-float,onnx-int8,onnx-dynamic,ct2-int8")
+    p.add_argument("--extra", action="append", default=[], metavar="NAME=EXPORT_DIR",
+                   help="also time another ONNX export, e.g. a pipeline run's pruned QAT model")
     p.add_argument("--work", default=os.environ.get("BENCH_WORK", "/tmp/whisper-slim-bench"))
     p.add_argument("--reexport", action="store_true", help="rebuild the exports even if --work has them")
     p.add_argument("--out", help="write the figures as JSON here")
@@ -256,6 +263,9 @@ def main(argv=None) -> int:
             engines.append(CT2Engine(dirs["ct2"], args.threads, decode))
         elif name.startswith("onnx-"):
             engines.append(OrtEngine(name, dirs[name], args.threads))
+    for spec in args.extra:
+        name, _, d = spec.partition("=")
+        engines.append(OrtEngine(name, Path(d), args.threads))
 
     t = time.perf_counter()
     feats = [processor.feature_extractor([c["audio"]], sampling_rate=16000, return_tensors="np").input_features

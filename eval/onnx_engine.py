@@ -99,6 +99,13 @@ class OnnxEngine:
         self.decoder = self._session(DECODER_FILE, so, providers)
         names = self.config["io"]["names"]
         self.cross_names, self.past_names, self.present_names = names["cross"], names["past"], names["present"]
+        for sess, file, want in ((self.encoder, ENCODER_FILE, ["input_features"] + self.cross_names),
+                                 (self.decoder, DECODER_FILE, ["input_ids", "offset", "logits"] + self.past_names
+                                  + self.cross_names + self.present_names)):
+            have = {i.name for i in sess.get_inputs()} | {o.name for o in sess.get_outputs()}
+            if set(want) - have:
+                raise ExportDirError(f"{self.dir / file}: lacks {sorted(set(want) - have)} that {CONFIG_FILE} "
+                                     "lists (graph and config come from different exports)")
         self._past_shapes = {}
         for i in self.decoder.get_inputs():
             if i.name in self.past_names:
@@ -221,12 +228,12 @@ class OnnxEngine:
             raise ExportDirError(f"{self.dir / 'tokenizer.json'}: missing, the export has no tokenizer")
         return [s.strip() for s in self.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
-    def transcribe(self, audios: list[np.ndarray], batch_size: int = 1) -> list[str]:
+    def transcribe(self, audios: list[np.ndarray], batch_size: int = 1, max_new_tokens: int | None = None) -> list[str]:
         """Text for each 16 kHz mono clip (at most 30 s), greedy, `batch_size` clips per run."""
         texts: list[str] = []
         for i in range(0, len(audios), batch_size):
             chunk = audios[i:i + batch_size]
-            texts += self.decode_text(self.generate_tokens(self.features(chunk)))
+            texts += self.decode_text(self.generate_tokens(self.features(chunk), max_new_tokens))
         return texts
 
 

@@ -37,10 +37,10 @@ def comparison_table(rows: list[dict]) -> str:
         spu = r.get("seconds_per_utterance")
         speedup = base / spu if base and spu else None
         name = str(r.get("variant") or r.get("engine")).replace("|", "/")
-        lines.append(
-            f"| {name} | {r.get('engine', '-')} | {_fmt(r['wer'] * 100, '.2f')} | {_fmt(r['cer'] * 100, '.2f')} | "
-            f"{r['model_bytes'] / 1e6:.1f} | {_fmt(spu, '.3f')} | {_fmt(speedup, '.2f')}x | {r.get('utterances', '-')} | "
-            f"{r.get('skipped', 0)} | {_failures(r)} |")
+        cells = [name, r.get("engine", "-"), f"{r['wer'] * 100:.2f}", f"{r['cer'] * 100:.2f}",
+                 f"{r['model_bytes'] / 1e6:.1f}", _fmt(spu, ".3f"), _fmt(speedup, ".2f") + ("x" if speedup else ""),
+                 str(r.get("utterances", "-")), str(r.get("skipped", 0)), _failures(r)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

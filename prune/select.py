@@ -43,9 +43,11 @@ class PruneSelection:
     """FFN neurons to remove instead of a ratio (per kind total for global, per layer for per_layer)."""
     scope: Literal["global", "per_layer"] = "global"
     """global: rank all layers of a kind together; per_layer: remove the same share from each layer."""
-    normalize: Literal["none", "layer_l2"] = "layer_l2"
-    """For scope=global: divide each layer's scores by their L2 norm before ranking (Michel et al. 2019),
-    so that layers whose raw scores are small are not emptied wholesale; none: rank the raw scores."""
+    normalize: Literal["none", "layer_l2"] = "none"
+    """For scope=global: none ranks the raw scores across layers; layer_l2 first divides each layer's
+    scores by their L2 norm (Michel et al. 2019), which evens out how much each layer loses. Measured on
+    tiny.en with taylor scores (30% heads + 25% FFN, one shot), raw ranking left the lower loss (0.96 vs
+    1.36 teacher-forced; dense 0.17): the layers really differ in how much they can lose."""
     min_heads: int = 1
     """Heads every attention layer keeps at least (a layer that already has fewer keeps what it has)."""
     min_ffn: int = 1

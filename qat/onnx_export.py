@@ -133,11 +133,9 @@ def quantize_weight_per_row(w: torch.Tensor, bits: int = 8) -> WeightQuant:
 
 
 def quant_plan(model: nn.Module) -> QuantPlan:
-    """Read the QAT scales off a fake-quant model prepared by `qat.prepare` (frozen or not)."""
-    try:
-        from qat.prepare import export_quant_plan
-    except ImportError as e:  # helper-5's module: the export needs its state in our terms
-        raise RuntimeError("qat.prepare.export_quant_plan is not available: cannot read QAT scales") from e
+    """The QAT scales of a fake-quant model prepared by `qat.prepare` (empty for a float model)."""
+    from qat.prepare import export_quant_plan
+
     return export_quant_plan(model)
 
 
@@ -319,7 +317,7 @@ class _Graph(nn.Module):
         return self.t.name(mm) in self.t.matmuls
 
     def attend(self, attn, q, k_t, v, mask=None):
-        """softmax(q·kᵀ + mask)·v. q (B,H,T,D) scaled; k_t (B,H,D,S), v (B,H,S,D) from `keys_values`."""
+        """softmax(q·kᵀ + mask)·v. q (B,H,T,D) scaled; k_t (B,H,D,S), v (B,H,S,D) from `split_kv`."""
         qk, pv = self.t.name(attn.qk), self.t.name(attn.pv)
         if qk in self.t.matmuls:
             q = self.fq(q, qk, "a")
@@ -690,6 +688,9 @@ def export_model(src, out: str | Path, mode: str = "qdq", *, processor=None, pla
     model = model.eval()
     if mode == "qdq":
         plan = plan or quant_plan(model)
+        if not plan.linears and not plan.matmuls:
+            raise ValueError("mode='qdq' needs QAT scales, and this model has no quantizers: prepare it with "
+                             "qat.prepare (prepare_qat + calibrate, or ptq), or export mode 'float' / 'dynamic-int8'")
         if plan.embedding is None:
             plan = dataclasses.replace(plan, embedding=quantize_weight_per_row(model.model.decoder.embed_tokens.weight))
     else:

@@ -34,7 +34,7 @@ from slim.attention import MatMul, SlimAttention
 
 LAYER_PREFIXES = ("model.encoder.layers.", "model.decoder.layers.")
 # keys of the saved quant dict that describe a converted model rather than the QAT settings
-CONVERT_KEYS = ("converted", "engine")
+CONVERT_KEYS = ("converted", "engine", "exact", "matmuls")
 
 
 @dataclass

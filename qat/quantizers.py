@@ -180,24 +180,33 @@ class FakeQuantizer(nn.Module):
         else:
             self.register_buffer("scale", scale)
         self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
+        # Python mirrors of the two flags, so the forward pass never reads a (GPU) tensor to branch;
+        # the buffers stay the saved truth and a state-dict load re-syncs the mirrors.
+        self._enabled, self._observing = True, True
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._enabled, self._observing = bool(self.enabled), bool(self.observing)
 
     # -- state ------------------------------------------------------------------------------
 
     @property
     def is_enabled(self) -> bool:
-        return bool(self.enabled)
+        return self._enabled
 
     @property
     def is_observing(self) -> bool:
-        return bool(self.observing)
+        return self._observing
 
     def enable(self, on: bool = True) -> "FakeQuantizer":
         self.enabled.fill_(on)
+        self._enabled = bool(on)
         return self
 
     def observe_(self, on: bool = True) -> "FakeQuantizer":
         """Start (True) or stop (False, = freeze the scale) observing."""
         self.observing.fill_(on)
+        self._observing = bool(on)
         return self
 
     def freeze(self) -> "FakeQuantizer":
@@ -232,8 +241,8 @@ class FakeQuantizer(nn.Module):
                 lo, hi = torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
             else:
                 lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
-        n = int(self.num_batches)
-        if n == 0 or self.observer == "current":
+        n = self.num_batches  # a tensor: no host sync on an accelerator
+        if self.observer == "current":
             new_lo, new_hi = lo, hi
         elif self.observer == "minmax":
             new_lo, new_hi = torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
@@ -243,8 +252,9 @@ class FakeQuantizer(nn.Module):
         else:  # percentile: running mean of the per-batch percentiles
             new_lo = self.min_val + (lo - self.min_val) / (n + 1)
             new_hi = self.max_val + (hi - self.max_val) / (n + 1)
-        self.min_val.copy_(new_lo)
-        self.max_val.copy_(new_hi)
+        first = n == 0  # the first batch is taken as is (the running values start at ±inf)
+        self.min_val.copy_(torch.where(first, lo, new_lo))
+        self.max_val.copy_(torch.where(first, hi, new_hi))
         # "current" only remembers the latest tensor: count 1, so a state never depends on how often
         # the same weight was looked at (evaluation, a reload) and resumes compare bit-exactly
         self.num_batches.fill_(1) if self.observer == "current" else self.num_batches.add_(1)
