@@ -93,16 +93,48 @@ def calibration_batches(manifest: str, processor, n_batches: int, batch_size: in
     return [b for _, b in zip(range(n_batches), loader)]
 
 
-def wer_row(name: str, model, processor, manifest: str, max_new_tokens: int, score_s: float | None) -> str:
-    """One markdown row: the project's evaluation harness (greedy, batch 1) on MANIFEST."""
+def wer_row(name: str, model, processor, manifests: list[str], args, score_s: float | None) -> str:
+    """One markdown row: the project's evaluation harness (greedy, batch 1) on each manifest."""
     from eval.run import evaluate_loaded
 
-    r = evaluate_loaded(model, processor, manifest, max_new_tokens=max_new_tokens)
     s = structure_of(model)
-    fails = ", ".join(f"{k} {v}" for k, v in r["failures"].items() if v) or "-"
-    return (f"| {name} | {s.num_heads()} | {sum(s.encoder_ffn + s.decoder_ffn)} | {count_parameters(model):,} | "
-            f"{r['wer']:.2%} | {fails} | {r['seconds_per_utterance']:.2f} | "
-            f"{'-' if score_s is None else f'{score_s:.1f}'} |")
+    cells = [name, str(s.num_heads()), str(sum(s.encoder_ffn + s.decoder_ffn)), f"{count_parameters(model):,}"]
+    for manifest in manifests:
+        r = evaluate_loaded(model, processor, manifest, limit=args.wer_limit, max_new_tokens=args.max_new_tokens)
+        fails = ", ".join(f"{k} {v}" for k, v in r["failures"].items() if v) or "-"
+        cells += [f"{r['wer']:.2%}", fails, f"{r['seconds_per_utterance']:.2f}"]
+    cells.append("-" if score_s is None else f"{score_s:.1f}")
+    return "| " + " | ".join(cells) + " |"
+
+
+def latency_table(dense, processor, selection: PruneSelection, batches, args) -> None:
+    """Prune a copy of DENSE with --criterion; print parameters, size and latency side by side."""
+    t = time.perf_counter()
+    scores = compute_scores(dense, args.criterion, batches=batches, seed=0)
+    score_s = time.perf_counter() - t
+    pruned, _ = prune_model(copy.deepcopy(dense), scores, selection)
+    prompt = processor.tokenizer.convert_tokens_to_ids(["<|startoftranscript|>", "<|notimestamps|>"])
+    models = {"dense": dense, "pruned": pruned}
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, model in models.items():
+            rows[name] = {"parameters": count_parameters(model),
+                          "safetensors MB": safetensors_bytes(model, Path(tmp), name) / 1e6}
+    for name, lat in latencies(models, prompt, args.repeats, args.tokens).items():
+        rows[name].update(lat)
+    s_dense, s_pruned = structure_of(dense), structure_of(pruned)
+    print(f"# {args.source}: {args.criterion} scores ({score_s:.1f} s), {selection}")
+    print(f"# heads {s_dense.num_heads()} -> {s_pruned.num_heads()}; encoder FFN {s_pruned.encoder_ffn}, "
+          f"decoder FFN {s_pruned.decoder_ffn}; torch {torch.__version__}, {args.threads} threads")
+    print("| | dense | pruned | pruned / dense |\n|---|---:|---:|---:|")
+    for key in rows["dense"]:
+        d, p = rows["dense"][key], rows["pruned"][key]
+        print(f"| {key} | {d:,.2f} | {p:,.2f} | {p / d:.1%} |" if isinstance(d, float) else
+              f"| {key} | {d:,} | {p:,} | {p / d:.1%} |", flush=True)
+    if args.report:
+        pruning_report(s_dense, s_pruned, args.report,
+                       metrics={k: (rows["dense"][k], rows["pruned"][k]) for k in rows["dense"]})
+        print(f"# report written to {args.report}")
 
 
 def main(argv=None) -> int:
@@ -117,7 +149,10 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--tokens", type=int, default=20, help="decoder steps timed per repeat")
     ap.add_argument("--report", default=None, help="write the pruning report (PNG + markdown) here")
-    ap.add_argument("--wer", default=None, help="JSONL manifest: also measure WER before recovery per criterion")
+    ap.add_argument("--wer", default=None, help="JSONL manifest(s), comma-separated: also measure WER before "
+                    "recovery per criterion")
+    ap.add_argument("--wer-limit", type=int, default=None, help="at most this many utterances per --wer set")
+    ap.add_argument("--skip-latency", action="store_true", help="only the --wer table")
     ap.add_argument("--criteria", default="l1,taylor,random", help="criteria for --wer")
     ap.add_argument("--calibration", default=None, help="JSONL manifest of training audio for taylor")
     ap.add_argument("--calibration-batches", type=int, default=4)
@@ -136,48 +171,25 @@ def main(argv=None) -> int:
     if args.calibration:
         batches = calibration_batches(args.calibration, processor, args.calibration_batches)
 
-    t = time.perf_counter()
-    scores = compute_scores(dense, args.criterion, batches=batches, seed=0)
-    score_s = time.perf_counter() - t
-    pruned, _ = prune_model(copy.deepcopy(dense), scores, selection)
-    prompt = processor.tokenizer.convert_tokens_to_ids(["<|startoftranscript|>", "<|notimestamps|>"])
-
-    models = {"dense": dense, "pruned": pruned}
-    rows = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, model in models.items():
-            rows[name] = {"parameters": count_parameters(model),
-                          "safetensors MB": safetensors_bytes(model, Path(tmp), name) / 1e6}
-    for name, lat in latencies(models, prompt, args.repeats, args.tokens).items():
-        rows[name].update(lat)
-    s_dense, s_pruned = structure_of(dense), structure_of(pruned)
-    print(f"# {args.source}: {args.criterion} scores ({score_s:.1f} s), {selection}")
-    print(f"# heads {s_dense.num_heads()} -> {s_pruned.num_heads()}; encoder FFN {s_pruned.encoder_ffn}, "
-          f"decoder FFN {s_pruned.decoder_ffn}; torch {torch.__version__}, {args.threads} threads")
-    print("| | dense | pruned | pruned / dense |\n|---|---:|---:|---:|")
-    for key in rows["dense"]:
-        d, p = rows["dense"][key], rows["pruned"][key]
-        print(f"| {key} | {d:,.2f} | {p:,.2f} | {p / d:.1%} |" if isinstance(d, float) else
-              f"| {key} | {d:,} | {p:,} | {p / d:.1%} |")
-    if args.report:
-        pruning_report(s_dense, s_pruned, args.report,
-                       metrics={k: (rows["dense"][k], rows["pruned"][k]) for k in rows["dense"]})
-        print(f"# report written to {args.report}")
-
+    if not args.skip_latency:
+        latency_table(dense, processor, selection, batches, args)
     if args.wer:
         from eval.run import quiet_transformers
 
         quiet_transformers()
-        print(f"\n# WER before recovery on {args.wer} (greedy, batch 1, max {args.max_new_tokens} new tokens)")
-        print("| model | heads | FFN neurons | parameters | WER | failures | s/utt | scoring s |\n"
-              "|---|---:|---:|---:|---:|---|---:|---:|")
-        print(wer_row("dense", dense, processor, args.wer, args.max_new_tokens, None), flush=True)
+        manifests = args.wer.split(",")
+        print(f"\n# WER before recovery (greedy, batch 1, max {args.max_new_tokens} new tokens, "
+              f"at most {args.wer_limit} utterances per set): {', '.join(manifests)}")
+        print("| model | heads | FFN neurons | parameters | " +
+              " | ".join(f"WER {i} | failures {i} | s/utt {i}" for i in range(1, len(manifests) + 1)) +
+              " | scoring s |\n|---|---:|---:|---:|" + "---:|---|---:|" * len(manifests) + "---:|")
+        print(wer_row("dense", dense, processor, manifests, args, None), flush=True)
         for crit in args.criteria.split(","):
             t = time.perf_counter()
             sc = compute_scores(dense, crit, batches=batches, seed=0)
             score_s = time.perf_counter() - t
             m, _ = prune_model(copy.deepcopy(dense), sc, selection)
-            print(wer_row(crit, m, processor, args.wer, args.max_new_tokens, score_s), flush=True)
+            print(wer_row(crit, m, processor, manifests, args, score_s), flush=True)
     return 0
 
 

@@ -158,8 +158,6 @@ class OnnxEngine:
 
     def encode(self, features: np.ndarray) -> list:
         """Cross-attention keys/values (ORT values, in `cross_names` order) for a batch of features."""
-        import onnxruntime as ort
-
         feats = np.ascontiguousarray(features, dtype=np.float32)
         want = (self.config["model"]["num_mel_bins"], self.config["model"]["n_frames"])
         if feats.ndim != 3 or feats.shape[1:] != want:
