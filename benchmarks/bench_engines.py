@@ -35,6 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DEFAULT_CLIPS = ROOT.parent / "shared" / "data" / "real-speech"
+CLOCK = time.perf_counter  # --clock cpu: time.process_time (CPU seconds of this process, all its threads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,6 +62,24 @@ def load_clips(sources: list[str]) -> list[dict]:
     if not clips:
         raise SystemExit(f"no clips found in {sources}")
     return clips
+
+
+def concat_clips(clips: list[dict], seconds: float, gap: float = 0.3) -> list[dict]:
+    """Join consecutive clips (with `gap` s of silence) into windows of up to `seconds` (at most 30):
+    long utterances, where decoding many tokens rather than the fixed 30-s encoder pass dominates."""
+    out, cur = [], []
+    for c in clips + [None]:
+        length = sum(len(x["audio"]) + gap * 16000 for x in cur)
+        if c is None or (cur and length + len(c["audio"]) > seconds * 16000):
+            if cur:
+                pause = np.zeros(int(gap * 16000), np.float32)
+                audio = np.concatenate([a for x in cur for a in (x["audio"], pause)])
+                text = " ".join(x["text"] for x in cur) if all(x["text"] for x in cur) else None
+                out.append({"id": "+".join(x["id"] for x in cur), "audio": audio, "text": text})
+            cur = []
+        if c is not None:
+            cur.append(c)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,12 +187,12 @@ class HFEngine:
         from transformers.modeling_outputs import BaseModelOutput
 
         x = torch.from_numpy(feats)
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         h = self.model.model.encoder(x).last_hidden_state
-        t1 = time.perf_counter()
+        t1 = CLOCK()
         ids = self.model.generate(input_features=x, encoder_outputs=BaseModelOutput(last_hidden_state=h),
                                   max_length=self.decode.max_length)
-        t2 = time.perf_counter()
+        t2 = CLOCK()
         tokens = [t for t in ids[0].tolist() if t != self.decode.eos_token_id]
         return tokens, t1 - t0, t2 - t1, len(tokens) + 1
 
@@ -183,6 +202,7 @@ class OrtEngine:
         from eval.onnx_engine import OnnxEngine
 
         self.name, self.engine = name, OnnxEngine(export_dir, threads=threads)
+        self.engine.clock = CLOCK
         self.bytes, self.weights_bytes = self.engine.model_bytes, self.engine.graph_bytes
 
     def run(self, feats: np.ndarray):
@@ -207,14 +227,14 @@ class CT2Engine:
 
     def run(self, feats: np.ndarray):
         sv = self.ct2.StorageView.from_array(np.ascontiguousarray(feats))
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         enc = self.model.encode(sv)
-        t1 = time.perf_counter()
+        t1 = CLOCK()
         # the same prompt (its <|notimestamps|> turns timestamps off); CTranslate2 suppresses the config's
         # suppress tokens and a blank first token by default, as the other engines do
         r = self.model.generate(enc, [self.decode.prompt], beam_size=1,
                                 max_length=self.decode.max_length)
-        t2 = time.perf_counter()
+        t2 = CLOCK()
         tokens = r[0].sequences_ids[0]
         return tokens, t1 - t0, t2 - t1, len(tokens) + 1
 
@@ -238,8 +258,15 @@ def main(argv=None) -> int:
                    help="also time another ONNX export, e.g. a pipeline run's pruned QAT model")
     p.add_argument("--work", default=os.environ.get("BENCH_WORK", "/tmp/whisper-slim-bench"))
     p.add_argument("--reexport", action="store_true", help="rebuild the exports even if --work has them")
+    p.add_argument("--concat", type=float, default=0.0, metavar="SECONDS",
+                   help="join consecutive clips into windows of up to SECONDS (<= 30): long utterances")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall: elapsed seconds; cpu: CPU seconds of this process (all threads), which other "
+                        "processes on a busy machine inflate much less (use with --threads 1)")
     p.add_argument("--out", help="write the figures as JSON here")
     args = p.parse_args(argv)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from eval.metrics import word_error_rate
@@ -251,6 +278,8 @@ def main(argv=None) -> int:
     if args.synth_eval:
         sources.append(str(synthetic_set(Path(args.work), args.calib, args.synth_eval)["eval"]))
     clips = load_clips(sources)
+    if args.concat:
+        clips = concat_clips(clips, min(args.concat, 30.0))
     dirs = prepare_models(args, Path(args.work))
     processor = load_processor(dirs["hf"])
     decode = DecodeConfig(**json.loads((dirs["onnx-float"] / "export_config.json").read_text())["decode"])
@@ -267,10 +296,10 @@ def main(argv=None) -> int:
         name, _, d = spec.partition("=")
         engines.append(OrtEngine(name, Path(d), args.threads))
 
-    t = time.perf_counter()
+    t = CLOCK()
     feats = [processor.feature_extractor([c["audio"]], sampling_rate=16000, return_tensors="np").input_features
              for c in clips]
-    features_s = (time.perf_counter() - t) / len(clips)
+    features_s = (CLOCK() - t) / len(clips)
     load_before = os.getloadavg()
     for e in engines:  # warm-up: first-call allocations, ORT/CT2 thread pools, torch kernels
         e.run(feats[0])
@@ -278,9 +307,9 @@ def main(argv=None) -> int:
     for _ in range(args.repeats):
         for i, f in enumerate(feats):
             for e in engines:
-                t0 = time.perf_counter()
+                t0 = CLOCK()
                 tokens, enc_s, dec_s, steps = e.run(f)
-                total = time.perf_counter() - t0
+                total = CLOCK() - t0
                 best = runs[e.name][i]
                 if best is None or total < best["total"]:
                     runs[e.name][i] = {"total": total, "encoder": enc_s, "decoder": dec_s, "steps": steps,
@@ -316,7 +345,8 @@ def main(argv=None) -> int:
             ratios["hf_fp32_s_per_utt_vs_onnx_int8"] = base["seconds_per_utterance"] / q["seconds_per_utterance"]
     report = {
         "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
-                    "threads": args.threads, "loadavg_before": load_before, "loadavg_after": load_after},
+                    "threads": args.threads, "clock": args.clock,
+                    "loadavg_before": load_before, "loadavg_after": load_after},
         "clips": len(clips), "clips_with_text": len(refs), "repeats": args.repeats,
         "features_s_per_utterance": features_s, "engines": results, "ratios": ratios,
         "dirs": {k: str(v) for k, v in dirs.items()},
@@ -339,7 +369,8 @@ def _cpu_name() -> str:
 
 def print_table(r: dict) -> None:
     m = r["machine"]
-    print(f"\n{m['cpu']}, {m['cores']} cores, {m['threads']} threads; {r['clips']} clips x {r['repeats']} repeats "
+    print(f"\n{m['cpu']}, {m['cores']} cores, {m['threads']} threads, {m['clock']} clock; "
+          f"{r['clips']} clips x {r['repeats']} repeats "
           f"(load average {m['loadavg_before'][0]:.1f} -> {m['loadavg_after'][0]:.1f}); "
           f"features {r['features_s_per_utterance'] * 1e3:.1f} ms/utt, included below")
     print(f"{'engine':14s} {'s/utt':>7s} {'encoder s':>10s} {'ms/token':>9s} {'tokens':>7s} {'weights MB':>11s} "

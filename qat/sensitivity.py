@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import logging
 from typing import Callable, Iterable, Literal
 
 import torch
 from torch import nn
 
 from qat.prepare import QuantConfig, _batch_kwargs, calibrate, freeze_observers, prepare_qat, quantizers, set_fake_quant
+
+log = logging.getLogger(__name__)
 
 # Kinds of quantized module, as fnmatch patterns on module names (usable as QuantConfig.exclude).
 GROUPS: dict[str, list[str]] = {
@@ -80,6 +83,7 @@ def sensitivity_scan(model: nn.Module, cfg: QuantConfig, calib_batches: list[dic
         row = {"unit": unit, "patterns": patterns, "loss": teacher_forced_loss(m, eval_batches)}
         if wer_fn is not None:
             row["wer"] = float(wer_fn(m))
+        log.info("sensitivity %s: loss %.4f%s", unit, row["loss"], f", WER {row['wer']:.4f}" if "wer" in row else "")
         return row
 
     set_fake_quant(m, False)

@@ -3,10 +3,13 @@
 import copy
 import dataclasses
 import json
+import os
 
-import pytest
-import torch
-from transformers import GenerationConfig
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing from the hub: tiny.en comes from the PyPI CT2 package
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import GenerationConfig  # noqa: E402
 
 from prune.apply import apply_keep, head_rows, mask_model, prune_heads, prune_model, slice_linear_in, slice_linear_out
 from prune.importance import Scores, compute_scores, l1_scores, random_scores, taylor_scores
