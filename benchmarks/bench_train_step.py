@@ -67,12 +67,18 @@ def _measure(model_dir: Path, teacher: bool, batch_size: int, steps: int, label_
                 "labels": torch.stack([it["labels"] for it in items])}
 
     stamps: list[tuple[float, float]] = []  # (wall, CPU time of this process) after each step
+
+    def on_step(step, rec):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # GPU work is asynchronous: time the step's kernels, not their launch
+        stamps.append((time.perf_counter(), time.process_time()))
+
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     cfg = TrainConfig(max_steps=steps, batch_size=batch_size, lr=1e-5, save_every=0, log_every=steps)
     with tempfile.TemporaryDirectory() as tmp:
         train(model, cfg, Random(), collate, tmp, teacher=load_model(model_dir) if teacher else None,
-              on_step=lambda step, rec: stamps.append((time.perf_counter(), time.process_time())),
+              on_step=on_step,
               save_fn=lambda m, d: Path(d).mkdir())
     per_step = [b[0] - a[0] for a, b in zip(stamps[:-2], stamps[1:-1])]  # steps 2 .. steps-1
     cpu = [b[1] - a[1] for a, b in zip(stamps[:-2], stamps[1:-1])]

@@ -91,8 +91,12 @@ def write_comparison(rows: list[dict], out_dir: str | Path, title: str, notes: l
     md += [f"- {n}" for n in notes or []]
     if data:
         md.append(f"- data: {', '.join(data)}")
+    batches = sorted({int(r.get("batch_size") or 1) for r in rows})
+    per = ("batch 1, wall clock after a warm-up (latency)" if batches == [1] else
+           f"batch {'/'.join(map(str, batches))}, wall clock per utterance after a warm-up (throughput, not "
+           "latency, where the batch is over 1)")
     md.append("- WER/CER after Whisper's English normalizer; size = bytes a deployment ships (MB = 10^6 bytes); "
-              "s/utt = greedy decoding, batch 1, wall clock after a warm-up; speed-up relative to the first row.")
+              f"s/utt = greedy decoding, {per}; speed-up relative to the first row.")
     md += ["", comparison_table(rows), "", f"![WER against size and latency]({PLOT_FILE})", ""]
     path = out / "report.md"
     tmp = out / ".report.md.tmp"

@@ -268,3 +268,28 @@ def test_real_tiny_en_engines(tmp_path):
     assert f["wer"] <= 0.1 and q["wer"] <= 0.15
     assert f["parameters"] == 37_760_256
     assert 0.75 < q["model_bytes"] / f["model_bytes"] < 0.85  # the fp32 embedding stays: only ~19% smaller
+
+
+def test_token_budget_follows_the_longest_clip_and_the_cap(model_dir):
+    from eval.engines import TOKEN_SLACK, TOKENS_PER_SECOND, token_budget
+
+    one, three = np.zeros(SR, np.float32), np.zeros(3 * SR + 1, np.float32)
+    assert token_budget([one]) == TOKENS_PER_SECOND + TOKEN_SLACK
+    assert token_budget([one, three]) == 3 * TOKENS_PER_SECOND + 1 + TOKEN_SLACK  # ceil(3.0000625 s * 8) = 25
+    assert token_budget([three], max_new_tokens=5) == 5
+
+    # random weights never emit end-of-text: without the budget they would run to 448 positions
+    eng = load_engine(model_dir, "torch", threads=1)
+    seen = []
+    generate = eng.model.generate
+
+    def spy(**kw):
+        ids = generate(**kw)
+        seen.append((kw["max_new_tokens"], ids.shape[1]))
+        return ids
+
+    eng.model.generate = spy
+    eng.transcribe([_tone(0.5), _tone(1.0)], batch_size=2)
+    budget = int(np.ceil(1.0 * TOKENS_PER_SECOND)) + TOKEN_SLACK
+    assert seen[0][0] == budget
+    assert seen[0][1] <= budget + 4  # prompt tokens + the budget, never the decoder's 448

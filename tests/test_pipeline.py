@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ["dense", "prune", "recover", "qat", "convert", "export"]
+STAGES = ["dense", "prune", "recover", "qat", "convert", "export", "ptq"]
 
 
 def _cmd(out: Path, synth: Path, resume: bool) -> list[str]:
@@ -103,3 +103,7 @@ def test_report_has_every_stage_with_eval_keys(smoke_run):
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     structure = json.loads((out / "02-prune" / "model" / "slim_structure.json").read_text())
     assert sum(structure["encoder_heads"]) < 8
+    # the ptq branch read `recover` (input: recover), not the export before it in the list
+    assert by["ptq"]["engine"] == "torch-fake-quant" and by["ptq"]["parameters"] == by["recover"]["parameters"]
+    ptq = json.loads((out / "07-ptq" / "model" / "slim_structure.json").read_text())
+    assert ptq["encoder_heads"] == structure["encoder_heads"] and ptq["quant"]["observer"] == "minmax"

@@ -74,3 +74,17 @@ def test_stage_order_is_checked(tmp_path):
     p = _write(tmp_path, BASE + "  - {name: c, kind: convert}\n")
     with pytest.raises(ConfigError, match="convert needs a qat or ptq stage before it"):
         load_recipe(p)
+
+
+def test_stage_input_must_name_an_earlier_stage_and_chains_are_checked(tmp_path):
+    p = _write(tmp_path, BASE + "  - {name: q, kind: ptq, input: later}\n  - {name: later, kind: eval}\n")
+    with pytest.raises(ConfigError, match=r"stages.q.input: 'later' is not an earlier stage"):
+        load_recipe(p)
+    # convert reads `dense` (no qat/ptq on that branch), although a ptq stage comes earlier in the list
+    p = _write(tmp_path, BASE + "  - {name: q, kind: ptq}\n  - {name: c, kind: convert, input: dense}\n")
+    with pytest.raises(ConfigError, match="convert needs a qat or ptq stage before it"):
+        load_recipe(p)
+    p = _write(tmp_path, BASE + "  - {name: q, kind: ptq, input: dense}\n  - {name: q2, kind: qat, input: recover}\n"
+                                "  - {name: c, kind: convert, input: q}\n")
+    r = load_recipe(p)
+    assert [s.input for s in r.stages] == [None, None, "dense", "recover", "q"]

@@ -78,7 +78,7 @@ def collate(items):
 
 
 def weights(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}  # cpu: also on a GPU machine
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
@@ -285,6 +285,7 @@ def test_nan_loss_stops_with_training_diverged_and_keeps_last_good_checkpoint(tm
 
 
 def test_wandb_offline_run_holds_config_and_metrics(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")  # a project dependency; absent only on borrowed machines (GPU checks)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     model = tiny_whisper(0)

@@ -116,6 +116,9 @@ class StageConfig:
     """Evaluate the stage's output (WER, size, latency) into report.json."""
     engine: Literal["auto", "torch", "onnx", "torch-dynamic-int8", "onnx-dynamic-int8"] = "auto"
     """Engine for the stage's evaluation (auto: by what the directory holds)."""
+    input: str | None = None
+    """Name of an earlier stage whose output this stage reads (default: the stage just before it), so
+    one run can branch: e.g. `ptq` and `qat` both from `dense`, compared in one report."""
 
     def __post_init__(self):
         needs = {"prune": "prune", "recover": "train", "qat": "quant", "ptq": "quant"}
@@ -150,9 +153,20 @@ class Recipe:
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
             raise ConfigError(f"stages: duplicate stage names {sorted(dupes)}")
-        kinds = [s.kind for s in self.stages]
+        parent: list[int | None] = []
         for i, s in enumerate(self.stages):
-            before = kinds[:i]
+            if s.input is None:
+                parent.append(i - 1 if i else None)
+            elif s.input not in names[:i]:
+                raise ConfigError(f"stages.{s.name}.input: {s.input!r} is not an earlier stage "
+                                  f"(earlier: {names[:i] or 'none'})")
+            else:
+                parent.append(names.index(s.input))
+        for i, s in enumerate(self.stages):
+            before, j = [], parent[i]
+            while j is not None:  # the kinds this stage's input went through
+                before.append(self.stages[j].kind)
+                j = parent[j]
             if s.kind == "convert" and not any(k in ("qat", "ptq") for k in before):
                 raise ConfigError(f"stages.{s.name}: convert needs a qat or ptq stage before it")
             if s.kind == "export" and s.export_mode == "qdq" and not any(k in ("qat", "ptq") for k in before):

@@ -244,24 +244,32 @@ def _run_stage(ctx: RunContext, stage: StageConfig, prev: Path, sdir: Path) -> P
         from qat.onnx_export import export_model
 
         if ctx.state.is_main_process:
-            export_model(_qat_source(ctx, prev), model_out, mode=stage.export_mode)
+            export_model(_qat_source(ctx, stage, prev), model_out, mode=stage.export_mode)
         ctx.state.wait_for_everyone()
         return model_out
     raise RunError(f"unknown stage kind {kind}")
 
 
-def _qat_source(ctx: RunContext, prev: Path) -> Path:
-    """Export reads the fake-quant (or float) model: skip back over a convert stage's INT8 output."""
+def _qat_source(ctx: RunContext, stage: StageConfig, prev: Path) -> Path:
+    """Export reads the fake-quant (or float) model: skip back over a convert stage's INT8 output, along
+    this stage's input chain (so a branch exports its own QAT/PTQ model)."""
     from slim.model import read_structure
 
     s = read_structure(prev)
-    if s is not None and s.quant is not None and s.quant.get("converted"):
-        for st in reversed(ctx.recipe.stages):
-            d = _stage_dir(ctx, st) / "model"
-            rs = read_structure(d) if d.exists() else None
-            if rs is not None and rs.quant is not None and not rs.quant.get("converted"):
-                return d
-    return prev
+    if s is None or s.quant is None or not s.quant.get("converted"):
+        return prev
+    stages, names = ctx.recipe.stages, [st.name for st in ctx.recipe.stages]
+    i = names.index(stage.name)
+    while i is not None:
+        st = stages[i]
+        i = names.index(st.input) if st.input is not None else (i - 1 if i else None)
+        if i is None:
+            break
+        d = _stage_dir(ctx, stages[i]) / "model"
+        rs = read_structure(d) if d.exists() else None
+        if rs is not None and rs.quant is not None and not rs.quant.get("converted"):
+            return d
+    raise RunError(f"stages.{stage.name}: found no fake-quant model before the convert stage to export")
 
 
 def _save_final(ctx: RunContext, model, model_out: Path, quant=None) -> None:
@@ -344,13 +352,16 @@ def run_recipe(recipe: Recipe, recipe_path: str | None = None, overrides=None, r
 
     entries: list[dict] = []
     prev = base
+    outputs: dict[str, Path] = {}  # stage name -> its output model, for `input:`
     for stage in recipe.stages:
+        if stage.input is not None:
+            prev = outputs[stage.input]
         sdir = _stage_dir(ctx, stage)
         done = sdir / STAGE_FILE
         if done.exists():
             entry = json.loads(done.read_text())
             entries.append(entry)
-            prev = Path(entry["model_dir"])
+            prev = outputs[stage.name] = Path(entry["model_dir"])
             _say(state, f"[{stage.name}] already finished: WER {entry.get('wer', float('nan')):.4f} (skipped)")
             continue
         sdir.mkdir(parents=True, exist_ok=True)
@@ -368,7 +379,7 @@ def run_recipe(recipe: Recipe, recipe_path: str | None = None, overrides=None, r
         state.wait_for_everyone()
         if not state.is_main_process:
             entries.append(json.loads(done.read_text()))
-        prev = model_dir
+        prev = outputs[stage.name] = model_dir
     _say(state, f"done in {time.time() - t0:.0f} s: {out / 'report.md'}")
     return entries
 
