@@ -38,7 +38,7 @@ for mp in bf16 fp16; do
   grep -h '"loss"' "$OUT/smoke-$mp"/0[23]-*/metrics.jsonl 2>/dev/null | head -n 8
 done
 
-check tests-gpu $PY -m pytest -q -x -p no:cacheprovider tests/test_train_loop.py tests/test_checkpoint.py tests/test_qat.py
+check tests-gpu $PY -m pytest -q -p no:cacheprovider tests/test_train_loop.py tests/test_checkpoint.py tests/test_qat.py
 
 # tiny.en's shapes with random weights: step time does not depend on the weights' values
 $PY - "$OUT/tiny-en-shape" <<'EOF'

@@ -49,7 +49,11 @@ class Observers:
 def tracked(extra=None):
     """An Accelerator tracking a small Linear, AdamW, a scheduler and a TrainState (+ extra objects)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    # these tests are about the checkpoint files, on the CPU; on a GPU machine an earlier test may have made
+    # a CUDA Accelerate state in this process, which Accelerate refuses to switch: start from a clean one
+    AcceleratorState._reset_state(reset_partial_state=True)
     acc = Accelerator(cpu=True)
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
