@@ -94,13 +94,14 @@ def calibration_batches(manifest: str, processor, n_batches: int, batch_size: in
 
 
 def wer_row(name: str, model, processor, manifests: list[str], args, score_s: float | None) -> str:
-    """One markdown row: the project's evaluation harness (greedy, batch 1) on each manifest."""
+    """One markdown row: the project's evaluation harness (greedy, batch --wer-batch) on each manifest."""
     from eval.run import evaluate_loaded
 
     s = structure_of(model)
     cells = [name, str(s.num_heads()), str(sum(s.encoder_ffn + s.decoder_ffn)), f"{count_parameters(model):,}"]
     for manifest in manifests:
-        r = evaluate_loaded(model, processor, manifest, limit=args.wer_limit, max_new_tokens=args.max_new_tokens)
+        r = evaluate_loaded(model, processor, manifest, limit=args.wer_limit, max_new_tokens=args.max_new_tokens,
+                            batch_size=args.wer_batch)
         fails = ", ".join(f"{k} {v}" for k, v in r["failures"].items() if v) or "-"
         cells += [f"{r['wer']:.2%}", fails, f"{r['seconds_per_utterance']:.2f}"]
     cells.append("-" if score_s is None else f"{score_s:.1f}")
@@ -154,6 +155,8 @@ def main(argv=None) -> int:
     ap.add_argument("--wer-limit", type=int, default=None, help="at most this many utterances per --wer set")
     ap.add_argument("--skip-latency", action="store_true", help="only the --wer table")
     ap.add_argument("--criteria", default="l1,taylor,random", help="criteria for --wer")
+    ap.add_argument("--wer-batch", type=int, default=1, help="batch size for --wer (s/utt is then throughput)")
+    ap.add_argument("--no-dense-wer", action="store_true", help="--wer: skip the dense row (measured elsewhere)")
     ap.add_argument("--calibration", default=None, help="JSONL manifest of training audio for taylor")
     ap.add_argument("--calibration-batches", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=96, help="cap for --wer (pruned models may loop)")
@@ -178,12 +181,13 @@ def main(argv=None) -> int:
 
         quiet_transformers()
         manifests = args.wer.split(",")
-        print(f"\n# WER before recovery (greedy, batch 1, max {args.max_new_tokens} new tokens, "
+        print(f"\n# WER before recovery (greedy, batch {args.wer_batch}, max {args.max_new_tokens} new tokens, "
               f"at most {args.wer_limit} utterances per set): {', '.join(manifests)}")
         print("| model | heads | FFN neurons | parameters | " +
               " | ".join(f"WER {i} | failures {i} | s/utt {i}" for i in range(1, len(manifests) + 1)) +
               " | scoring s |\n|---|---:|---:|---:|" + "---:|---|---:|" * len(manifests) + "---:|")
-        print(wer_row("dense", dense, processor, manifests, args, None), flush=True)
+        if not args.no_dense_wer:
+            print(wer_row("dense", dense, processor, manifests, args, None), flush=True)
         for crit in args.criteria.split(","):
             t = time.perf_counter()
             sc = compute_scores(dense, crit, batches=batches, seed=0)

@@ -116,6 +116,10 @@ def install_explicit_attention(model: WhisperForConditionalGeneration) -> Whispe
     # Our attention needs materialised masks: with "sdpa" HF may pass no causal mask at all and rely on
     # SDPA's is_causal flag, which an explicit matmul cannot see.
     model.set_attn_implementation("eager")
+    # Whisper's encoder positions are a fixed sinusoidal table (a buffer in OpenAI's code; HF freezes it in
+    # __init__, but a loaded model can hand it back trainable): keep it out of training, so it stays the
+    # exact table (which the ONNX export then stores losslessly as fp16).
+    model.model.encoder.embed_positions.requires_grad_(False)
     return model
 
 

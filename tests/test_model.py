@@ -138,3 +138,13 @@ def test_bad_structure_is_rejected(stock, tmp_path):
         build_model(stock.config, s)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_model(tmp_path)
+
+
+def test_encoder_positions_stay_a_fixed_table(stock, tmp_path):
+    """The sinusoidal encoder table is not trained, whichever way the model came in (built, loaded)."""
+    built = build_model(stock.config, Structure(head_dim=16, encoder_heads=[3, 2], decoder_heads=[4, 4],
+                                                cross_heads=[4, 1], encoder_ffn=[96, 64], decoder_ffn=[128, 32]))
+    save_model(install_explicit_attention(copy.deepcopy(stock)), tmp_path / "dense")
+    for m in (built, install_explicit_attention(copy.deepcopy(stock)), load_model(tmp_path / "dense")):
+        assert not m.model.encoder.embed_positions.weight.requires_grad
+        assert m.model.decoder.embed_positions.weight.requires_grad  # the decoder's are learned

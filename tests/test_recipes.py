@@ -88,3 +88,14 @@ def test_stage_input_must_name_an_earlier_stage_and_chains_are_checked(tmp_path)
                                 "  - {name: c, kind: convert, input: q}\n")
     r = load_recipe(p)
     assert [s.input for s in r.stages] == [None, None, "dense", "recover", "q"]
+
+
+def test_cli_takes_options_before_or_after_overrides(tmp_path, capsys):
+    """`run RECIPE --resume key=value` parses (argparse alone refuses overrides after an option); a bad
+    key still fails before any work, naming it."""
+    from train.cli import _run
+
+    p = _write(tmp_path, BASE)
+    assert _run([str(p), "--resume", "eval.thread=1"]) == 2
+    assert "unknown key 'eval.thread'" in capsys.readouterr().err
+    assert _run([str(p), "eval.thread=1", "--resume"]) == 2

@@ -34,7 +34,7 @@ def _run(argv: list[str]) -> int:
     p.add_argument("--accelerate-config", default=None,
                    help="an Accelerate config file (see accelerate_configs/); default: DDP on the GPUs "
                         "present, gloo on CPU")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # options may come before or after the overrides
 
     from train.recipe import ConfigError, load_recipe
 
