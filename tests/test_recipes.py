@@ -88,6 +88,8 @@ def test_stage_input_must_name_an_earlier_stage_and_chains_are_checked(tmp_path)
                                 "  - {name: c, kind: convert, input: q}\n")
     r = load_recipe(p)
     assert [s.input for s in r.stages] == [None, None, "dense", "recover", "q"]
+    # what each stage reads, back to the base model: convert <- q <- dense; q2 <- recover <- dense
+    assert [r.lineage(i) for i in range(5)] == [[], [0], [0], [1, 0], [2, 0]]
 
 
 def test_cli_takes_options_before_or_after_overrides(tmp_path, capsys):

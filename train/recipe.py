@@ -153,20 +153,12 @@ class Recipe:
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
             raise ConfigError(f"stages: duplicate stage names {sorted(dupes)}")
-        parent: list[int | None] = []
         for i, s in enumerate(self.stages):
-            if s.input is None:
-                parent.append(i - 1 if i else None)
-            elif s.input not in names[:i]:
+            if s.input is not None and s.input not in names[:i]:
                 raise ConfigError(f"stages.{s.name}.input: {s.input!r} is not an earlier stage "
                                   f"(earlier: {names[:i] or 'none'})")
-            else:
-                parent.append(names.index(s.input))
         for i, s in enumerate(self.stages):
-            before, j = [], parent[i]
-            while j is not None:  # the kinds this stage's input went through
-                before.append(self.stages[j].kind)
-                j = parent[j]
+            before = [self.stages[j].kind for j in self.lineage(i)]
             if s.kind == "convert" and not any(k in ("qat", "ptq") for k in before):
                 raise ConfigError(f"stages.{s.name}: convert needs a qat or ptq stage before it")
             if s.kind == "export" and s.export_mode == "qdq" and not any(k in ("qat", "ptq") for k in before):
@@ -177,6 +169,18 @@ class Recipe:
                               (s.kind == "prune" and s.prune.criterion == "taylor") for s in self.stages)
             if self.data.eval is None or (needs_train and self.data.train is None):
                 raise ConfigError("data: set data.synth, or data.eval (and data.train for training stages)")
+
+    def lineage(self, i: int) -> list[int]:
+        """Indices of the stages whose output stage i reads, nearest first: its input (the stage before
+        it, or the one `input:` names), that stage's input, and so on back to the base model."""
+        names = [s.name for s in self.stages]
+        chain: list[int] = []
+        while True:
+            s = self.stages[i]
+            i = names.index(s.input) if s.input is not None else i - 1
+            if i < 0:
+                return chain
+            chain.append(i)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

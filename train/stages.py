@@ -258,13 +258,8 @@ def _qat_source(ctx: RunContext, stage: StageConfig, prev: Path) -> Path:
     s = read_structure(prev)
     if s is None or s.quant is None or not s.quant.get("converted"):
         return prev
-    stages, names = ctx.recipe.stages, [st.name for st in ctx.recipe.stages]
-    i = names.index(stage.name)
-    while i is not None:
-        st = stages[i]
-        i = names.index(st.input) if st.input is not None else (i - 1 if i else None)
-        if i is None:
-            break
+    stages = ctx.recipe.stages
+    for i in ctx.recipe.lineage(stages.index(stage)):
         d = _stage_dir(ctx, stages[i]) / "model"
         rs = read_structure(d) if d.exists() else None
         if rs is not None and rs.quant is not None and not rs.quant.get("converted"):
