@@ -258,12 +258,7 @@ class OnnxRuntimeEngine(Engine):
         self.tokenizer = self.ort.processor.tokenizer if self.ort.processor is not None else None
 
     def transcribe(self, audios: list[np.ndarray], batch_size: int = 1) -> list[str]:
-        texts: list[str] = []
-        for i in range(0, len(audios), batch_size):
-            chunk = [np.asarray(a, np.float32) for a in audios[i:i + batch_size]]
-            feats = self.ort.features(chunk)
-            texts += self.ort.decode_text(self.ort.generate_tokens(feats, token_budget(chunk, self.max_new_tokens)))
-        return texts
+        return self.ort.transcribe(audios, batch_size=batch_size, max_new_tokens=self.max_new_tokens)
 
 
 def _fingerprint(model_dir: Path) -> dict:

@@ -229,11 +229,15 @@ class OnnxEngine:
         return [s.strip() for s in self.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
     def transcribe(self, audios: list[np.ndarray], batch_size: int = 1, max_new_tokens: int | None = None) -> list[str]:
-        """Text for each 16 kHz mono clip (at most 30 s), greedy, `batch_size` clips per run."""
+        """Text for each 16 kHz mono clip (at most 30 s), greedy, `batch_size` clips per run, at most
+        `eval.engines.token_budget` tokens per run (so a broken model cannot loop to 448 positions)."""
+        from eval.engines import token_budget
+
         texts: list[str] = []
         for i in range(0, len(audios), batch_size):
-            chunk = audios[i:i + batch_size]
-            texts += self.decode_text(self.generate_tokens(self.features(chunk), max_new_tokens))
+            chunk = [np.asarray(a, np.float32) for a in audios[i:i + batch_size]]
+            tokens = self.generate_tokens(self.features(chunk), token_budget(chunk, max_new_tokens))
+            texts += self.decode_text(tokens)
         return texts
 
 

@@ -319,3 +319,18 @@ def test_tiny_en_exports_transcribe_real_speech(tmp_path):
     wer_qdq = jiwer.wer(refs, [norm(t) for t in q.transcribe(audios)])
     assert wer_float <= 0.06
     assert wer_qdq <= wer_float + 0.03
+
+
+def test_transcribe_stops_at_the_token_budget(exports):
+    """Without max_new_tokens, decoding still stops at eval.engines.token_budget (random weights never
+    emit end-of-text, so they would otherwise run to the decoder's 448 positions)."""
+    from eval.engines import token_budget
+
+    e = OnnxEngine(exports["float"], threads=1)
+    seen = []
+    generate = e.generate_tokens
+    e.generate_tokens = lambda f, n=None: seen.append(n) or generate(f, n)
+    clip = np.random.default_rng(1).standard_normal(8000).astype(np.float32) * 0.1
+    e.transcribe([clip])
+    assert seen == [token_budget([clip])] and seen[0] < 448
+    assert e.timings.tokens <= seen[0]
