@@ -66,6 +66,12 @@ class QuantConfig:
     """Learn the scales (LSQ) as Parameters, initialised by calibration; freeze right after calibrating."""
     calibration_batches: int = 8
     """Batches of training data for the calibration pass before QAT / for PTQ."""
+    keep_float: int = 0
+    """Keep the k units most sensitive to quantization in float: a qat/ptq stage first runs
+    `qat.sensitivity.sensitivity_scan` (PTQ one unit at a time), writes the table to its folder and adds
+    the k worst units' patterns to `exclude`, which is what is saved. 0: no scan."""
+    sensitivity_by: Literal["group", "layer"] = "group"
+    """Units of the scan for keep_float: kinds of layer (`qat.sensitivity.GROUPS`) or single modules."""
 
     def __post_init__(self):
         for name in ("weight_bits", "activation_bits"):
@@ -88,6 +94,12 @@ class QuantConfig:
             raise ValueError(f"quant.freeze_observers_after must be a step >= 0 or null, got {self.freeze_observers_after!r}")
         if not isinstance(self.calibration_batches, int) or self.calibration_batches < 0:
             raise ValueError(f"quant.calibration_batches must be an integer >= 0, got {self.calibration_batches!r}")
+        if not isinstance(self.keep_float, int) or isinstance(self.keep_float, bool) or self.keep_float < 0:
+            raise ValueError(f"quant.keep_float must be an integer >= 0, got {self.keep_float!r}")
+        if self.sensitivity_by not in ("group", "layer"):
+            raise ValueError(f"quant.sensitivity_by must be 'group' or 'layer', got {self.sensitivity_by!r}")
+        if self.keep_float and self.calibration_batches < 1:
+            raise ValueError("quant.keep_float needs quant.calibration_batches >= 1 (the scan calibrates)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -107,3 +107,15 @@ def test_report_has_every_stage_with_eval_keys(smoke_run):
     assert by["ptq"]["engine"] == "torch-fake-quant" and by["ptq"]["parameters"] == by["recover"]["parameters"]
     ptq = json.loads((out / "07-ptq" / "model" / "slim_structure.json").read_text())
     assert ptq["encoder_heads"] == structure["encoder_heads"] and ptq["quant"]["observer"] == "minmax"
+    # keep_float: 1 -> the sensitivity table is in the stage folder and its worst unit was kept in float
+    table = json.loads((out / "07-ptq" / "sensitivity.json").read_text())
+    assert [r["unit"] for r in table[:2]] == ["float", "all"] and len(table) > 3
+    worst = max(table[2:], key=lambda r: r["delta_loss"])
+    assert ptq["quant"]["exclude"] == worst["patterns"] and ptq["quant"]["keep_float"] == 1
+    assert "| unit | loss | Δ loss |" in (out / "07-ptq" / "sensitivity.md").read_text()
+    from safetensors import safe_open
+    import fnmatch
+
+    with safe_open(str(out / "07-ptq" / "model" / "model.safetensors"), "pt") as f:
+        qnames = {k.rpartition("_quant.")[0].rpartition(".")[0] for k in f.keys() if "_quant." in k}
+    assert qnames and not any(fnmatch.fnmatchcase(n, p) for n in qnames for p in worst["patterns"])

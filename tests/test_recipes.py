@@ -101,3 +101,12 @@ def test_cli_takes_options_before_or_after_overrides(tmp_path, capsys):
     assert _run([str(p), "--resume", "eval.thread=1"]) == 2
     assert "unknown key 'eval.thread'" in capsys.readouterr().err
     assert _run([str(p), "eval.thread=1", "--resume"]) == 2
+
+
+def test_bad_quant_setting_is_named(tmp_path):
+    p = _write(tmp_path, BASE + "  - name: q\n    kind: ptq\n    quant: {keep_float: -1}\n")
+    with pytest.raises(ConfigError, match=r"keep_float must be an integer >= 0"):
+        load_recipe(p)
+    p = _write(tmp_path, BASE + "  - name: q\n    kind: ptq\n    quant: {keep_float: 1, sensitivity_by: model}\n")
+    with pytest.raises(ConfigError, match=r"stages\[2\]\.quant\.sensitivity_by: 'model' is not one of"):
+        load_recipe(p)

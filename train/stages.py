@@ -222,14 +222,18 @@ def _run_stage(ctx: RunContext, stage: StageConfig, prev: Path, sdir: Path) -> P
         from qat.prepare import calibrate, freeze_observers, prepare_qat
 
         model = _load_float(prev, ctx.recipe)
-        prepare_qat(model, stage.quant)
-        calibrate(model, _calibration_batches(ctx, stage.quant.calibration_batches))
+        quant = stage.quant
+        batches = _calibration_batches(ctx, quant.calibration_batches)
+        if quant.keep_float:
+            quant = _keep_sensitive_float(ctx, quant, model, batches, sdir)
+        prepare_qat(model, quant)
+        calibrate(model, batches)
         if kind == "ptq":
             freeze_observers(model)
         else:
-            _fit(ctx, stage, model, sdir, quant=stage.quant)
+            _fit(ctx, stage, model, sdir, quant=quant)
             freeze_observers(model)
-        _save_final(ctx, model, model_out, quant=stage.quant.to_dict())
+        _save_final(ctx, model, model_out, quant=quant.to_dict())
         return model_out
     if kind == "convert":
         from qat.convert import convert_to_int8, save_int8_model
@@ -248,6 +252,33 @@ def _run_stage(ctx: RunContext, stage: StageConfig, prev: Path, sdir: Path) -> P
         ctx.state.wait_for_everyone()
         return model_out
     raise RunError(f"unknown stage kind {kind}")
+
+
+def _keep_sensitive_float(ctx: RunContext, quant, model, batches: list[dict], sdir: Path):
+    """The stage's QuantConfig with the `keep_float` most sensitive units added to `exclude`.
+
+    The scan calibrates on the stage's calibration batches and measures the teacher-forced loss on as
+    many batches that follow them in the training set. Its table is written to the stage folder
+    (sensitivity.md for people, sensitivity.json to reuse on --resume: the scan is deterministic but
+    not free)."""
+    import dataclasses
+
+    from qat.sensitivity import most_sensitive, sensitivity_scan, to_markdown
+
+    saved = sdir / "sensitivity.json"
+    if saved.exists():
+        table = json.loads(saved.read_text())
+    else:
+        n = quant.calibration_batches
+        held_out = _calibration_batches(ctx, 2 * n)[n:]
+        table = sensitivity_scan(model, quant, batches, eval_batches=held_out or batches, by=quant.sensitivity_by)
+        if ctx.state.is_main_process:
+            (sdir / "sensitivity.md").write_text(to_markdown(table))
+            _atomic_json(saved, table)
+    keep = most_sensitive(table, quant.keep_float)
+    units = [r["unit"] for r in table if r["unit"] not in ("float", "all")][:quant.keep_float]
+    _say(ctx.state, f"[sensitivity] kept in float: {', '.join(units)}")
+    return dataclasses.replace(quant, exclude=list(quant.exclude) + [p for p in keep if p not in quant.exclude])
 
 
 def _qat_source(ctx: RunContext, stage: StageConfig, prev: Path) -> Path:
