@@ -349,6 +349,27 @@ def quant_state_summary(model: nn.Module) -> list[dict]:
     return rows
 
 
+@torch.no_grad()
+def round_float_weights_fp16(model: nn.Module, min_elements: int = 4096) -> list[str]:
+    """Round, in place, every large parameter that the INT8 engines keep in float (the conv front end,
+    the positional tables, Linears kept float) to a value float16 holds exactly. Returns their names.
+
+    The ONNX export stores fp16-exact tensors as fp16 (lossless, `qat.onnx_export`); rounding the
+    fake-quant model itself when a QAT/PTQ stage saves it keeps the model that is evaluated and the
+    one that ships the same numbers, at half the bytes for those tensors (Whisper itself ships fp16).
+    Weights with an enabled weight quantizer are int8 on export and left alone.
+    """
+    quantized = {id(m.weight) for m in model.modules()
+                 if isinstance(getattr(m, "weight_quant", None), FakeQuantizer) and m.weight_quant.is_enabled}
+    done = []
+    for name, p in model.named_parameters():
+        if p.dtype != torch.float32 or p.numel() < min_elements or id(p) in quantized:
+            continue
+        p.copy_(p.to(torch.float16).to(torch.float32))
+        done.append(name)
+    return done
+
+
 def ptq(model: nn.Module, cfg: QuantConfig, batches: Iterable[dict]) -> nn.Module:
     """Post-training static quantization with the same quantizers: prepare, calibrate, freeze."""
     prepare_qat(model, cfg)

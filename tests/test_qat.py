@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from qat.prepare import (QATEmbedding, QATLinear, QuantConfig, QuantMatMul, calibrate, export_quant_plan,
                          freeze_observers, load_quantized_model, maybe_freeze_observers, prepare_qat, ptq,
-                         quant_state_summary, quantizers, set_fake_quant)
+                         quant_state_summary, quantizers, round_float_weights_fp16, set_fake_quant)
 from qat.quantizers import (FakeQuantizer, activation_quantizer, dequantize, fake_quant, quantize,
                             weight_quantizer)
 from qat.sensitivity import GROUPS, most_sensitive, sensitivity_scan, to_markdown
@@ -229,6 +229,23 @@ def test_fake_quant_model_close_to_float_and_plan(float_model, ptq_model):
     assert a.zero_point == 0  # attention probabilities are >= 0: the uint8 grid starts at 0
     with pytest.raises(ValueError, match="never calibrated"):
         export_quant_plan(prepare_qat(copy.deepcopy(float_model), QuantConfig()))
+
+
+def test_float_weights_rounded_to_fp16_only_where_the_engine_keeps_float(float_model):
+    m = ptq(copy.deepcopy(float_model), QuantConfig(embeddings=True, exclude=["*.encoder.layers.0.fc1"]), _batches(1))
+    before = {k: v.clone() for k, v in m.named_parameters()}
+    done = round_float_weights_fp16(m)
+    assert {"model.encoder.conv1.weight", "model.encoder.conv2.weight", "model.encoder.embed_positions.weight",
+            "model.encoder.layers.0.fc1.weight"} <= set(done)  # fc1 of layer 0 is kept float (excluded)
+    assert not any(k.endswith(("_proj.weight", "fc2.weight", "embed_tokens.weight")) for k in done)
+    for k, v in m.named_parameters():
+        if k in done:
+            assert torch.equal(v, v.half().float()) and (v - before[k]).abs().max() <= before[k].abs().max() / 1024
+        else:
+            assert torch.equal(v, before[k])  # int8 on export (or small): untouched
+    once = {k: v.clone() for k, v in m.named_parameters()}
+    assert round_float_weights_fp16(m) == done  # idempotent
+    assert all(torch.equal(v, once[k]) for k, v in m.named_parameters())
 
 
 # ---------------------------------------------------------------------------------------------

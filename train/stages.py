@@ -219,7 +219,7 @@ def _run_stage(ctx: RunContext, stage: StageConfig, prev: Path, sdir: Path) -> P
         _save_final(ctx, model, model_out)
         return model_out
     if kind in ("qat", "ptq"):
-        from qat.prepare import calibrate, freeze_observers, prepare_qat
+        from qat.prepare import calibrate, freeze_observers, prepare_qat, round_float_weights_fp16
 
         model = _load_float(prev, ctx.recipe)
         quant = stage.quant
@@ -233,6 +233,7 @@ def _run_stage(ctx: RunContext, stage: StageConfig, prev: Path, sdir: Path) -> P
         else:
             _fit(ctx, stage, model, sdir, quant=quant)
             freeze_observers(model)
+        round_float_weights_fp16(model)  # what the export ships: evaluate exactly that
         _save_final(ctx, model, model_out, quant=quant.to_dict())
         return model_out
     if kind == "convert":
