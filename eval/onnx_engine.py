@@ -325,12 +325,17 @@ def parity(torch_model, onnx_dir: str | Path, features_list, threads: int = 2,
 # the parity command
 
 
+NUDGE = 1e-6  # relative change of the input features for the noise-floor measurement
+
+
 def parity_report(torch_models: dict, export_dir: str | Path, data, limit: int | None = None,
                   threads: int = 2) -> dict:
     """Token agreement with the ONNX engine and WER, side by side, for torch models on an eval set.
 
     torch_models: {name: model} (float, fake-quant, PyTorch INT8...); data: anything `slim.data` opens.
+    Also reports the engine's agreement with itself on inputs nudged by NUDGE (its noise floor).
     """
+    from eval.engines import token_budget
     from eval.metrics import word_error_rate
     from slim.data import iter_examples
 
@@ -339,15 +344,22 @@ def parity_report(torch_models: dict, export_dir: str | Path, data, limit: int |
     if not examples:
         raise ValueError(f"{data}: no usable examples")
     refs = [ex["text"] for ex in examples]
-    onnx_tokens, feats = [], []
-    for ex in examples:
+    onnx_tokens, nudged, feats = [], [], []
+    budgets = [token_budget([ex["audio"]]) for ex in examples]  # as the engines decode: no runaway loops
+    for ex, n in zip(examples, budgets):
         f = engine.features([ex["audio"]])
         feats.append(f)
-        onnx_tokens += engine.generate_tokens(f)
+        onnx_tokens += engine.generate_tokens(f, n)
+        nudged += engine.generate_tokens(f * np.float32(1 + NUDGE), n)
+    # The noise floor: a quantized model's rounding decisions flip under any change of arithmetic, and the
+    # flips compound through the layers. The engine against itself on inputs nudged by one part in a
+    # million is what any implementation that is not bit-identical to it (fake quant included) can reach.
     report = {"export": str(export_dir), "mode": engine.mode, "utterances": len(examples),
-              "onnx": {"wer": word_error_rate(refs, engine.decode_text(onnx_tokens))}}
+              "onnx": {"wer": word_error_rate(refs, engine.decode_text(onnx_tokens)),
+                       "token_agreement_with_itself_nudged": token_agreement(onnx_tokens, nudged),
+                       "exact_match_nudged": sum(a == b for a, b in zip(onnx_tokens, nudged)) / len(nudged)}}
     for name, model in torch_models.items():
-        tokens = [t for f in feats for t in torch_greedy_tokens(model, f, engine.decode)]
+        tokens = [t for f, n in zip(feats, budgets) for t in torch_greedy_tokens(model, f, engine.decode, n)]
         exact = sum(a == b for a, b in zip(tokens, onnx_tokens)) / len(tokens)
         report[name] = {"wer": word_error_rate(refs, engine.decode_text(tokens)),
                         "token_agreement_with_onnx": token_agreement(tokens, onnx_tokens), "exact_match": exact}

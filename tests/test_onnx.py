@@ -217,6 +217,26 @@ def test_qdq_export_agrees_with_the_fake_quant_model(exports, fake_quant, feats)
     assert r["token_agreement"] >= 0.99
 
 
+def test_parity_command_reports_agreement_wer_and_the_noise_floor(exports, tmp_path, capsys):
+    import soundfile as sf
+
+    from eval.onnx_engine import main as parity_main
+
+    g = np.random.default_rng(0)
+    for name in ("a", "b"):
+        sf.write(tmp_path / f"{name}.wav", (0.1 * g.standard_normal(16000)).astype(np.float32), 16000)
+    (tmp_path / "m.jsonl").write_text('{"audio": "a.wav", "text": "one two"}\n{"audio": "b.wav", "text": "three"}\n')
+    fq_dir = exports["qdq"].parent / "ptq"  # the fake-quant model the qdq export was made from
+    assert parity_main([str(exports["qdq"]), "--data", str(tmp_path / "m.jsonl"), "--torch", str(fq_dir),
+                        "--threads", "1", "--out", str(tmp_path / "p.json")]) == 0
+    r = json.loads((tmp_path / "p.json").read_text())
+    assert json.loads(capsys.readouterr().out) == r
+    assert r["utterances"] == 2 and r["mode"] == "qdq"
+    assert 0.0 <= r["onnx"]["token_agreement_with_itself_nudged"] <= 1.0 and r["onnx"]["wer"] >= 0.0
+    fq = r[str(fq_dir)]
+    assert fq["token_agreement_with_onnx"] >= 0.9 and set(fq) == {"wer", "token_agreement_with_onnx", "exact_match"}
+
+
 def test_qdq_needs_quantizer_state(dense, tmp_path):
     with pytest.raises(ValueError, match="no quantizers"):
         export_model(dense, tmp_path / "x", mode="qdq")
