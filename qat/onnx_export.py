@@ -28,11 +28,11 @@ Modes:
   with an ONNX `symbolic`): QuantizeLinear/DequantizeLinear with the observer's scale and zero point
   at every quantized Linear input and at both inputs of the attention matmuls, int8 weights stored as
   int8 initializers (per output channel) behind DequantizeLinear. ORT fuses these into
-  MatMulIntegerToFloat / DynamicQuantizeMatMul (checked by `int8_kernel_counts`). Keys/values are
+  MatMulIntegerToFloat / QLinearMatMul (checked by `int8_kernel_counts`). Keys/values are
   put on their int8 grid where they are made, so the cached ones (decoder self-attention, the
   encoder's cross K/V) are quantized once, not at every step. The tied token embedding / output
   projection is int8 weight-only, stored once (transposed, per-token scales): a Gather + dequant for
-  the embedding, a MatMulInteger with a dynamically quantized input for the logits.
+  the embedding, a MatMulInteger with an input quantized per row at each step for the logits.
 """
 
 from __future__ import annotations
@@ -172,28 +172,39 @@ class _Dequant(torch.autograd.Function):
 
 
 class _DynamicQuantMatMul(torch.autograd.Function):
-    """x (float) @ int8 weight (K, N) with per-column scales; x quantized per call as ORT does.
+    """x (float, (..., K)) @ int8 weight (K, N) with per-column scales, x quantized per row at each call.
 
-    Exported as DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul, the pattern ORT fuses into
-    DynamicQuantizeMatMul (the eager forward reproduces DynamicQuantizeLinear's arithmetic).
+    Each row gets its own uint8 grid (DynamicQuantizeLinear's arithmetic, but per row): ORT's own
+    DynamicQuantizeLinear takes one range over the whole tensor, which would make a clip's logits depend
+    on what else is in the batch. Exported with standard ops: ReduceMin/ReduceMax -> scale, zero point ->
+    Round/Clip -> uint8 -> MatMulInteger, minus zero point x column sums of the weight (integers below
+    2^24, so exact in float32), times the scales. The eager forward is the same arithmetic.
     """
 
     @staticmethod
-    def forward(ctx, x, wq, wscale, wzero):
-        lo, hi = torch.clamp(x.min(), max=0), torch.clamp(x.max(), min=0)
+    def forward(ctx, x, wq, wscale, wcolsum):
+        lo = torch.clamp(x.amin(-1, keepdim=True), max=0)
+        hi = torch.clamp(x.amax(-1, keepdim=True), min=0)
         scale = torch.clamp((hi - lo) / 255, min=1e-30)
         zp = torch.clamp(torch.round(-lo / scale), 0, 255)
         q = torch.clamp(torch.round(x / scale) + zp, 0, 255)
-        acc = torch.matmul((q - zp).double(), wq.double() - wzero.double())  # exact integer sums
-        return (acc.float() * (scale * wscale)).to(x.dtype)
+        acc = torch.matmul(q.double(), wq.double()).float()  # exact integer sums
+        return ((acc - zp * wcolsum) * (scale * wscale)).to(x.dtype)
 
     @staticmethod
-    def symbolic(g, x, wq, wscale, wzero):
+    def symbolic(g, x, wq, wscale, wcolsum):
         from torch.onnx import TensorProtoDataType as TP
 
-        q, scale, zp = g.op("DynamicQuantizeLinear", x, outputs=3)
-        acc = g.op("MatMulInteger", q, wq, zp, wzero)
-        return g.op("Mul", g.op("Cast", acc, to_i=TP.FLOAT), g.op("Mul", scale, wscale))
+        zero = g.op("Constant", value_t=torch.tensor(0.0))
+        lo = g.op("Min", g.op("ReduceMin", x, axes_i=[-1], keepdims_i=1), zero)  # opset 17: axes attribute
+        hi = g.op("Max", g.op("ReduceMax", x, axes_i=[-1], keepdims_i=1), zero)
+        scale = g.op("Max", g.op("Div", g.op("Sub", hi, lo), g.op("Constant", value_t=torch.tensor(255.0))),
+                     g.op("Constant", value_t=torch.tensor(1e-30)))
+        top = g.op("Constant", value_t=torch.tensor(255.0))
+        zp = g.op("Clip", g.op("Round", g.op("Div", g.op("Neg", lo), scale)), zero, top)
+        q = g.op("Clip", g.op("Add", g.op("Round", g.op("Div", x, scale)), zp), zero, top)
+        acc = g.op("Cast", g.op("MatMulInteger", g.op("Cast", q, to_i=TP.UINT8), wq), to_i=TP.FLOAT)
+        return g.op("Mul", g.op("Sub", acc, g.op("Mul", zp, wcolsum)), g.op("Mul", scale, wscale))
 
 
 class _Reshape(torch.autograd.Function):
@@ -414,6 +425,7 @@ class _DecoderGraph(_Graph):
             self.register_buffer("embed_q_t", plan.embedding.q.t().contiguous())
             self.register_buffer("embed_scale", plan.embedding.scale.float().clone())
             self.register_buffer("embed_zero", torch.zeros_like(plan.embedding.scale, dtype=torch.int8))
+            self.register_buffer("embed_colsum", plan.embedding.q.float().sum(1))  # per vocabulary column
             self.logits_act = plan.logits_act
             if plan.logits_act is not None:
                 self.t._act("proj_out", "in", plan.logits_act)
@@ -438,7 +450,7 @@ class _DecoderGraph(_Graph):
         if not self.emb_quant:
             return torch.matmul(h, self.embed_t)
         if self.logits_act is None:
-            return _DynamicQuantMatMul.apply(h, self.embed_q_t, self.embed_scale, self.embed_zero)
+            return _DynamicQuantMatMul.apply(h, self.embed_q_t, self.embed_scale, self.embed_colsum)
         h = self.fq(h, "proj_out", "in")
         return torch.matmul(h, _Dequant.apply(self.embed_q_t, self.embed_scale, self.embed_zero, 1))
 

@@ -149,6 +149,39 @@ def test_batched_decoding_equals_one_by_one(exports, feats, dense_tokens):
     assert e.generate_tokens(np.stack(feats), NEW) == dense_tokens
 
 
+def test_int8_batched_decoding_equals_one_by_one(exports, feats):
+    """The logits' input is quantized per row: a clip's tokens do not depend on the rest of its batch."""
+    e = OnnxEngine(exports["qdq"], threads=1)
+    one_by_one = [t for f in feats for t in e.generate_tokens(f[None], NEW)]
+    assert e.generate_tokens(np.stack(feats), NEW) == one_by_one
+
+
+def test_per_row_dynamic_logits_match_their_onnx_graph(exports, fake_quant):
+    """The eager forward of the logits' dynamic quantization is the exported graph's arithmetic."""
+    import onnxruntime as ort
+
+    from qat.onnx_export import _DynamicQuantMatMul
+
+    g = torch.Generator().manual_seed(5)
+    wq = torch.randint(-127, 128, (64, 300), generator=g, dtype=torch.int8)
+    ws, colsum = torch.rand(300, generator=g) / 100, wq.float().sum(0)
+    x = torch.randn(3, 2, 64, generator=g) * torch.tensor([1.0, 30.0, 0.01])[:, None, None]
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return _DynamicQuantMatMul.apply(x, wq, ws, colsum)
+
+    path = exports["qdq"].parent / "dyn.onnx"
+    torch.onnx.export(M(), (x,), str(path), dynamo=False, opset_version=17, input_names=["x"], output_names=["y"])
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    want = M()(x).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+    # per row: scaling one row leaves the others exactly as they were
+    x2 = x.clone()
+    x2[0, 0] *= 100
+    assert torch.equal(M()(x2)[1:], M()(x)[1:]) and torch.equal(M()(x2)[0, 1], M()(x)[0, 1])
+
+
 def test_export_config_lists_files_and_decoding_rules(exports):
     d = exports["float"]
     cfg = json.loads((d / "export_config.json").read_text())
@@ -194,10 +227,10 @@ def test_qdq_export_uses_int8_kernels_and_stores_weights_once(exports):
     # decoder layers too). encoder: 2 layers x (qkv, out, fc1, fc2, qk, pv) + cross kv, all int8 kernels
     assert enc.get("MatMulIntegerToFloat", 0) + enc.get("QLinearMatMul", 0) == 2 * 6 + 1
     assert enc.get("MatMul", 0) == 0
-    # decoder: qkv, out, cross q, cross out, fc1, fc2 per layer int8, the logits DynamicQuantizeMatMul;
-    # the per-step attention matmuls read fake-quantized caches in float (4 per layer)
+    # decoder: qkv, out, cross q, cross out, fc1, fc2 per layer int8, the logits one MatMulInteger (input
+    # quantized per row); the per-step attention matmuls read fake-quantized caches in float (4 per layer)
     assert dec.get("MatMulIntegerToFloat", 0) + dec.get("QLinearMatMul", 0) == 2 * 6
-    assert dec.get("DynamicQuantizeMatMul", 0) == 1
+    assert dec.get("MatMulInteger", 0) == 1
     assert dec.get("MatMul", 0) == 2 * 4
     inits = [i for f in ("encoder.onnx", "decoder.onnx") for i in onnx.load(str(d / f)).graph.initializer]
     vocab_tables = [i for i in inits if 51864 in i.dims]
