@@ -356,6 +356,7 @@ def parity_report(torch_models: dict, export_dir: str | Path, data, limit: int |
     # million is what any implementation that is not bit-identical to it (fake quant included) can reach.
     report = {"export": str(export_dir), "mode": engine.mode, "utterances": len(examples),
               "onnx": {"wer": word_error_rate(refs, engine.decode_text(onnx_tokens)),
+                       "wer_nudged": word_error_rate(refs, engine.decode_text(nudged)),
                        "token_agreement_with_itself_nudged": token_agreement(onnx_tokens, nudged),
                        "exact_match_nudged": sum(a == b for a, b in zip(onnx_tokens, nudged)) / len(nudged)}}
     for name, model in torch_models.items():

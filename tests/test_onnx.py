@@ -266,6 +266,7 @@ def test_parity_command_reports_agreement_wer_and_the_noise_floor(exports, tmp_p
     assert json.loads(capsys.readouterr().out) == r
     assert r["utterances"] == 2 and r["mode"] == "qdq"
     assert 0.0 <= r["onnx"]["token_agreement_with_itself_nudged"] <= 1.0 and r["onnx"]["wer"] >= 0.0
+    assert r["onnx"]["wer_nudged"] >= 0.0
     fq = r[str(fq_dir)]
     assert fq["token_agreement_with_onnx"] >= 0.9 and set(fq) == {"wer", "token_agreement_with_onnx", "exact_match"}
 
