@@ -302,6 +302,12 @@ def token_agreement(refs: list[list[int]], hyps: list[list[int]]) -> float:
     return 1.0 - errors / total
 
 
+def agreement(refs: list[list[int]], hyps: list[list[int]]) -> dict:
+    """`token_agreement` and the share of utterances whose tokens are identical."""
+    exact = sum(r == h for r, h in zip(refs, hyps))
+    return {"token_agreement": token_agreement(refs, hyps), "exact_match": exact / max(len(refs), 1)}
+
+
 def parity(torch_model, onnx_dir: str | Path, features_list, threads: int = 2,
            max_new_tokens: int | None = None, engine: OnnxEngine | None = None) -> dict:
     """Token agreement between `torch_model`'s greedy tokens and the ONNX engine's, item by item.
@@ -315,9 +321,7 @@ def parity(torch_model, onnx_dir: str | Path, features_list, threads: int = 2,
         f = f[None] if f.ndim == 2 else f
         refs += torch_greedy_tokens(torch_model, f, engine.decode, max_new_tokens)
         hyps += engine.generate_tokens(f, max_new_tokens)
-    exact = sum(r == h for r, h in zip(refs, hyps))
-    return {"token_agreement": token_agreement(refs, hyps), "exact_match": exact / max(len(refs), 1),
-            "utterances": len(refs), "tokens_torch": sum(map(len, refs)), "tokens_onnx": sum(map(len, hyps)),
+    return {**agreement(refs, hyps), "utterances": len(refs), "tokens_torch": sum(map(len, refs)), "tokens_onnx": sum(map(len, hyps)),
             "mode": engine.mode, "torch_tokens": refs, "onnx_tokens": hyps}
 
 
@@ -354,16 +358,17 @@ def parity_report(torch_models: dict, export_dir: str | Path, data, limit: int |
     # The noise floor: a quantized model's rounding decisions flip under any change of arithmetic, and the
     # flips compound through the layers. The engine against itself on inputs nudged by one part in a
     # million is what any implementation that is not bit-identical to it (fake quant included) can reach.
+    floor = agreement(onnx_tokens, nudged)
     report = {"export": str(export_dir), "mode": engine.mode, "utterances": len(examples),
               "onnx": {"wer": word_error_rate(refs, engine.decode_text(onnx_tokens)),
                        "wer_nudged": word_error_rate(refs, engine.decode_text(nudged)),
-                       "token_agreement_with_itself_nudged": token_agreement(onnx_tokens, nudged),
-                       "exact_match_nudged": sum(a == b for a, b in zip(onnx_tokens, nudged)) / len(nudged)}}
+                       "token_agreement_with_itself_nudged": floor["token_agreement"],
+                       "exact_match_nudged": floor["exact_match"]}}
     for name, model in torch_models.items():
         tokens = [t for f, n in zip(feats, budgets) for t in torch_greedy_tokens(model, f, engine.decode, n)]
-        exact = sum(a == b for a, b in zip(tokens, onnx_tokens)) / len(tokens)
+        a = agreement(tokens, onnx_tokens)
         report[name] = {"wer": word_error_rate(refs, engine.decode_text(tokens)),
-                        "token_agreement_with_onnx": token_agreement(tokens, onnx_tokens), "exact_match": exact}
+                        "token_agreement_with_onnx": a["token_agreement"], "exact_match": a["exact_match"]}
     return report
 
 

@@ -599,7 +599,7 @@ def _onnx_export(module, args, path: Path, inputs, outputs, axes, opset: int) ->
                           output_names=outputs, dynamic_axes=axes, do_constant_folding=True)
 
 
-def _compact_float_initializers(path: Path, min_elements: int = 4096) -> list[str]:
+def _compact_float_initializers(path: Path, min_elements: int | None = None) -> list[str]:
     """Store large fp32 initializers as fp16 + Cast where fp16 holds them exactly (lossless).
 
     A model imported from a float16 CTranslate2 directory keeps fp16-exact values in every tensor it was
@@ -610,6 +610,9 @@ def _compact_float_initializers(path: Path, min_elements: int = 4096) -> list[st
     import onnx
     from onnx import numpy_helper
 
+    from qat.prepare import FP16_MIN_ELEMENTS
+
+    min_elements = FP16_MIN_ELEMENTS if min_elements is None else min_elements
     model = onnx.load(str(path))
     graph, done = model.graph, []
     for init in list(graph.initializer):

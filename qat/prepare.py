@@ -349,8 +349,13 @@ def quant_state_summary(model: nn.Module) -> list[dict]:
     return rows
 
 
+FP16_MIN_ELEMENTS = 4096
+"""Float tensors at least this large are stored as fp16 when fp16-exact (`qat.onnx_export`); the QAT/PTQ
+stages make them so (`round_float_weights_fp16`). Smaller ones (biases, norms) stay fp32: they cost little."""
+
+
 @torch.no_grad()
-def round_float_weights_fp16(model: nn.Module, min_elements: int = 4096) -> list[str]:
+def round_float_weights_fp16(model: nn.Module, min_elements: int = FP16_MIN_ELEMENTS) -> list[str]:
     """Round, in place, every large parameter that the INT8 engines keep in float (the conv front end,
     the positional tables, Linears kept float) to a value float16 holds exactly. Returns their names.
 
