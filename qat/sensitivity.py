@@ -109,13 +109,16 @@ def sensitivity_scan(model: nn.Module, cfg: QuantConfig, calib_batches: list[dic
     return [base, head] + rest
 
 
+def ranked_units(table: list[dict]) -> list[dict]:
+    """The scanned units' rows (not "float"/"all"), largest loss increase first."""
+    return sorted((r for r in table if r["unit"] not in ("float", "all")), key=lambda r: r["delta_loss"], reverse=True)
+
+
 def most_sensitive(table: list[dict], k: int) -> list[str]:
     """Exclude patterns (for QuantConfig.exclude) of the k units with the largest loss increase."""
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
-    units = [r for r in table if r["unit"] not in ("float", "all")]
-    units.sort(key=lambda r: r["delta_loss"], reverse=True)
-    return [p for r in units[:k] for p in r["patterns"]]
+    return [p for r in ranked_units(table)[:k] for p in r["patterns"]]
 
 
 def to_markdown(table: list[dict]) -> str:

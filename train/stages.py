@@ -222,10 +222,12 @@ def _run_stage(ctx: RunContext, stage: StageConfig, prev: Path, sdir: Path) -> P
         from qat.prepare import calibrate, freeze_observers, prepare_qat, round_float_weights_fp16
 
         model = _load_float(prev, ctx.recipe)
-        quant = stage.quant
-        batches = _calibration_batches(ctx, quant.calibration_batches)
+        quant, n = stage.quant, stage.quant.calibration_batches
+        # keep_float: the scan measures on as many batches again, read in the same pass
+        loaded = _calibration_batches(ctx, 2 * n if quant.keep_float else n)
+        batches = loaded[:n]
         if quant.keep_float:
-            quant = _keep_sensitive_float(ctx, quant, model, batches, sdir)
+            quant = _keep_sensitive_float(ctx, quant, model, batches, loaded[n:], sdir)
         prepare_qat(model, quant)
         calibrate(model, batches)
         if kind == "ptq":
@@ -255,31 +257,29 @@ def _run_stage(ctx: RunContext, stage: StageConfig, prev: Path, sdir: Path) -> P
     raise RunError(f"unknown stage kind {kind}")
 
 
-def _keep_sensitive_float(ctx: RunContext, quant, model, batches: list[dict], sdir: Path):
+def _keep_sensitive_float(ctx: RunContext, quant, model, batches: list[dict], held_out: list[dict], sdir: Path):
     """The stage's QuantConfig with the `keep_float` most sensitive units added to `exclude`.
 
-    The scan calibrates on the stage's calibration batches and measures the teacher-forced loss on as
-    many batches that follow them in the training set. Its table is written to the stage folder
-    (sensitivity.md for people, sensitivity.json to reuse on --resume: the scan is deterministic but
-    not free)."""
+    The scan calibrates on the stage's calibration batches and measures the teacher-forced loss on
+    `held_out` (the batches that follow them in the training set; the calibration ones if the set is too
+    small). Its table is written to the stage folder (sensitivity.md for people, sensitivity.json to reuse
+    on --resume: the scan is deterministic but not free)."""
     import dataclasses
 
-    from qat.sensitivity import most_sensitive, sensitivity_scan, to_markdown
+    from qat.sensitivity import ranked_units, sensitivity_scan, to_markdown
 
     saved = sdir / "sensitivity.json"
     if saved.exists():
         table = json.loads(saved.read_text())
     else:
-        n = quant.calibration_batches
-        held_out = _calibration_batches(ctx, 2 * n)[n:]
         table = sensitivity_scan(model, quant, batches, eval_batches=held_out or batches, by=quant.sensitivity_by)
         if ctx.state.is_main_process:
             (sdir / "sensitivity.md").write_text(to_markdown(table))
             _atomic_json(saved, table)
-    keep = most_sensitive(table, quant.keep_float)
-    units = [r["unit"] for r in table if r["unit"] not in ("float", "all")][:quant.keep_float]
-    _say(ctx.state, f"[sensitivity] kept in float: {', '.join(units)}")
-    return dataclasses.replace(quant, exclude=list(quant.exclude) + [p for p in keep if p not in quant.exclude])
+    kept = ranked_units(table)[:quant.keep_float]
+    _say(ctx.state, f"[sensitivity] kept in float: {', '.join(r['unit'] for r in kept)}")
+    new = [p for r in kept for p in r["patterns"] if p not in quant.exclude]
+    return dataclasses.replace(quant, exclude=list(quant.exclude) + new)
 
 
 def _qat_source(ctx: RunContext, stage: StageConfig, prev: Path) -> Path:
