@@ -173,16 +173,20 @@ class OnnxEngine:
         self.timings.encoder_s += self.clock() - t
         return io.get_outputs()
 
-    def generate_tokens(self, features: np.ndarray, max_new_tokens: int | None = None) -> list[list[int]]:
-        """Greedy tokens after the prompt (eos excluded) for each item of a feature batch."""
+    def generate_tokens(self, features: np.ndarray, max_new_tokens: int | None = None,
+                        forced: list[list[int]] | None = None) -> list[list[int]]:
+        """Greedy tokens after the prompt (eos excluded) for each item of a feature batch.
+
+        forced: teacher forcing (see `forced_schedule`): each item's tokens are fed instead of the engine's
+        own picks, and each item's list holds the engine's pick at every position of its forced tokens
+        and one more (where eos is due).
+        """
         import onnxruntime as ort
 
         cross = self.encode(features)
         B = cross[0].shape()[0] if cross else len(features)
         d = self.decode
-        steps = d.max_length - len(d.prompt)
-        if max_new_tokens is not None:
-            steps = min(steps, max_new_tokens)
+        steps = forced_schedule(d, max_new_tokens, forced, B)
         io = self.decoder.io_binding()
         for n, v in zip(self.cross_names, cross):
             io.bind_ortvalue_input(n, v)
@@ -210,14 +214,10 @@ class OnnxEngine:
             nxt = logits.argmax(-1)
             self.timings.decoder_steps += 1
             offset = offset + ids.shape[1]
-            for b in np.flatnonzero(~done):
-                if nxt[b] == d.eos_token_id:
-                    done[b] = True
-                else:
-                    out[b].append(int(nxt[b]))
+            nxt = greedy_step(nxt.tolist(), step, out, done, d.eos_token_id, forced)
             if done.all():
                 break
-            ids = np.where(done, d.eos_token_id, nxt).astype(np.int64)[:, None]
+            ids = np.asarray(nxt, np.int64)[:, None]
         self.timings.decoder_s += self.clock() - t
         self.timings.tokens += sum(len(o) for o in out)
         self.timings.utterances += B
@@ -245,8 +245,49 @@ class OnnxEngine:
 # the torch reference and parity
 
 
-def torch_greedy_tokens(model, features, decode: DecodeConfig, max_new_tokens: int | None = None) -> list[list[int]]:
-    """Greedy tokens of a torch Whisper (float, fake-quant, pruned) under the export's decoding rules."""
+def forced_schedule(decode: DecodeConfig, max_new_tokens: int | None, forced: list[list[int]] | None,
+                    batch: int) -> int:
+    """Decoder steps a greedy loop runs: the token budget, or under teacher forcing (`forced`: the tokens
+    to feed, one list per batch item) the longest forced list plus the step where eos is due."""
+    steps = decode.max_length - len(decode.prompt)
+    if forced is None:
+        return steps if max_new_tokens is None else min(steps, max_new_tokens)
+    if len(forced) != batch:
+        raise ValueError(f"forced has {len(forced)} token lists for a batch of {batch}")
+    if max(map(len, forced), default=0) >= steps:
+        raise ValueError(f"a forced token list is longer than the decoder allows ({steps - 1} tokens)")
+    return max(map(len, forced), default=0) + 1
+
+
+def greedy_step(picks: list[int], step: int, out: list[list[int]], done, eos: int,
+                forced: list[list[int]] | None) -> list[int]:
+    """One step of the greedy loops (ONNX and torch share it): record each live item's pick in `out`,
+    mark finished items in `done` (a bool array), return the tokens to feed next.
+
+    Free running, an item ends at its eos pick (not recorded) and is fed its picks. Teacher forced,
+    every pick is recorded, eos included, the item is fed its forced tokens and ends after the position
+    where eos is due, so `out[b]` has len(forced[b]) + 1 picks.
+    """
+    feed = []
+    for b, pick in enumerate(picks):
+        if done[b]:
+            feed.append(eos)
+        elif forced is None:
+            done[b] = pick == eos
+            if not done[b]:
+                out[b].append(pick)
+            feed.append(eos if done[b] else pick)
+        else:
+            out[b].append(pick)
+            done[b] = step >= len(forced[b])
+            feed.append(eos if done[b] else forced[b][step])
+    return feed
+
+
+def torch_greedy_tokens(model, features, decode: DecodeConfig, max_new_tokens: int | None = None,
+                        forced: list[list[int]] | None = None) -> list[list[int]]:
+    """Greedy tokens of a torch Whisper (float, fake-quant, pruned) under the export's decoding rules;
+    `forced` as in `OnnxEngine.generate_tokens`."""
     import torch
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
@@ -258,11 +299,9 @@ def torch_greedy_tokens(model, features, decode: DecodeConfig, max_new_tokens: i
     suppress[decode.suppress_tokens] = float("-inf")
     begin = suppress.clone()
     begin[decode.begin_suppress_tokens] = float("-inf")
-    steps = decode.max_length - len(decode.prompt)
-    if max_new_tokens is not None:
-        steps = min(steps, max_new_tokens)
+    steps = forced_schedule(decode, max_new_tokens, forced, B)
     out: list[list[int]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool)
+    done = np.zeros(B, bool)
     with torch.no_grad():
         enc = model.model.encoder(feats).last_hidden_state
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
@@ -271,15 +310,10 @@ def torch_greedy_tokens(model, features, decode: DecodeConfig, max_new_tokens: i
             h = model.model.decoder(input_ids=ids, encoder_hidden_states=enc, past_key_values=cache,
                                     use_cache=True).last_hidden_state[:, -1]
             logits = model.proj_out(h).float() + (begin if step == 0 else suppress)
-            nxt = logits.argmax(-1)
-            for b in torch.nonzero(~done).flatten().tolist():
-                if nxt[b].item() == decode.eos_token_id:
-                    done[b] = True
-                else:
-                    out[b].append(int(nxt[b]))
-            if bool(done.all()):
+            nxt = greedy_step(logits.argmax(-1).tolist(), step, out, done, decode.eos_token_id, forced)
+            if done.all():
                 break
-            ids = torch.where(done, torch.tensor(decode.eos_token_id), nxt)[:, None]
+            ids = torch.tensor(nxt, dtype=torch.long)[:, None]
     return out
 
 
@@ -300,6 +334,22 @@ def token_agreement(refs: list[list[int]], hyps: list[list[int]]) -> float:
         o = jiwer.process_words(" ".join(map(str, r)), " ".join(map(str, h)))
         errors += o.substitutions + o.deletions + o.insertions
     return 1.0 - errors / total
+
+
+def next_token_agreement(refs: list[list[int]], picks: list[list[int]], eos: int) -> float:
+    """Share of decoding positions where an engine fed `refs` (teacher forcing) picks the same next token:
+    picks[b] are its picks at the len(refs[b]) + 1 positions of refs[b] followed by eos.
+
+    Unlike `token_agreement` of two free-running decodes, one differing pick costs one position, not
+    the rest of the utterance (after it the two decodes continue from different prefixes)."""
+    total = same = 0
+    for r, p in zip(refs, picks, strict=True):
+        want = list(r) + [eos]
+        if len(p) != len(want):
+            raise ValueError(f"{len(p)} picks for {len(want)} teacher-forced positions")
+        total += len(want)
+        same += sum(a == b for a, b in zip(want, p))
+    return same / total if total else 1.0
 
 
 def agreement(refs: list[list[int]], hyps: list[list[int]]) -> dict:
@@ -348,13 +398,15 @@ def parity_report(torch_models: dict, export_dir: str | Path, data, limit: int |
     if not examples:
         raise ValueError(f"{data}: no usable examples")
     refs = [ex["text"] for ex in examples]
-    onnx_tokens, nudged, feats = [], [], []
+    eos = engine.decode.eos_token_id
+    onnx_tokens, nudged, nudged_picks, feats = [], [], [], []
     budgets = [token_budget([ex["audio"]]) for ex in examples]  # as the engines decode: no runaway loops
     for ex, n in zip(examples, budgets):
         f = engine.features([ex["audio"]])
         feats.append(f)
         onnx_tokens += engine.generate_tokens(f, n)
         nudged += engine.generate_tokens(f * np.float32(1 + NUDGE), n)
+        nudged_picks += engine.generate_tokens(f * np.float32(1 + NUDGE), forced=onnx_tokens[-1:])
     # The noise floor: a quantized model's rounding decisions flip under any change of arithmetic, and the
     # flips compound through the layers. The engine against itself on inputs nudged by one part in a
     # million is what any implementation that is not bit-identical to it (fake quant included) can reach.
@@ -363,12 +415,17 @@ def parity_report(torch_models: dict, export_dir: str | Path, data, limit: int |
               "onnx": {"wer": word_error_rate(refs, engine.decode_text(onnx_tokens)),
                        "wer_nudged": word_error_rate(refs, engine.decode_text(nudged)),
                        "token_agreement_with_itself_nudged": floor["token_agreement"],
-                       "exact_match_nudged": floor["exact_match"]}}
+                       "exact_match_nudged": floor["exact_match"],
+                       "next_token_agreement_with_itself_nudged": next_token_agreement(onnx_tokens, nudged_picks, eos)}}
     for name, model in torch_models.items():
-        tokens = [t for f, n in zip(feats, budgets) for t in torch_greedy_tokens(model, f, engine.decode, n)]
+        tokens, picks = [], []
+        for f, n in zip(feats, budgets):
+            tokens += torch_greedy_tokens(model, f, engine.decode, n)
+            picks += engine.generate_tokens(f, forced=tokens[-1:])  # the engine on the torch model's prefixes
         a = agreement(tokens, onnx_tokens)
         report[name] = {"wer": word_error_rate(refs, engine.decode_text(tokens)),
-                        "token_agreement_with_onnx": a["token_agreement"], "exact_match": a["exact_match"]}
+                        "token_agreement_with_onnx": a["token_agreement"], "exact_match": a["exact_match"],
+                        "next_token_agreement_with_onnx": next_token_agreement(tokens, picks, eos)}
     return report
 
 

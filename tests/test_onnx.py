@@ -9,7 +9,8 @@ import onnx
 import pytest
 import torch
 
-from eval.onnx_engine import ExportDirError, OnnxEngine, parity, token_agreement, torch_greedy_tokens
+from eval.onnx_engine import (ExportDirError, OnnxEngine, next_token_agreement, parity, token_agreement,
+                              torch_greedy_tokens)
 from qat.onnx_export import DecodeConfig, export_model, file_digest, int8_kernel_counts
 from slim.model import Structure, build_model, install_explicit_attention
 from slim.sources import tiny_random_processor, tiny_random_whisper
@@ -90,6 +91,31 @@ def test_float_export_greedy_tokens_equal_torch(exports, dense_tokens, feats):
     e = OnnxEngine(exports["float"], threads=1)
     assert [e.generate_tokens(f[None], NEW)[0] for f in feats] == dense_tokens
     assert all(len(t) == NEW for t in dense_tokens)  # random weights never stop: every step compared
+
+
+def test_teacher_forced_picks_follow_the_forced_tokens(exports, dense, dense_tokens, feats):
+    """Fed its own greedy tokens, each loop picks them again (and one more position); the float export fed a
+    foreign prefix picks exactly what torch picks on it, and a shorter forced list ends its item early."""
+    decode = DecodeConfig.from_model(dense)
+    e = OnnxEngine(exports["float"], threads=1)
+    batch = np.stack(feats)
+    for picks in (torch_greedy_tokens(dense, batch, decode, forced=dense_tokens), e.generate_tokens(batch, forced=dense_tokens)):
+        assert [p[:-1] for p in picks] == dense_tokens
+    foreign = [[400 + i for i in range(7)], [500 + i for i in range(3)]]
+    picks = e.generate_tokens(batch, forced=foreign)
+    assert [len(p) for p in picks] == [8, 4]
+    assert picks == torch_greedy_tokens(dense, batch, decode, forced=foreign)
+    assert picks[0][1:] != dense_tokens[0][1:8]  # a different prefix: different picks (the check can fail)
+    with pytest.raises(ValueError, match="batch of 2"):
+        e.generate_tokens(batch, forced=foreign[:1])
+
+
+def test_next_token_agreement_counts_positions():
+    eos = 9
+    assert next_token_agreement([[1, 2, 3]], [[1, 2, 3, eos]], eos) == 1.0
+    assert next_token_agreement([[1, 2, 3], []], [[1, 7, 3, 4], [eos]], eos) == 0.6  # eos due at the end
+    with pytest.raises(ValueError, match="teacher-forced positions"):
+        next_token_agreement([[1, 2]], [[1, 2]], eos)
 
 
 def test_uneven_float_export_parity(exports, uneven, feats):
@@ -280,8 +306,12 @@ def test_parity_command_reports_agreement_wer_and_the_noise_floor(exports, tmp_p
     assert r["onnx"]["exact_match_nudged"] == floor["exact_match"]
     assert r["onnx"]["wer"] == word_error_rate(["one two", "three"], e.decode_text(plain))
     assert r["onnx"]["wer_nudged"] == word_error_rate(["one two", "three"], e.decode_text(nudged))
+    eos = e.decode.eos_token_id
+    picks = [t for f, p in zip(feats, plain) for t in e.generate_tokens(f * np.float32(1 + NUDGE), forced=[p])]
+    assert r["onnx"]["next_token_agreement_with_itself_nudged"] == next_token_agreement(plain, picks, eos)
     fq = r[str(fq_dir)]
-    assert fq["token_agreement_with_onnx"] >= 0.9 and set(fq) == {"wer", "token_agreement_with_onnx", "exact_match"}
+    assert set(fq) == {"wer", "token_agreement_with_onnx", "exact_match", "next_token_agreement_with_onnx"}
+    assert fq["token_agreement_with_onnx"] >= 0.9 and fq["next_token_agreement_with_onnx"] >= 0.9
 
 
 def test_qdq_needs_quantizer_state(dense, tmp_path):
