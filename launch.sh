@@ -4,6 +4,7 @@
 #   ./launch.sh import SRC OUT
 #   ./launch.sh transcribe MODEL AUDIO... [--engine torch|onnx]
 #   ./launch.sh eval MODEL --data DATA --out REPORT.json [--engine ...]
+#   ./launch.sh compare BASE.json OTHER.json ...
 #   ./launch.sh synth --text FILE --out DIR [--voices ...] [--limit N]
 #   ./launch.sh test [pytest args]
 set -euo pipefail
@@ -42,7 +43,7 @@ ensure_venv() {
 
 cmd="${1:-}"
 if [ -z "$cmd" ] || [ "$cmd" = "-h" ] || [ "$cmd" = "--help" ]; then
-    sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
 fi
 shift

@@ -118,3 +118,37 @@ def load_metric(**kwargs):
     import evaluate
 
     return evaluate.load(str(METRIC_DIR), **kwargs)
+
+
+def paired_wer_difference(refs: Sequence[str], hyps_a: Sequence[str], hyps_b: Sequence[str],
+                          samples: int = 2000, seed: int = 0, normalize: bool = True) -> dict[str, float]:
+    """WER(b) - WER(a) on the same utterances, with a 95% paired-bootstrap interval.
+
+    Utterances are resampled with replacement `samples` times (the same draw for both systems), and the
+    corpus WER difference is recomputed on each draw: is b really worse than a, or is the gap within what
+    another draw of eval sentences would move? (Koehn 2004's paired bootstrap, for WER.)
+    """
+    import numpy as np
+
+    r, ha = _pairs(refs, hyps_a, normalize)
+    _, hb = _pairs(refs, hyps_b, normalize)
+    words = np.array([len(s.split()) for s in r], dtype=np.float64)
+    if words.sum() == 0:
+        raise ValueError("every reference is empty after normalization; WER is undefined")
+
+    def errors(hyps: list[str]) -> np.ndarray:
+        out = []
+        for ref, hyp in zip(r, hyps):
+            if not ref.split():  # jiwer refuses an empty reference: every hypothesized word is an insertion
+                out.append(len(hyp.split()))
+                continue
+            o = jiwer.process_words(ref, hyp)
+            out.append(o.substitutions + o.deletions + o.insertions)
+        return np.array(out, dtype=np.float64)
+
+    diff = errors(hb) - errors(ha)
+    idx = np.random.default_rng(seed).integers(0, len(r), size=(samples, len(r)))
+    boot = diff[idx].sum(1) / np.maximum(words[idx].sum(1), 1)
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return {"delta": float(diff.sum() / words.sum()), "low": float(low), "high": float(high),
+            "utterances": len(r), "samples": samples}

@@ -224,6 +224,43 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def compare_reports(base: dict, other: dict, samples: int = 2000) -> dict:
+    """WER difference other - base of two `eval` reports over the same utterances, with its 95% paired
+    bootstrap interval (`eval.metrics.paired_wer_difference`)."""
+    from eval.metrics import paired_wer_difference
+
+    a, b = base.get("hypotheses"), other.get("hypotheses")
+    if not a or not b:
+        raise ValueError("a report without per-utterance hypotheses (written by `./launch.sh eval --out`?)")
+    ids_a, ids_b = [h["id"] for h in a], [h["id"] for h in b]
+    if ids_a != ids_b:
+        common = len(set(ids_a) & set(ids_b))
+        raise ValueError(f"the reports cover different utterances ({len(ids_a)} and {len(ids_b)}, {common} in "
+                         "common): evaluate both on the same data and limit")
+    if [h["ref"] for h in a] != [h["ref"] for h in b]:
+        raise ValueError("the reports have different reference transcripts for the same utterance ids")
+    return paired_wer_difference([h["ref"] for h in a], [h["hyp"] for h in a], [h["hyp"] for h in b], samples)
+
+
+def compare_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="./launch.sh compare",
+                                description="WER differences of eval reports against a base report, paired "
+                                            "bootstrap 95% intervals (same utterances).")
+    p.add_argument("base", help="REPORT.json of `./launch.sh eval` (e.g. the float model)")
+    p.add_argument("others", nargs="+", help="REPORT.json files to compare with it (e.g. PTQ, QAT)")
+    p.add_argument("--samples", type=int, default=2000, help="bootstrap resamples")
+    a = p.parse_args(argv)
+    reports = {path: json.loads(Path(path).read_text()) for path in [a.base, *a.others]}
+    base = reports[a.base]
+    print(f"{'report':50s} {'WER %':>7s} {'Δ vs base':>10s} {'95% interval':>18s}")
+    print(f"{a.base:50s} {100 * base['wer']:7.2f}")
+    for path in a.others:
+        d = compare_reports(base, reports[path], a.samples)
+        print(f"{path:50s} {100 * reports[path]['wer']:7.2f} {100 * d['delta']:+10.2f} "
+              f"[{100 * d['low']:+6.2f}, {100 * d['high']:+6.2f}]")
+    return 0
+
+
 def transcribe_main(argv: list[str] | None = None) -> int:
     """Print `<audio>\\t<text>` per file; an unreadable file gets a line on stderr and exit code 1."""
     p = argparse.ArgumentParser(prog="./launch.sh transcribe", description="Transcribe audio files (greedy).")

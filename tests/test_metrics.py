@@ -105,3 +105,40 @@ def test_evaluate_loads_the_module_offline_and_matches_the_functions(tmp_path):
     assert out["wer"] == pytest.approx(2 / 12) == pytest.approx(word_error_rate(refs, hyps))
     assert out["cer"] == pytest.approx(char_error_rate(refs, hyps))
     assert (out["substitutions"], out["deletions"], out["insertions"], out["reference_words"]) == (1, 1, 0, 12)
+
+
+def test_paired_wer_difference_is_exact_and_its_interval_brackets_it():
+    from eval.metrics import paired_wer_difference
+
+    refs = ["a b c d", "e f g h", "i j k l", "m n o p"] * 5
+    base = list(refs)
+    other = ["a b c x", "e f g h", "i j k l", "m n o p"] * 5  # one error in every 16 words
+    d = paired_wer_difference(refs, base, other, samples=500, seed=1)
+    assert d["delta"] == 1 / 16 and d["utterances"] == 20
+    assert d["low"] <= d["delta"] <= d["high"] and d["low"] > 0  # b is worse on every draw
+    same = paired_wer_difference(refs, base, base, samples=50)
+    assert same == {"delta": 0.0, "low": 0.0, "high": 0.0, "utterances": 20, "samples": 50}
+    assert paired_wer_difference(refs, base, other, samples=500, seed=1) == d  # seeded: reproducible
+    with pytest.raises(ValueError, match="references but"):
+        paired_wer_difference(refs, base[:3], other)
+
+
+def test_compare_command_checks_the_utterances_match(tmp_path, capsys):
+    from eval.run import compare_main, compare_reports
+
+    def report(name, hyps, ids=None):
+        ids = ids or [f"u{i}" for i in range(len(hyps))]
+        r = {"wer": 0.0, "hypotheses": [{"id": i, "ref": "red green blue gold", "hyp": h} for i, h in zip(ids, hyps)]}
+        (tmp_path / name).write_text(json.dumps(r))
+        return r
+
+    a = report("a.json", ["red green blue gold"] * 4)
+    b = report("b.json", ["red green blue"] + ["red green blue gold"] * 3)
+    assert compare_reports(a, b, samples=100)["delta"] == 1 / 16
+    assert compare_main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--samples", "100"]) == 0
+    assert "+6.25" in capsys.readouterr().out
+    c = report("c.json", ["red green blue gold"] * 4, ids=["u0", "u1", "u2", "x"])
+    with pytest.raises(ValueError, match="different utterances"):
+        compare_reports(a, c)
+    with pytest.raises(ValueError, match="per-utterance hypotheses"):
+        compare_reports(a, {"wer": 0.1})

@@ -1,4 +1,4 @@
-"""The `./launch.sh` command line: run, import, transcribe, eval, synth.
+"""The `./launch.sh` command line: run, import, transcribe, eval, compare, synth.
 
 Each subcommand parses its own arguments and hands over to the module that owns the work; this file only
 dispatches (and relaunches `run --num-processes N` under `accelerate launch`).
@@ -19,6 +19,7 @@ USAGE = """usage: ./launch.sh COMMAND ...
   import SRC OUT                      SRC: hub id | HF dir | CT2 dir | tiny.en | base
   transcribe MODEL AUDIO... [--engine torch|onnx|...]
   eval MODEL --data DATA --out REPORT.json [--engine ...] [--batch-size N] [--limit N]
+  compare BASE.json OTHER.json...     WER differences of eval reports, paired bootstrap 95% intervals
   synth --text FILE --out DIR [--voices ...] [--limit N]
   test [pytest args]"""
 
@@ -104,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
             from eval.run import main as eval_main
 
             return eval_main(rest)
+        if cmd == "compare":
+            from eval.run import compare_main
+
+            return compare_main(rest)
         if cmd == "synth":
             from slim.synth import main as synth_main
 
