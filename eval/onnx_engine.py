@@ -336,17 +336,21 @@ def token_agreement(refs: list[list[int]], hyps: list[list[int]]) -> float:
     return 1.0 - errors / total
 
 
-def next_token_agreement(refs: list[list[int]], picks: list[list[int]], eos: int) -> float:
+def next_token_agreement(refs: list[list[int]], picks: list[list[int]], eos: int,
+                         ended: list[bool] | None = None) -> float:
     """Share of decoding positions where an engine fed `refs` (teacher forcing) picks the same next token:
-    picks[b] are its picks at the len(refs[b]) + 1 positions of refs[b] followed by eos.
+    picks[b] are its picks at the len(refs[b]) + 1 positions of refs[b] followed by eos. ended[b] False:
+    refs[b] was cut by a token budget, not ended by eos, so its last position is not compared.
 
     Unlike `token_agreement` of two free-running decodes, one differing pick costs one position, not
     the rest of the utterance (after it the two decodes continue from different prefixes)."""
     total = same = 0
-    for r, p in zip(refs, picks, strict=True):
+    for b, (r, p) in enumerate(zip(refs, picks, strict=True)):
         want = list(r) + [eos]
         if len(p) != len(want):
             raise ValueError(f"{len(p)} picks for {len(want)} teacher-forced positions")
+        if ended is not None and not ended[b]:
+            want, p = want[:-1], p[:-1]
         total += len(want)
         same += sum(a == b for a, b in zip(want, p))
     return same / total if total else 1.0
@@ -416,7 +420,8 @@ def parity_report(torch_models: dict, export_dir: str | Path, data, limit: int |
                        "wer_nudged": word_error_rate(refs, engine.decode_text(nudged)),
                        "token_agreement_with_itself_nudged": floor["token_agreement"],
                        "exact_match_nudged": floor["exact_match"],
-                       "next_token_agreement_with_itself_nudged": next_token_agreement(onnx_tokens, nudged_picks, eos)}}
+                       "next_token_agreement_with_itself_nudged": next_token_agreement(
+                           onnx_tokens, nudged_picks, eos, [len(t) < n for t, n in zip(onnx_tokens, budgets)])}}
     for name, model in torch_models.items():
         tokens, picks = [], []
         for f, n in zip(feats, budgets):
@@ -425,7 +430,8 @@ def parity_report(torch_models: dict, export_dir: str | Path, data, limit: int |
         a = agreement(tokens, onnx_tokens)
         report[name] = {"wer": word_error_rate(refs, engine.decode_text(tokens)),
                         "token_agreement_with_onnx": a["token_agreement"], "exact_match": a["exact_match"],
-                        "next_token_agreement_with_onnx": next_token_agreement(tokens, picks, eos)}
+                        "next_token_agreement_with_onnx": next_token_agreement(
+                            tokens, picks, eos, [len(t) < n for t, n in zip(tokens, budgets)])}
     return report
 
 
