@@ -173,17 +173,19 @@ class OnnxEngine:
         self.timings.encoder_s += self.clock() - t
         return io.get_outputs()
 
-    def generate_tokens(self, features: np.ndarray, max_new_tokens: int | None = None,
-                        forced: list[list[int]] | None = None) -> list[list[int]]:
+    def generate_tokens(self, features: np.ndarray | None, max_new_tokens: int | None = None,
+                        forced: list[list[int]] | None = None, cross: list | None = None) -> list[list[int]]:
         """Greedy tokens after the prompt (eos excluded) for each item of a feature batch.
 
         forced: teacher forcing (see `forced_schedule`): each item's tokens are fed instead of the engine's
         own picks, and each item's list holds the engine's pick at every position of its forced tokens
         and one more (where eos is due).
+        cross: `encode(features)` already run (then features is not read): decoding the same audio again,
+        free running and teacher forced, encodes it once.
         """
         import onnxruntime as ort
 
-        cross = self.encode(features)
+        cross = self.encode(features) if cross is None else cross
         B = cross[0].shape()[0] if cross else len(features)
         d = self.decode
         steps = forced_schedule(d, max_new_tokens, forced, B)
@@ -337,10 +339,11 @@ def token_agreement(refs: list[list[int]], hyps: list[list[int]]) -> float:
 
 
 def next_token_agreement(refs: list[list[int]], picks: list[list[int]], eos: int,
-                         ended: list[bool] | None = None) -> float:
+                         budgets: list[int] | None = None) -> float:
     """Share of decoding positions where an engine fed `refs` (teacher forcing) picks the same next token:
-    picks[b] are its picks at the len(refs[b]) + 1 positions of refs[b] followed by eos. ended[b] False:
-    refs[b] was cut by a token budget, not ended by eos, so its last position is not compared.
+    picks[b] are its picks at the len(refs[b]) + 1 positions of refs[b] followed by eos. budgets[b]: the
+    token budget refs[b] was decoded with; a reference that filled it was cut, not ended by eos, so its
+    last position is not compared.
 
     Unlike `token_agreement` of two free-running decodes, one differing pick costs one position, not
     the rest of the utterance (after it the two decodes continue from different prefixes)."""
@@ -349,7 +352,7 @@ def next_token_agreement(refs: list[list[int]], picks: list[list[int]], eos: int
         want = list(r) + [eos]
         if len(p) != len(want):
             raise ValueError(f"{len(p)} picks for {len(want)} teacher-forced positions")
-        if ended is not None and not ended[b]:
+        if budgets is not None and len(r) >= budgets[b]:
             want, p = want[:-1], p[:-1]
         total += len(want)
         same += sum(a == b for a, b in zip(want, p))
@@ -409,8 +412,9 @@ def parity_report(torch_models: dict, export_dir: str | Path, data, limit: int |
         f = engine.features([ex["audio"]])
         feats.append(f)
         onnx_tokens += engine.generate_tokens(f, n)
-        nudged += engine.generate_tokens(f * np.float32(1 + NUDGE), n)
-        nudged_picks += engine.generate_tokens(f * np.float32(1 + NUDGE), forced=onnx_tokens[-1:])
+        cross = engine.encode(f * np.float32(1 + NUDGE))
+        nudged += engine.generate_tokens(None, n, cross=cross)
+        nudged_picks += engine.generate_tokens(None, forced=onnx_tokens[-1:], cross=cross)
     # The noise floor: a quantized model's rounding decisions flip under any change of arithmetic, and the
     # flips compound through the layers. The engine against itself on inputs nudged by one part in a
     # million is what any implementation that is not bit-identical to it (fake quant included) can reach.
@@ -421,7 +425,7 @@ def parity_report(torch_models: dict, export_dir: str | Path, data, limit: int |
                        "token_agreement_with_itself_nudged": floor["token_agreement"],
                        "exact_match_nudged": floor["exact_match"],
                        "next_token_agreement_with_itself_nudged": next_token_agreement(
-                           onnx_tokens, nudged_picks, eos, [len(t) < n for t, n in zip(onnx_tokens, budgets)])}}
+                           onnx_tokens, nudged_picks, eos, budgets)}}
     for name, model in torch_models.items():
         tokens, picks = [], []
         for f, n in zip(feats, budgets):
@@ -430,8 +434,7 @@ def parity_report(torch_models: dict, export_dir: str | Path, data, limit: int |
         a = agreement(tokens, onnx_tokens)
         report[name] = {"wer": word_error_rate(refs, engine.decode_text(tokens)),
                         "token_agreement_with_onnx": a["token_agreement"], "exact_match": a["exact_match"],
-                        "next_token_agreement_with_onnx": next_token_agreement(
-                            tokens, picks, eos, [len(t) < n for t, n in zip(tokens, budgets)])}
+                        "next_token_agreement_with_onnx": next_token_agreement(tokens, picks, eos, budgets)}
     return report
 
 

@@ -114,8 +114,8 @@ def test_next_token_agreement_counts_positions():
     eos = 9
     assert next_token_agreement([[1, 2, 3]], [[1, 2, 3, eos]], eos) == 1.0
     assert next_token_agreement([[1, 2, 3], []], [[1, 7, 3, 4], [eos]], eos) == 0.6  # eos due at the end
-    # a reference cut by the token budget (ended False): no eos was due, its last position is not compared
-    assert next_token_agreement([[1, 2, 3], []], [[1, 7, 3, 4], [eos]], eos, ended=[False, True]) == 0.75
+    # a reference that filled its token budget was cut: no eos was due, its last position is not compared
+    assert next_token_agreement([[1, 2, 3], []], [[1, 7, 3, 4], [eos]], eos, budgets=[3, 5]) == 0.75
     with pytest.raises(ValueError, match="teacher-forced positions"):
         next_token_agreement([[1, 2]], [[1, 2]], eos)
 
@@ -310,11 +310,20 @@ def test_parity_command_reports_agreement_wer_and_the_noise_floor(exports, tmp_p
     assert r["onnx"]["wer_nudged"] == word_error_rate(["one two", "three"], e.decode_text(nudged))
     eos = e.decode.eos_token_id
     picks = [t for f, p in zip(feats, plain) for t in e.generate_tokens(f * np.float32(1 + NUDGE), forced=[p])]
-    ended = [len(t) < token_budget([c]) for t, c in zip(plain, clips)]
-    assert r["onnx"]["next_token_agreement_with_itself_nudged"] == next_token_agreement(plain, picks, eos, ended)
+    budgets = [token_budget([c]) for c in clips]
+    assert r["onnx"]["next_token_agreement_with_itself_nudged"] == next_token_agreement(plain, picks, eos, budgets)
     fq = r[str(fq_dir)]
     assert set(fq) == {"wer", "token_agreement_with_onnx", "exact_match", "next_token_agreement_with_onnx"}
     assert fq["token_agreement_with_onnx"] >= 0.9 and fq["next_token_agreement_with_onnx"] >= 0.9
+    # and recomputed from the fake-quant model as the command loads it
+    from qat.onnx_export import load_source_model
+
+    model = load_source_model(fq_dir)[0]
+    tokens = [t for f, n in zip(feats, budgets) for t in torch_greedy_tokens(model, f, e.decode, n)]
+    picks = [t for f, ref in zip(feats, tokens) for t in e.generate_tokens(f, forced=[ref])]
+    assert fq["next_token_agreement_with_onnx"] == next_token_agreement(tokens, picks, eos, budgets)
+    assert fq["token_agreement_with_onnx"] == agreement(tokens, plain)["token_agreement"]
+    assert fq["wer"] == word_error_rate(["one two", "three"], e.decode_text(tokens))
 
 
 def test_qdq_needs_quantizer_state(dense, tmp_path):

@@ -266,7 +266,7 @@ def _keep_sensitive_float(ctx: RunContext, quant, model, batches: list[dict], he
     on --resume: the scan is deterministic but not free)."""
     import dataclasses
 
-    from qat.sensitivity import ranked_units, sensitivity_scan, to_markdown
+    from qat.sensitivity import most_sensitive, ranked_units, sensitivity_scan, to_markdown
 
     saved = sdir / "sensitivity.json"
     if saved.exists():
@@ -276,9 +276,8 @@ def _keep_sensitive_float(ctx: RunContext, quant, model, batches: list[dict], he
         if ctx.state.is_main_process:
             (sdir / "sensitivity.md").write_text(to_markdown(table))
             _atomic_json(saved, table)
-    kept = ranked_units(table)[:quant.keep_float]
-    _say(ctx.state, f"[sensitivity] kept in float: {', '.join(r['unit'] for r in kept)}")
-    new = [p for r in kept for p in r["patterns"] if p not in quant.exclude]
+    _say(ctx.state, f"[sensitivity] kept in float: {', '.join(r['unit'] for r in ranked_units(table)[:quant.keep_float])}")
+    new = [p for p in most_sensitive(table, quant.keep_float) if p not in quant.exclude]
     return dataclasses.replace(quant, exclude=list(quant.exclude) + new)
 
 
