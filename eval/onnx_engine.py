@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qat.onnx_export import CONFIG_FILE, DECODER_FILE, ENCODER_FILE, DecodeConfig, file_digest, has_processor
+from qat.onnx_export import (CONFIG_FILE, DECODER_FILE, ENCODER_FILE, DecodeConfig, file_digest, has_processor,
+                             session_options)
 
 SAMPLING_RATE = 16000
 
@@ -83,18 +84,11 @@ class OnnxEngine:
 
     def __init__(self, export_dir: str | Path, threads: int = 2, providers: list | None = None,
                  verify: str = "sha256"):
-        import onnxruntime as ort
-
         self.dir = Path(export_dir)
         self.config = load_export_config(self.dir, verify=verify)
         self.decode = DecodeConfig(**self.config["decode"])
         self.mode = self.config.get("mode")
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.log_severity_level = 3
+        so = session_options(threads)
         self.threads = threads
         providers = providers or ["CPUExecutionProvider"]
         self.encoder = self._session(ENCODER_FILE, so, providers)
@@ -113,7 +107,7 @@ class OnnxEngine:
             if i.name in self.past_names:
                 # (batch, heads, head_dim, 0) for keys, (batch, heads, 0, head_dim) for values
                 shape = [0 if isinstance(s, str) or s is None else s for s in i.shape]
-                dtype = np.uint8 if i.type == "tensor(uint8)" else np.float32
+                dtype = {"tensor(uint8)": np.uint8, "tensor(int8)": np.int8}.get(i.type, np.float32)
                 self._past_shapes[i.name] = (shape, dtype)
         vocab = self.config["model"]["vocab_size"]
         self._suppress = np.zeros(vocab, np.float32)

@@ -30,7 +30,8 @@ Modes:
   int8 initializers (per output channel) behind DequantizeLinear. ORT fuses these into
   MatMulIntegerToFloat / QLinearMatMul (checked by `int8_kernel_counts`). Keys/values are
   put on their int8 grid where they are made, so the cached ones (decoder self-attention, the
-  encoder's cross K/V) are quantized once, not at every step. The tied token embedding / output
+  encoder's cross K/V) are quantized once, not at every step; the encoder hands the cross K/V to the
+  decoder as int8 tensors (its outputs are int8 when the cross-attention matmuls are quantized). The tied token embedding / output
   projection is int8 weight-only, stored once (transposed, per-token scales): a Gather + dequant for
   the embedding, a MatMulInteger with an input quantized per row at each step for the logits.
 """
@@ -143,13 +144,31 @@ def quant_plan(model: nn.Module) -> QuantPlan:
 # Q/DQ as traceable functions: eager forward = the fake-quant arithmetic, export = the ONNX node
 
 
-class _FakeQuant(torch.autograd.Function):
-    """Quantize to uint8 and back (per tensor). Exported as QuantizeLinear -> DequantizeLinear."""
+def _grid(x, scale, zero_point):
+    """round(x / scale) + zero_point on the zero point's integer grid (uint8, or int8: the same grid shifted by
+    128), as float: QuantizeLinear's arithmetic (round half to even, then saturate)."""
+    lo, hi = (-128, 127) if zero_point.dtype == torch.int8 else (0, 255)
+    return torch.clamp(torch.round(x / scale) + zero_point.float(), lo, hi)
+
+
+class _Quant(torch.autograd.Function):
+    """float -> int8/uint8 per tensor (the tensor a graph hands on quantized). Exported as QuantizeLinear."""
 
     @staticmethod
     def forward(ctx, x, scale, zero_point):
-        q = torch.clamp(torch.round(x / scale) + zero_point.float(), 0, 255)
-        return (q - zero_point.float()) * scale
+        return _grid(x, scale, zero_point).to(zero_point.dtype)
+
+    @staticmethod
+    def symbolic(g, x, scale, zero_point):
+        return g.op("QuantizeLinear", x, scale, zero_point)
+
+
+class _FakeQuant(torch.autograd.Function):
+    """Quantize to the zero point's grid and back, per tensor. Exported as QuantizeLinear -> DequantizeLinear."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point):
+        return (_grid(x, scale, zero_point) - zero_point.float()) * scale
 
     @staticmethod
     def symbolic(g, x, scale, zero_point):
@@ -245,8 +264,10 @@ class _Tables(nn.Module):
             self._buf(name, "wz", torch.zeros_like(w.scale, dtype=torch.int8))
             self.linears[name] = (float(act.scale), int(act.zero_point))
         for name, (a, b) in plan.matmuls.items():
+            # b (keys, values) on the int8 grid: with a uint8 `a`, ORT runs u8 x s8 kernels (AVX-512 VNNI,
+            # about twice as fast as u8 x u8 on the encoder's attention); same values, see ActQuant
             self._act(name, "a", a)
-            self._act(name, "b", b)
+            self._act(name, "b", b, signed=True)
             self.matmuls.add(name)
 
     def fuse(self, mods: list[nn.Linear]) -> None:
@@ -280,9 +301,12 @@ class _Tables(nn.Module):
     def _buf(self, name: str, what: str, t: torch.Tensor) -> None:
         self.register_buffer(self._key(name, what), t.detach().clone())
 
-    def _act(self, name: str, what: str, a: ActQuant) -> None:
+    def _act(self, name: str, what: str, a: ActQuant, signed: bool = False) -> None:
         self._buf(name, f"{what}_scale", torch.tensor(float(a.scale), dtype=torch.float32))
-        self._buf(name, f"{what}_zp", torch.tensor(int(a.zero_point), dtype=torch.uint8))
+        if signed:
+            self._buf(name, f"{what}_zp", torch.tensor(int(a.zero_point) - 128, dtype=torch.int8))
+        else:
+            self._buf(name, f"{what}_zp", torch.tensor(int(a.zero_point), dtype=torch.uint8))
 
     def get(self, name: str, what: str) -> torch.Tensor:
         return getattr(self, self._key(name, what))
@@ -300,6 +324,12 @@ class _Graph(nn.Module):
 
     def fq(self, x, name: str, what: str):
         return _FakeQuant.apply(x, self.t.get(name, f"{what}_scale"), self.t.get(name, f"{what}_zp"))
+
+    def q(self, x, name: str, what: str):
+        return _Quant.apply(x, self.t.get(name, f"{what}_scale"), self.t.get(name, f"{what}_zp"))
+
+    def dq(self, q, name: str, what: str):
+        return _Dequant.apply(q, self.t.get(name, f"{what}_scale"), self.t.get(name, f"{what}_zp"), 0)
 
     def linear(self, x, mod: nn.Linear):
         name = self.t.name(mod)
@@ -328,8 +358,15 @@ class _Graph(nn.Module):
         return self.t.name(mm) in self.t.matmuls
 
     def attend(self, attn, q, k_t, v, mask=None):
-        """softmax(q·kᵀ + mask)·v. q (B,H,T,D) scaled; k_t (B,H,D,S), v (B,H,S,D) from `split_kv`."""
+        """softmax(q·kᵀ + mask)·v. q (B,H,T,D) scaled; k_t (B,H,D,S), v (B,H,S,D) from `split_kv`.
+        Lists of one-head slices (`per_head`): one chain per head, concatenated over heads."""
+        if isinstance(q, list):
+            return torch.cat([self.attend(attn, *x, mask) for x in zip(q, k_t, v)], dim=1)
         qk, pv = self.t.name(attn.qk), self.t.name(attn.pv)
+        if k_t.dtype == torch.int8:  # shipped quantized by the encoder graph (`split_kv(ship=True)`)
+            k_t = self.dq(k_t, qk, "b")
+        if v.dtype == torch.int8:
+            v = self.dq(v, pv, "b")
         if qk in self.t.matmuls:
             q = self.fq(q, qk, "a")
         scores = torch.matmul(q, k_t)
@@ -340,34 +377,51 @@ class _Graph(nn.Module):
             probs = self.fq(probs, pv, "a")
         return torch.matmul(probs, v)
 
-    def self_attention(self, attn, h, past=None, mask=None):
-        """Self-attention of h (B,T,C); `past` = cached (k_t, v) to extend. Returns (output, (k_t, v))."""
+    def self_attention(self, attn, h, past=None, mask=None, per_head: bool = False):
+        """Self-attention of h (B,T,C); `past` = cached (k_t, v) to extend. Returns (output, (k_t, v)).
+
+        per_head (the encoder's 1500 x 1500 attention): one QK -> softmax -> quantize -> PV chain per
+        head. All heads' float scores at once (6 x 1500 x 1500 x 4 bytes = 54 MB for tiny.en) overflow
+        the L3 cache, so each of those four passes goes to memory; one head's 9 MB stays in cache from
+        one op to the next (14.2 -> 9.2 ms per layer, bit-identical outputs, 2-core EPYC; see
+        benchmarks/bench_engines.py). Decoder steps (T = 1) gain nothing from it.
+        """
+        if per_head and past is not None:
+            raise ValueError("per_head attention has no cache")
         q, k, v = self.linears(h, [attn.q_proj, attn.k_proj, attn.v_proj])
-        k_t, v = self.split_kv(attn, k, v)
+        k_t, v = self.split_kv(attn, k, v, per_head=per_head)
         if past is not None:
             k_t, v = torch.cat([past[0], k_t], dim=3), torch.cat([past[1], v], dim=2)
         m = mask(k_t.shape[3]) if mask is not None else None
-        return self.merge(attn, self.attend(attn, self.split_q(attn, q), k_t, v, m)), (k_t, v)
+        return self.merge(attn, self.attend(attn, self.split_q(attn, q, per_head), k_t, v, m)), (k_t, v)
 
-    def split_kv(self, attn, k, v):
+    def split_kv(self, attn, k, v, ship: bool = False, per_head: bool = False):
         """k, v (B,S,H*D) as (B,H,D,S) and (B,H,S,D), already on the matmul inputs' int8 grid.
 
-        Quantizing here, where the keys/values are made, means a cached tensor is quantized once: the
-        decoder step reads fake-quantized float caches (its M=1 attention matmuls are faster in float
-        than as int8 kernels that repack the 1500-frame cross K/V at every step), while in the encoder
-        the Q/DQ pairs meet at the matmul and ORT fuses them into int8 kernels.
+        Quantizing here, where the keys/values are made, means a cached tensor is quantized once. In the
+        encoder the Q/DQ pairs meet at the matmul and ORT fuses them into int8 kernels. `ship`: hand
+        the quantized int8 tensors themselves over (the encoder's cross K/V): the decoder step reads a
+        quarter of the bytes (1500 frames x d_model x 2 per layer, at every step) and dequantizes them
+        at its matmuls. The decoder's own small self-attention cache stays fake-quantized float.
         """
         shape = (0, -1, attn.num_heads, attn.head_dim)
         k_t = _Reshape.apply(k, shape).permute(0, 2, 3, 1)
         v = _Reshape.apply(v, shape).transpose(1, 2)
+        if per_head:  # sliced before quantizing: ORT fuses a Q/DQ pair into an int8 matmul only where it feeds one
+            pairs = [self.kv_grid(attn, a, b, ship) for a, b in zip(torch.split(k_t, 1, 1), torch.split(v, 1, 1))]
+            return [a for a, _ in pairs], [b for _, b in pairs]
+        return self.kv_grid(attn, k_t, v, ship)
+
+    def kv_grid(self, attn, k_t, v, ship: bool = False):
         if self.quantized(attn.qk):
-            k_t = self.fq(k_t, self.t.name(attn.qk), "b")
+            k_t = (self.q if ship else self.fq)(k_t, self.t.name(attn.qk), "b")
         if self.quantized(attn.pv):
-            v = self.fq(v, self.t.name(attn.pv), "b")
+            v = (self.q if ship else self.fq)(v, self.t.name(attn.pv), "b")
         return k_t, v
 
-    def split_q(self, attn, q):
-        return _Reshape.apply(q * attn.scaling, (0, -1, attn.num_heads, attn.head_dim)).transpose(1, 2)
+    def split_q(self, attn, q, per_head: bool = False):
+        q = _Reshape.apply(q * attn.scaling, (0, -1, attn.num_heads, attn.head_dim)).transpose(1, 2)
+        return list(torch.split(q, 1, 1)) if per_head else q
 
     def merge(self, attn, out):
         return self.linear(_Reshape.apply(out.transpose(1, 2), (0, 0, -1)), attn.out_proj)
@@ -402,13 +456,13 @@ class _EncoderGraph(_Graph):
         for layer in e.layers:
             attn = layer.self_attn
             h = layer.self_attn_layer_norm(x)
-            x = x + (self.self_attention(attn, h)[0] if attn.num_heads else _no_heads(attn, h))
+            x = x + (self.self_attention(attn, h, per_head=True)[0] if attn.num_heads else _no_heads(attn, h))
             x = x + self.mlp(layer, layer.final_layer_norm(x))
         x = e.layer_norm(x)
         outs = [x]
         kv = self.linears(x, [p for a in self.cross for p in (a.k_proj, a.v_proj)])
         for i, attn in enumerate(self.cross):
-            outs.extend(self.split_kv(attn, kv[2 * i], kv[2 * i + 1]))
+            outs.extend(self.split_kv(attn, kv[2 * i], kv[2 * i + 1], ship=True))
         return tuple(outs)
 
 
@@ -556,12 +610,14 @@ def _export_graphs(model, plan: QuantPlan | None, tmp: Path, opset: int) -> dict
     cfg = model.config
     feats = torch.zeros(1, cfg.num_mel_bins, 2 * cfg.max_source_positions)
     frames = cfg.max_source_positions
-    # example cross K/V for tracing the decoder: only their shapes matter (no second encoder pass)
+    # example cross K/V for tracing the decoder: only their shapes and dtypes matter (no second encoder pass)
     cross = []
     for layer in model.model.decoder.layers:
-        H, D = layer.encoder_attn.num_heads, layer.encoder_attn.head_dim
-        if H:
-            cross += [torch.zeros(1, H, D, frames), torch.zeros(1, H, frames, D)]
+        a = layer.encoder_attn
+        if a.num_heads:
+            kt, vt = (torch.int8 if dec.quantized(mm) else torch.float32 for mm in (a.qk, a.pv))
+            cross += [torch.zeros(1, a.num_heads, a.head_dim, frames, dtype=kt),
+                      torch.zeros(1, a.num_heads, frames, a.head_dim, dtype=vt)]
     enc_names = ["encoder_hidden_states"] + names["cross"]
     batch = {0: "batch"}
     axes = {"input_features": batch, "encoder_hidden_states": batch}
@@ -751,19 +807,56 @@ def export_model(src, out: str | Path, mode: str = "qdq", *, processor=None, pla
     return out
 
 
-def int8_kernel_counts(onnx_path: str | Path, threads: int = 1) -> dict[str, int]:
-    """Op types of the graph ORT actually runs (ORT_ENABLE_ALL), to check that QDQ became int8 kernels."""
+def cpu_has_vnni() -> bool:
+    """x86 with AVX-512 VNNI or AVX-VNNI (Linux's /proc/cpuinfo flags; False where it cannot tell)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_vnni" in flags or " avx_vnni" in flags
+
+
+def session_options(threads: int = 2):
+    """ORT session options for an export's graphs: all graph optimizations, `threads` intra-op threads.
+
+    On x86 ORT rewrites int8 Q/DQ activations to uint8 by default ("session.qdqisint8allowed" = 0): there
+    u8 x s8 runs on AVX2's VPMADDUBSW, whose 16-bit sums can saturate when both sides are activations.
+    With VNNI (VPDPBUSD, 32-bit sums) u8 x s8 is exact and about twice as fast as the u8 x u8 it would
+    become, so on such CPUs the signed keys/values stay signed. Elsewhere ORT's default stands (ARM
+    already allows int8).
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    # an engine holds two sessions, each with its own pool; a pool's workers spin-wait for a while after
+    # its run, and on a small machine the encoder's spinning worker took a core from the decoder's first
+    # steps (7.5 ms instead of 3 ms per step on 2 cores). Stop spinning when a run ends.
+    so.add_session_config_entry("session.force_spinning_stop", "1")
+    if cpu_has_vnni():
+        so.add_session_config_entry("session.qdqisint8allowed", "1")
+    return so
+
+
+def optimized_graph(onnx_path: str | Path, threads: int = 1):
+    """The graph ORT actually runs (`session_options`: all optimizations, QDQ fused into int8 kernels)."""
     import onnx
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as d:
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = threads
-        so.log_severity_level = 3
+        so = session_options(threads)
         so.optimized_model_filepath = str(Path(d) / "optimized.onnx")
         ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-        counts: dict[str, int] = {}
-        for node in onnx.load(so.optimized_model_filepath).graph.node:
-            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+        return onnx.load(so.optimized_model_filepath)
+
+
+def int8_kernel_counts(onnx_path: str | Path, threads: int = 1) -> dict[str, int]:
+    """Op types of `optimized_graph`, to check that QDQ became int8 kernels."""
+    counts: dict[str, int] = {}
+    for node in optimized_graph(onnx_path, threads).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts

@@ -11,7 +11,8 @@ import torch
 
 from eval.onnx_engine import (ExportDirError, OnnxEngine, next_token_agreement, parity, token_agreement,
                               torch_greedy_tokens)
-from qat.onnx_export import DecodeConfig, export_model, file_digest, int8_kernel_counts
+from qat.onnx_export import (DecodeConfig, cpu_has_vnni, export_model, file_digest, int8_kernel_counts,
+                             optimized_graph)
 from slim.model import Structure, build_model, install_explicit_attention
 from slim.sources import tiny_random_processor, tiny_random_whisper
 
@@ -252,14 +253,18 @@ def test_qdq_export_uses_int8_kernels_and_stores_weights_once(exports):
     d = exports["qdq"]
     enc, dec = int8_kernel_counts(d / "encoder.onnx"), int8_kernel_counts(d / "decoder.onnx")
     # q/k/v share one min-max input quantizer, so they run as one fused projection (the cross k/v of both
-    # decoder layers too). encoder: 2 layers x (qkv, out, fc1, fc2, qk, pv) + cross kv, all int8 kernels
-    assert enc.get("MatMulIntegerToFloat", 0) + enc.get("QLinearMatMul", 0) == 2 * 6 + 1
+    # decoder layers too). encoder: 2 layers x (qkv, out, fc1, fc2, and qk, pv for each of 4 heads: one
+    # attention chain per head) + cross kv, all int8 kernels
+    assert enc.get("MatMulIntegerToFloat", 0) + enc.get("QLinearMatMul", 0) == 2 * (4 + 2 * 4) + 1
     assert enc.get("MatMul", 0) == 0
-    # decoder: qkv, out, cross q, cross out, fc1, fc2 per layer int8, the logits one MatMulInteger (input
-    # quantized per row); the per-step attention matmuls read fake-quantized caches in float (4 per layer)
-    assert dec.get("MatMulIntegerToFloat", 0) + dec.get("QLinearMatMul", 0) == 2 * 6
+    # decoder: qkv, out, cross q, cross out, fc1, fc2, cross qk and pv (reading the encoder's int8 K/V) per
+    # layer int8, the logits one MatMulInteger (input quantized per row); the self-attention matmuls read
+    # the step's small fake-quantized float cache (2 per layer)
+    assert dec.get("MatMulIntegerToFloat", 0) + dec.get("QLinearMatMul", 0) == 2 * 8
     assert dec.get("MatMulInteger", 0) == 1
-    assert dec.get("MatMul", 0) == 2 * 4
+    assert dec.get("MatMul", 0) == 2 * 2
+    e = OnnxEngine(d, threads=1)
+    assert {o.type for o in e.encoder.get_outputs() if o.name in e.cross_names} == {"tensor(int8)"}
     inits = [i for f in ("encoder.onnx", "decoder.onnx") for i in onnx.load(str(d / f)).graph.initializer]
     vocab_tables = [i for i in inits if 51864 in i.dims]
     assert [(i.data_type, list(i.dims)) for i in vocab_tables if len(i.dims) == 2] == [(onnx.TensorProto.INT8, [64, 51864])]
@@ -270,6 +275,36 @@ def test_qdq_export_uses_int8_kernels_and_stores_weights_once(exports):
     # float tensors (conv, positional tables: random, so not stored as fp16)
     ratio = OnnxEngine(d, threads=1).graph_bytes / OnnxEngine(exports["float"], threads=1).graph_bytes
     assert ratio < 0.31
+
+
+def test_signed_grid_is_the_unsigned_grid_shifted_by_128():
+    """Keys/values export as int8 with zero point z - 128: the same values as the observer's uint8 grid."""
+    from qat.onnx_export import _FakeQuant, _Quant
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, generator=g) * 3
+    for z in (0, 3, 128, 200, 255):
+        scale = torch.tensor(0.0123)
+        u, s = torch.tensor(z, dtype=torch.uint8), torch.tensor(z - 128, dtype=torch.int8)
+        assert torch.equal(_FakeQuant.apply(x, scale, u), _FakeQuant.apply(x, scale, s))
+        qu, qs = _Quant.apply(x, scale, u), _Quant.apply(x, scale, s)
+        assert qu.dtype == torch.uint8 and qs.dtype == torch.int8
+        assert torch.equal(qu.int() - 128, qs.int())
+        assert qs.min() == -128 and qs.max() == 127  # both ends saturate, as on the uint8 grid
+
+
+@pytest.mark.skipif(not cpu_has_vnni(), reason="ORT keeps int8 activations signed only with VNNI")
+def test_attention_runs_u8_by_s8_kernels_on_vnni(exports):
+    """Every attention kernel multiplies uint8 queries/probabilities by int8 keys/values (VPDPBUSD), not
+    u8 x u8 (ORT's rewrite without the session option): its B zero point is int8."""
+    d = exports["qdq"]
+    for f, want in (("encoder.onnx", 2 * 2 * 4), ("decoder.onnx", 2 * 2)):
+        g = optimized_graph(d / f).graph
+        inits = {i.name: i for i in g.initializer}
+        b_zero_points = [inits[n.input[5]].data_type for n in g.node if n.op_type == "MatMulIntegerToFloat"
+                         and n.input[1] not in inits]  # B computed at run time: an attention matmul
+        b_zero_points += [inits[n.input[5]].data_type for n in g.node if n.op_type == "QLinearMatMul"]
+        assert b_zero_points == [onnx.TensorProto.INT8] * want, f
 
 
 def test_qdq_export_agrees_with_the_fake_quant_model(exports, fake_quant, feats):
