@@ -15,7 +15,10 @@ Every engine gets the same log-mel features (WhisperFeatureExtractor, timed once
 
 Timing: after a warm-up, clips are run round-robin over the engines `--repeats` times; each engine's time on
 a clip is the minimum over repeats (other processes on the machine only ever add time), and the figures
-are means over clips. Per-token decoder time = decoder seconds / decoder steps (the prompt step included;
+are means over clips. Before each timed call the machine idles `--gap` seconds (0.1): thread pools
+(OpenMP's, ONNX Runtime's) spin-wait for a while after a call, and a worker still spinning takes a core
+from whatever runs next (measured: our encoder 0.115 -> 0.151 s right after an ORT session whose workers
+spun on). Per-token decoder time = decoder seconds / decoder steps (the prompt step included;
 CTranslate2 computes the cross-attention K/V in its first decoder step, our engine in the encoder).
 """
 
@@ -247,6 +250,9 @@ def main(argv=None) -> int:
     p.add_argument("--clips", nargs="+", default=[str(DEFAULT_CLIPS)], help="audio folders and/or JSONL manifests")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--gap", type=float, default=0.1, metavar="SECONDS",
+                   help="idle time before each timed call, so no engine runs beside the previous one's "
+                        "still-spinning worker threads")
     p.add_argument("--model", help="fp32 HF Whisper directory (default: tiny.en imported into --work)")
     p.add_argument("--int8-model", help="fake-quant (QAT/PTQ) model directory for the QDQ export")
     p.add_argument("--ct2-dir", help="CTranslate2 model directory (default: --model converted to int8)")
@@ -307,6 +313,7 @@ def main(argv=None) -> int:
     for _ in range(args.repeats):
         for i, f in enumerate(feats):
             for e in engines:
+                time.sleep(args.gap)
                 t0 = CLOCK()
                 tokens, enc_s, dec_s, steps = e.run(f)
                 total = CLOCK() - t0

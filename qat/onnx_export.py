@@ -31,9 +31,10 @@ Modes:
   MatMulIntegerToFloat / QLinearMatMul (checked by `int8_kernel_counts`). Keys/values are
   put on their int8 grid where they are made, so the cached ones (decoder self-attention, the
   encoder's cross K/V) are quantized once, not at every step; the encoder hands the cross K/V to the
-  decoder as int8 tensors (its outputs are int8 when the cross-attention matmuls are quantized). The tied token embedding / output
-  projection is int8 weight-only, stored once (transposed, per-token scales): a Gather + dequant for
-  the embedding, a MatMulInteger with an input quantized per row at each step for the logits.
+  decoder as int8 tensors (its outputs are int8 when the cross-attention matmuls are quantized). The
+  tied token embedding / output projection is int8 weight-only, stored once (transposed, per-token
+  scales): a Gather + dequant for the embedding, a MatMulInteger with an input quantized per row at
+  each step for the logits.
 """
 
 from __future__ import annotations
@@ -383,8 +384,8 @@ class _Graph(nn.Module):
         per_head (the encoder's 1500 x 1500 attention): one QK -> softmax -> quantize -> PV chain per
         head. All heads' float scores at once (6 x 1500 x 1500 x 4 bytes = 54 MB for tiny.en) overflow
         the L3 cache, so each of those four passes goes to memory; one head's 9 MB stays in cache from
-        one op to the next (14.2 -> 9.2 ms per layer, bit-identical outputs, 2-core EPYC; see
-        benchmarks/bench_engines.py). Decoder steps (T = 1) gain nothing from it.
+        one op to the next (one layer's attention alone: 14.2 -> 9.2 ms, bit-identical outputs, 2-core
+        EPYC, 2 threads). Decoder steps (T = 1) gain nothing from it.
         """
         if per_head and past is not None:
             raise ValueError("per_head attention has no cache")

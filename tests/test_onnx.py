@@ -12,7 +12,7 @@ import torch
 from eval.onnx_engine import (ExportDirError, OnnxEngine, next_token_agreement, parity, token_agreement,
                               torch_greedy_tokens)
 from qat.onnx_export import (DecodeConfig, cpu_has_vnni, export_model, file_digest, int8_kernel_counts,
-                             optimized_graph)
+                             optimized_graph, session_options)
 from slim.model import Structure, build_model, install_explicit_attention
 from slim.sources import tiny_random_processor, tiny_random_whisper
 
@@ -291,6 +291,21 @@ def test_signed_grid_is_the_unsigned_grid_shifted_by_128():
         assert qu.dtype == torch.uint8 and qs.dtype == torch.int8
         assert torch.equal(qu.int() - 128, qs.int())
         assert qs.min() == -128 and qs.max() == 127  # both ends saturate, as on the uint8 grid
+
+
+def test_session_options_stop_spinning_and_keep_int8_on_vnni(exports):
+    so = session_options(3)
+    assert so.intra_op_num_threads == 3 and so.inter_op_num_threads == 1
+    assert so.get_session_config_entry("session.force_spinning_stop") == "1"
+    if cpu_has_vnni():
+        assert so.get_session_config_entry("session.qdqisint8allowed") == "1"
+    else:  # ORT's default stands
+        with pytest.raises(Exception, match="does not have configuration"):
+            so.get_session_config_entry("session.qdqisint8allowed")
+    e = OnnxEngine(exports["qdq"], threads=3)  # both of the engine's sessions are built from it
+    for sess in (e.encoder, e.decoder):
+        assert sess.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"
+        assert sess.get_session_options().intra_op_num_threads == 3
 
 
 @pytest.mark.skipif(not cpu_has_vnni(), reason="ORT keeps int8 activations signed only with VNNI")
