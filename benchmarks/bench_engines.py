@@ -271,6 +271,8 @@ def main(argv=None) -> int:
                         "processes on a busy machine inflate much less (use with --threads 1)")
     p.add_argument("--out", help="write the figures as JSON here")
     args = p.parse_args(argv)
+    if args.gap < 0:
+        p.error(f"--gap must be >= 0 seconds, got {args.gap}")
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

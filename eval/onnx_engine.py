@@ -107,8 +107,7 @@ class OnnxEngine:
             if i.name in self.past_names:
                 # (batch, heads, head_dim, 0) for keys, (batch, heads, 0, head_dim) for values
                 shape = [0 if isinstance(s, str) or s is None else s for s in i.shape]
-                dtype = {"tensor(uint8)": np.uint8, "tensor(int8)": np.int8}.get(i.type, np.float32)
-                self._past_shapes[i.name] = (shape, dtype)
+                self._past_shapes[i.name] = shape
         vocab = self.config["model"]["vocab_size"]
         self._suppress = np.zeros(vocab, np.float32)
         self._suppress[self.decode.suppress_tokens] = -np.inf
@@ -188,8 +187,7 @@ class OnnxEngine:
             io.bind_ortvalue_input(n, v)
         past = []
         for n in self.past_names:
-            shape, dtype = self._past_shapes[n]
-            past.append(ort.OrtValue.ortvalue_from_numpy(np.zeros([B] + shape[1:], dtype)))
+            past.append(ort.OrtValue.ortvalue_from_numpy(np.zeros([B] + self._past_shapes[n][1:], np.float32)))
         ids = np.tile(np.asarray(d.prompt, np.int64), (B, 1))
         offset = np.zeros(1, np.int64)
         out: list[list[int]] = [[] for _ in range(B)]

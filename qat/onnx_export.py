@@ -31,7 +31,7 @@ Modes:
   MatMulIntegerToFloat / QLinearMatMul (checked by `int8_kernel_counts`). Keys/values are
   put on their int8 grid where they are made, so the cached ones (decoder self-attention, the
   encoder's cross K/V) are quantized once, not at every step; the encoder hands the cross K/V to the
-  decoder as int8 tensors (its outputs are int8 when the cross-attention matmuls are quantized). The
+  decoder as uint8 tensors (its outputs are uint8 when the cross-attention matmuls are quantized). The
   tied token embedding / output projection is int8 weight-only, stored once (transposed, per-token
   scales): a Gather + dequant for the embedding, a MatMulInteger with an input quantized per row at
   each step for the logits.
@@ -266,9 +266,13 @@ class _Tables(nn.Module):
             self.linears[name] = (float(act.scale), int(act.zero_point))
         for name, (a, b) in plan.matmuls.items():
             # b (keys, values) on the int8 grid: with a uint8 `a`, ORT runs u8 x s8 kernels (AVX-512 VNNI,
-            # about twice as fast as u8 x u8 on the encoder's attention); same values, see ActQuant
+            # about twice as fast as u8 x u8 on the encoder's attention); same values, see ActQuant. "bu",
+            # the same quantizer on the uint8 grid, for the cross K/V the encoder hands over: a graph input
+            # has no Q/DQ pair for ORT to rewrite, and int8 activations x uint8 would run on VPMADDUBSW
+            # (16-bit sums that can saturate) on CPUs without VNNI
             self._act(name, "a", a)
             self._act(name, "b", b, signed=True)
+            self._act(name, "bu", b)
             self.matmuls.add(name)
 
     def fuse(self, mods: list[nn.Linear]) -> None:
@@ -364,10 +368,10 @@ class _Graph(nn.Module):
         if isinstance(q, list):
             return torch.cat([self.attend(attn, *x, mask) for x in zip(q, k_t, v)], dim=1)
         qk, pv = self.t.name(attn.qk), self.t.name(attn.pv)
-        if k_t.dtype == torch.int8:  # shipped quantized by the encoder graph (`split_kv(ship=True)`)
-            k_t = self.dq(k_t, qk, "b")
-        if v.dtype == torch.int8:
-            v = self.dq(v, pv, "b")
+        if k_t.dtype == torch.uint8:  # shipped quantized by the encoder graph (`split_kv(ship=True)`)
+            k_t = self.dq(k_t, qk, "bu")
+        if v.dtype == torch.uint8:
+            v = self.dq(v, pv, "bu")
         if qk in self.t.matmuls:
             q = self.fq(q, qk, "a")
         scores = torch.matmul(q, k_t)
@@ -384,8 +388,11 @@ class _Graph(nn.Module):
         per_head (the encoder's 1500 x 1500 attention): one QK -> softmax -> quantize -> PV chain per
         head. All heads' float scores at once (6 x 1500 x 1500 x 4 bytes = 54 MB for tiny.en) overflow
         the L3 cache, so each of those four passes goes to memory; one head's 9 MB stays in cache from
-        one op to the next (one layer's attention alone: 14.2 -> 9.2 ms, bit-identical outputs, 2-core
-        EPYC, 2 threads). Decoder steps (T = 1) gain nothing from it.
+        one op to the next (one layer's attention alone: 14.2 -> 9.2 ms, 2-core EPYC, 2 threads; the same
+        tokens on tiny.en's real clips; outputs differ from the all-heads graph only where ORT fused PV
+        with the next quantize into QLinearMatMul, whose requantization rounds differently from
+        float-then-QuantizeLinear, which is the fake-quant model's order). Decoder steps (T = 1) gain
+        nothing from it.
         """
         if per_head and past is not None:
             raise ValueError("per_head attention has no cache")
@@ -401,7 +408,7 @@ class _Graph(nn.Module):
 
         Quantizing here, where the keys/values are made, means a cached tensor is quantized once. In the
         encoder the Q/DQ pairs meet at the matmul and ORT fuses them into int8 kernels. `ship`: hand
-        the quantized int8 tensors themselves over (the encoder's cross K/V): the decoder step reads a
+        the quantized uint8 tensors themselves over (the encoder's cross K/V): the decoder step reads a
         quarter of the bytes (1500 frames x d_model x 2 per layer, at every step) and dequantizes them
         at its matmuls. The decoder's own small self-attention cache stays fake-quantized float.
         """
@@ -415,10 +422,14 @@ class _Graph(nn.Module):
 
     def kv_grid(self, attn, k_t, v, ship: bool = False):
         if self.quantized(attn.qk):
-            k_t = (self.q if ship else self.fq)(k_t, self.t.name(attn.qk), "b")
+            k_t = self.q(k_t, self.t.name(attn.qk), "bu") if ship else self.fq(k_t, self.t.name(attn.qk), "b")
         if self.quantized(attn.pv):
-            v = (self.q if ship else self.fq)(v, self.t.name(attn.pv), "b")
+            v = self.q(v, self.t.name(attn.pv), "bu") if ship else self.fq(v, self.t.name(attn.pv), "b")
         return k_t, v
+
+    def shipped_dtypes(self, attn) -> tuple:
+        """dtypes of the (k_t, v) that `split_kv(ship=True)` hands from the encoder graph to the decoder graph."""
+        return tuple(torch.uint8 if self.quantized(mm) else torch.float32 for mm in (attn.qk, attn.pv))
 
     def split_q(self, attn, q, per_head: bool = False):
         q = _Reshape.apply(q * attn.scaling, (0, -1, attn.num_heads, attn.head_dim)).transpose(1, 2)
@@ -616,7 +627,7 @@ def _export_graphs(model, plan: QuantPlan | None, tmp: Path, opset: int) -> dict
     for layer in model.model.decoder.layers:
         a = layer.encoder_attn
         if a.num_heads:
-            kt, vt = (torch.int8 if dec.quantized(mm) else torch.float32 for mm in (a.qk, a.pv))
+            kt, vt = dec.shipped_dtypes(a)
             cross += [torch.zeros(1, a.num_heads, a.head_dim, frames, dtype=kt),
                       torch.zeros(1, a.num_heads, frames, a.head_dim, dtype=vt)]
     enc_names = ["encoder_hidden_states"] + names["cross"]

@@ -264,7 +264,7 @@ def test_qdq_export_uses_int8_kernels_and_stores_weights_once(exports):
     assert dec.get("MatMulInteger", 0) == 1
     assert dec.get("MatMul", 0) == 2 * 2
     e = OnnxEngine(d, threads=1)
-    assert {o.type for o in e.encoder.get_outputs() if o.name in e.cross_names} == {"tensor(int8)"}
+    assert {o.type for o in e.encoder.get_outputs() if o.name in e.cross_names} == {"tensor(uint8)"}
     inits = [i for f in ("encoder.onnx", "decoder.onnx") for i in onnx.load(str(d / f)).graph.initializer]
     vocab_tables = [i for i in inits if 51864 in i.dims]
     assert [(i.data_type, list(i.dims)) for i in vocab_tables if len(i.dims) == 2] == [(onnx.TensorProto.INT8, [64, 51864])]
@@ -293,6 +293,30 @@ def test_signed_grid_is_the_unsigned_grid_shifted_by_128():
         assert qs.min() == -128 and qs.max() == 127  # both ends saturate, as on the uint8 grid
 
 
+def test_export_puts_keys_values_on_the_shifted_grid(exports, fake_quant):
+    """Encoder self-attention keys/values are quantized with the observers' (scale, zero point - 128) in
+    int8; the cross K/V the encoder hands over with the observers' own uint8 (scale, zero point)."""
+    from onnx import numpy_helper
+
+    from qat.onnx_export import quant_plan
+
+    plan = quant_plan(fake_quant[0])
+    g = onnx.load(str(exports["qdq"] / "encoder.onnx")).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    inits.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in g.node if n.op_type == "Constant"})
+    inits.update({n.output[0]: inits[n.input[0]] for n in g.node if n.op_type == "Identity"})  # the exporter's dedup
+    quant = {n.output[0]: (float(inits[n.input[1]]), inits[n.input[2]]) for n in g.node if n.op_type == "QuantizeLinear"}
+    for i in range(2):  # cross_key_i / cross_value_i: the decoder layer's qk / pv quantizer, uint8
+        for out, mm in ((f"cross_key_{i}", "qk"), (f"cross_value_{i}", "pv")):
+            scale, zp = quant[out]
+            b = plan.matmuls[f"model.decoder.layers.{i}.encoder_attn.{mm}"][1]
+            assert zp.dtype == np.uint8 and (scale, int(zp)) == (np.float32(b.scale), b.zero_point)
+    signed = sorted((scale, int(zp) + 128) for scale, zp in quant.values() if zp.dtype == np.int8)
+    want = sorted((float(np.float32(b.scale)), b.zero_point) for name, (_, b) in plan.matmuls.items()
+                  if name.startswith("model.encoder."))
+    assert len(want) == 2 * 2 and signed == sorted(want * 4)  # qk, pv of 2 layers, once per head (4 heads)
+
+
 def test_session_options_stop_spinning_and_keep_int8_on_vnni(exports):
     so = session_options(3)
     assert so.intra_op_num_threads == 3 and so.inter_op_num_threads == 1
@@ -308,18 +332,25 @@ def test_session_options_stop_spinning_and_keep_int8_on_vnni(exports):
         assert sess.get_session_options().intra_op_num_threads == 3
 
 
+def _attention_b_zero_points(onnx_path) -> list[int]:
+    """dtypes of the B zero points of the int8 attention kernels ORT runs (B computed at run time)."""
+    g = optimized_graph(onnx_path).graph
+    inits = {i.name: i for i in g.initializer}
+    b = {"MatMulIntegerToFloat": 1, "QLinearMatMul": 3}  # input index of B; its zero point is input 5 in both
+    return [inits[n.input[5]].data_type for n in g.node if n.op_type in b and n.input[b[n.op_type]] not in inits]
+
+
 @pytest.mark.skipif(not cpu_has_vnni(), reason="ORT keeps int8 activations signed only with VNNI")
-def test_attention_runs_u8_by_s8_kernels_on_vnni(exports):
-    """Every attention kernel multiplies uint8 queries/probabilities by int8 keys/values (VPDPBUSD), not
-    u8 x u8 (ORT's rewrite without the session option): its B zero point is int8."""
-    d = exports["qdq"]
-    for f, want in (("encoder.onnx", 2 * 2 * 4), ("decoder.onnx", 2 * 2)):
-        g = optimized_graph(d / f).graph
-        inits = {i.name: i for i in g.initializer}
-        b_zero_points = [inits[n.input[5]].data_type for n in g.node if n.op_type == "MatMulIntegerToFloat"
-                         and n.input[1] not in inits]  # B computed at run time: an attention matmul
-        b_zero_points += [inits[n.input[5]].data_type for n in g.node if n.op_type == "QLinearMatMul"]
-        assert b_zero_points == [onnx.TensorProto.INT8] * want, f
+def test_encoder_attention_runs_u8_by_s8_kernels_on_vnni(exports):
+    """Every encoder attention kernel multiplies uint8 queries/probabilities by int8 keys/values (VPDPBUSD),
+    not u8 x u8 (ORT's rewrite without the session option): its B zero point is int8."""
+    assert _attention_b_zero_points(exports["qdq"] / "encoder.onnx") == [onnx.TensorProto.INT8] * (2 * 2 * 4)
+
+
+def test_decoder_reads_the_cross_keys_values_as_uint8(exports):
+    """The cross K/V cross graphs as uint8: as a graph input they have no Q/DQ pair ORT could rewrite, and
+    uint8 x int8 would run on VPMADDUBSW (16-bit sums that can saturate) on x86 CPUs without VNNI."""
+    assert _attention_b_zero_points(exports["qdq"] / "decoder.onnx") == [onnx.TensorProto.UINT8] * (2 * 2)
 
 
 def test_qdq_export_agrees_with_the_fake_quant_model(exports, fake_quant, feats):
