@@ -17,8 +17,8 @@ Timing: after a warm-up, clips are run round-robin over the engines `--repeats` 
 a clip is the minimum over repeats (other processes on the machine only ever add time), and the figures
 are means over clips. Before each timed call the machine idles `--gap` seconds (0.1): thread pools
 (OpenMP's, ONNX Runtime's) spin-wait for a while after a call, and a worker still spinning takes a core
-from whatever runs next (measured: our encoder 0.115 -> 0.151 s right after an ORT session whose workers
-spun on). Per-token decoder time = decoder seconds / decoder steps (the prompt step included;
+from whatever runs next (benchmarks/bench_onnx_graphs.py: our encoder 0.102 -> 0.142 s when the
+decoder session's workers spin on). Per-token decoder time = decoder seconds / decoder steps (the prompt step included;
 CTranslate2 computes the cross-attention K/V in its first decoder step, our engine in the encoder).
 """
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -388,11 +389,11 @@ class _Graph(nn.Module):
         per_head (the encoder's 1500 x 1500 attention): one QK -> softmax -> quantize -> PV chain per
         head. All heads' float scores at once (6 x 1500 x 1500 x 4 bytes = 54 MB for tiny.en) overflow
         the L3 cache, so each of those four passes goes to memory; one head's 9 MB stays in cache from
-        one op to the next (one layer's attention alone: 14.2 -> 9.2 ms, 2-core EPYC, 2 threads; the same
-        tokens on tiny.en's real clips; outputs differ from the all-heads graph only where ORT fused PV
-        with the next quantize into QLinearMatMul, whose requantization rounds differently from
-        float-then-QuantizeLinear, which is the fake-quant model's order). Decoder steps (T = 1) gain
-        nothing from it.
+        one op to the next (one layer's attention alone: 13.7 -> 10.7 ms, 2-core EPYC, 2 threads,
+        benchmarks/bench_onnx_graphs.py). The same tokens on tiny.en's real clips; outputs differ from the
+        all-heads graph only where ORT fused PV with the next quantize into QLinearMatMul, whose
+        requantization rounds differently from float-then-QuantizeLinear (the fake-quant model's order).
+        Decoder steps (T = 1) gain nothing from it.
         """
         if per_head and past is not None:
             raise ValueError("per_head attention has no cache")
@@ -819,6 +820,7 @@ def export_model(src, out: str | Path, mode: str = "qdq", *, processor=None, pla
     return out
 
 
+@functools.cache
 def cpu_has_vnni() -> bool:
     """x86 with AVX-512 VNNI or AVX-VNNI (Linux's /proc/cpuinfo flags; False where it cannot tell)."""
     try:
@@ -846,8 +848,9 @@ def session_options(threads: int = 2):
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
     # an engine holds two sessions, each with its own pool; a pool's workers spin-wait for a while after
-    # its run, and on a small machine the encoder's spinning worker took a core from the decoder's first
-    # steps (7.5 ms instead of 3 ms per step on 2 cores). Stop spinning when a run ends.
+    # its run, and on a small machine the spinning workers take a core from the other session's run (2
+    # cores: the decoder's first steps 6.7 instead of 2.4 ms, the encoder 0.142 instead of 0.102 s;
+    # benchmarks/bench_onnx_graphs.py). Stop spinning when a run ends.
     so.add_session_config_entry("session.force_spinning_stop", "1")
     if cpu_has_vnni():
         so.add_session_config_entry("session.qdqisint8allowed", "1")

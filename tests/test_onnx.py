@@ -257,7 +257,7 @@ def test_qdq_export_uses_int8_kernels_and_stores_weights_once(exports):
     # attention chain per head) + cross kv, all int8 kernels
     assert enc.get("MatMulIntegerToFloat", 0) + enc.get("QLinearMatMul", 0) == 2 * (4 + 2 * 4) + 1
     assert enc.get("MatMul", 0) == 0
-    # decoder: qkv, out, cross q, cross out, fc1, fc2, cross qk and pv (reading the encoder's int8 K/V) per
+    # decoder: qkv, out, cross q, cross out, fc1, fc2, cross qk and pv (reading the encoder's uint8 K/V) per
     # layer int8, the logits one MatMulInteger (input quantized per row); the self-attention matmuls read
     # the step's small fake-quantized float cache (2 per layer)
     assert dec.get("MatMulIntegerToFloat", 0) + dec.get("QLinearMatMul", 0) == 2 * 8

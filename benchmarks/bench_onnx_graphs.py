@@ -1,0 +1,187 @@
+"""What each speed choice of the INT8 export and its ONNX Runtime sessions is worth, measured one by one.
+
+    .venv/bin/python benchmarks/bench_onnx_graphs.py EXPORT [--clips MANIFEST] [--threads 2] [--repeats 5]
+
+EXPORT is a QDQ export (`qat.onnx_export.export_model(..., mode="qdq")`) with quantized attention matmuls.
+Three measurements, each against the setting it replaced (min over repeats; run it alone on the machine):
+  1. signed keys/values: the encoder's attention kernels (ORT profiler) with the sessions of
+     `qat.onnx_export.session_options`, and with ORT's default int8 -> uint8 rewrite
+     (`session.qdqisint8allowed` = 0), which turns u8 x s8 into u8 x u8;
+  2. one attention chain per head: one encoder layer's QK -> softmax -> quantize -> PV on the export's
+     shapes (heads, head_dim, 1500 frames), all heads in one chain vs one chain per head (the
+     `qat.onnx_export` Q/DQ functions, random inputs);
+  3. workers that stop spinning after a run: the engine on the clips with `session.force_spinning_stop`
+     on (as shipped) and off: encoder seconds, and the decoder's first four steps and later steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DEFAULT_CLIPS = ROOT.parent / "shared" / "data" / "real-speech" / "manifest.jsonl"
+
+
+def _options(threads: int, **entries: str):
+    from qat.onnx_export import session_options
+
+    so = session_options(threads)
+    for k, v in entries.items():
+        so.add_session_config_entry(k, v)
+    return so
+
+
+def attention_kernels(encoder: Path, threads: int, repeats: int, **entries: str) -> dict:
+    """Per encoder attention kernel (an int8 matmul whose inputs are 4-D activations): its B operand's type
+    and the mean over kernels of its best time; and the best whole encoder run. ORT's profiler."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as d:
+        so = _options(threads, **entries)
+        so.enable_profiling, so.profile_file_prefix = True, str(Path(d) / "p")
+        s = ort.InferenceSession(str(encoder), so, providers=["CPUExecutionProvider"])
+        x = np.random.default_rng(0).standard_normal((1, 80, 3000)).astype(np.float32)
+        for _ in range(repeats + 1):  # the first run warms up; minima below
+            s.run(None, {"input_features": x})
+        events = json.loads(Path(s.end_profiling()).read_text())
+    per_node, b_types = collections.defaultdict(list), set()
+    for e in events:
+        a = e.get("args", {})
+        if e.get("cat") != "Node" or a.get("op_name") not in ("MatMulIntegerToFloat", "QLinearMatMul"):
+            continue
+        inputs = [next(iter(v.items())) for v in a.get("input_type_shape", [])]  # (type, shape) per input
+        if len(inputs[0][1]) == 4:
+            per_node[e["name"]].append(e["dur"])
+            b_types.add(inputs[1 if a["op_name"] == "MatMulIntegerToFloat" else 3][0])
+    return {"attention_kernels": len(per_node), "attention_b_types": sorted(b_types),
+            "attention_ms_per_kernel": 1e-3 * float(np.mean([min(v) for v in per_node.values()])),
+            "encoder_ms": 1e-3 * min(e["dur"] for e in events if e.get("name") == "model_run")}
+
+
+def attention_chain(heads: int, head_dim: int, frames: int, threads: int, repeats: int) -> dict:
+    """ms of one layer's quantized attention, all heads in one chain vs one chain per head."""
+    import onnxruntime as ort
+
+    from qat.onnx_export import _FakeQuant
+
+    fq = _FakeQuant.apply
+    a = (torch.tensor(0.05), torch.tensor(128, dtype=torch.uint8))
+    b = (torch.tensor(0.05), torch.tensor(3, dtype=torch.int8))
+    p = (torch.tensor(1 / 255), torch.tensor(0, dtype=torch.uint8))
+
+    def chain(q, k_t, v):
+        return torch.matmul(fq(torch.softmax(torch.matmul(fq(q, *a), fq(k_t, *b)), -1), *p), fq(v, *b))
+
+    class AllHeads(torch.nn.Module):
+        def forward(self, q, k_t, v):
+            return chain(q, k_t, v)
+
+    class PerHead(torch.nn.Module):
+        def forward(self, q, k_t, v):
+            return torch.cat([chain(*x) for x in zip(*(torch.split(t, 1, 1) for t in (q, k_t, v)))], dim=1)
+
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(1, heads, frames, head_dim, generator=g), torch.randn(1, heads, head_dim, frames, generator=g),
+            torch.randn(1, heads, frames, head_dim, generator=g))
+    feeds = {n: t.numpy() for n, t in zip("qkv", args)}
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        for name, module in (("all_heads", AllHeads()), ("per_head", PerHead())):
+            path = Path(d) / f"{name}.onnx"
+            torch.onnx.export(module, args, str(path), dynamo=False, opset_version=17, input_names=list("qkv"),
+                              output_names=["o"])
+            s = ort.InferenceSession(str(path), _options(threads), providers=["CPUExecutionProvider"])
+            s.run(None, feeds)
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                s.run(None, feeds)
+                times.append(time.perf_counter() - t)
+            out[f"{name}_ms"] = 1e3 * min(times)
+    return out
+
+
+def spinning(export: Path, clips: list[np.ndarray], threads: int, repeats: int) -> dict:
+    """The engine with workers that stop spinning after each run (shipped) and with ORT's default."""
+    import onnxruntime as ort
+
+    from eval.onnx_engine import OnnxEngine
+
+    engine = OnnxEngine(export, threads=threads, verify="size")
+    feats = [engine.features([c]) for c in clips]
+    steps: list[float] = []
+    run = None
+
+    def timed(io):
+        t = time.perf_counter()
+        run(io)
+        steps.append(time.perf_counter() - t)
+
+    out = {}
+    for name, stop in (("stop_spinning", "1"), ("ort_default", "0")):
+        so = _options(threads, **{"session.force_spinning_stop": stop})
+        engine.encoder, engine.decoder = (ort.InferenceSession(str(export / f), so, providers=["CPUExecutionProvider"])
+                                          for f in ("encoder.onnx", "decoder.onnx"))
+        run = engine.decoder.run_with_iobinding
+        engine.decoder.run_with_iobinding = timed
+        enc, first, later = [], [], []
+        for _ in range(repeats):
+            for f in feats:
+                steps.clear()
+                engine.timings.reset()
+                engine.generate_tokens(f)
+                enc.append(engine.timings.encoder_s)
+                first += steps[:4]
+                later += steps[4:]
+        out[name] = {"encoder_s": float(np.median(enc)), "first_4_steps_ms": 1e3 * float(np.median(first)),
+                     "later_steps_ms": 1e3 * float(np.median(later)) if later else None}
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("export", help="QDQ export directory")
+    p.add_argument("--clips", default=str(DEFAULT_CLIPS), help="JSONL manifest of clips for measurement 3")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", help="write the figures as JSON here")
+    args = p.parse_args(argv)
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)  # the overridden session entries would each log a warning
+    from eval.onnx_engine import load_export_config
+    from slim.audio import load_audio
+
+    export = Path(args.export)
+    config = load_export_config(export, verify="size")
+    s = config["structure"]
+    heads = max(s["encoder_heads"])
+    manifest = Path(args.clips)
+    clips = [load_audio(manifest.parent / json.loads(line)["audio"]) for line in manifest.read_text().splitlines()
+             if line.strip()]
+    r = {
+        "signed_kv": attention_kernels(export / "encoder.onnx", args.threads, args.repeats),
+        "uint8_kv_ort_default": attention_kernels(export / "encoder.onnx", args.threads, args.repeats,
+                                                  **{"session.qdqisint8allowed": "0"}),
+        "attention_chain": attention_chain(heads, s["head_dim"], config["model"]["n_frames"] // 2, args.threads,
+                                           args.repeats),
+        "spinning": spinning(export, clips, args.threads, args.repeats),
+    }
+    print(json.dumps(r, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(r, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
