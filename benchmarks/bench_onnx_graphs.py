@@ -12,6 +12,8 @@ Three measurements, each against the setting it replaced (min over repeats; run 
      `qat.onnx_export` Q/DQ functions, random inputs);
   3. workers that stop spinning after a run: the engine on the clips with `session.force_spinning_stop`
      on (as shipped) and off: encoder seconds, and the decoder's first four steps and later steps.
+  --against OTHER_EXPORT [...]: also the whole encoder of EXPORT and of each OTHER (e.g. the same model
+     exported by an earlier commit), runs interleaved on the same input, median and min of --repeats x 6.
 """
 
 from __future__ import annotations
@@ -111,6 +113,25 @@ def attention_chain(heads: int, head_dim: int, frames: int, threads: int, repeat
     return out
 
 
+def encoders(exports: list[Path], threads: int, repeats: int, gap: float = 0.1) -> dict:
+    """Median and min ms of whole encoder runs of each export, interleaved (one input, `gap` s idle before each)."""
+    import onnxruntime as ort
+
+    sessions = {str(e): ort.InferenceSession(str(e / "encoder.onnx"), _options(threads),
+                                             providers=["CPUExecutionProvider"]) for e in exports}
+    x = {"input_features": np.random.default_rng(0).standard_normal((1, 80, 3000)).astype(np.float32) * 0.5}
+    times = {k: [] for k in sessions}
+    for s in sessions.values():
+        s.run(None, x)
+    for _ in range(6 * repeats):
+        for k, s in sessions.items():
+            time.sleep(gap)
+            t = time.perf_counter()
+            s.run(None, x)
+            times[k].append(time.perf_counter() - t)
+    return {k: {"median_ms": 1e3 * float(np.median(v)), "min_ms": 1e3 * min(v)} for k, v in times.items()}
+
+
 def spinning(export: Path, clips: list[np.ndarray], threads: int, repeats: int) -> dict:
     """The engine with workers that stop spinning after each run (shipped) and with ORT's default."""
     import onnxruntime as ort
@@ -154,6 +175,8 @@ def main(argv=None) -> int:
     p.add_argument("--clips", default=str(DEFAULT_CLIPS), help="JSONL manifest of clips for measurement 3")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--against", nargs="+", default=[], metavar="OTHER_EXPORT",
+                   help="also time the whole encoder of these exports against EXPORT's")
     p.add_argument("--out", help="write the figures as JSON here")
     args = p.parse_args(argv)
     import onnxruntime as ort
@@ -177,6 +200,8 @@ def main(argv=None) -> int:
                                            args.repeats),
         "spinning": spinning(export, clips, args.threads, args.repeats),
     }
+    if args.against:
+        r["encoders"] = encoders([export] + [Path(a) for a in args.against], args.threads, args.repeats)
     print(json.dumps(r, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(r, indent=2) + "\n")

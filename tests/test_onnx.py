@@ -252,12 +252,11 @@ def test_dynamic_int8_export_runs_with_int8_kernels(exports, dense_tokens, feats
 def test_qdq_export_uses_int8_kernels_and_stores_weights_once(exports):
     d = exports["qdq"]
     enc, dec = int8_kernel_counts(d / "encoder.onnx"), int8_kernel_counts(d / "decoder.onnx")
-    # q/k/v share one min-max input quantizer, so they run as one fused projection (the cross k/v of both
-    # decoder layers too). encoder: 2 layers x (qkv, out, fc1, fc2, and qk, pv for each of 4 heads: one
-    # attention chain per head) + cross kv, all int8 kernels
-    assert enc.get("MatMulIntegerToFloat", 0) + enc.get("QLinearMatMul", 0) == 2 * (4 + 2 * 4) + 1
+    # encoder: 2 layers x (q, k, v, out, fc1, fc2, and qk, pv for each of 4 heads: one attention chain per
+    # head) + the cross k and v of both decoder layers, all int8 kernels
+    assert enc.get("MatMulIntegerToFloat", 0) + enc.get("QLinearMatMul", 0) == 2 * (6 + 2 * 4) + 2 * 2
     assert enc.get("MatMul", 0) == 0
-    # decoder: qkv, out, cross q, cross out, fc1, fc2, cross qk and pv (reading the encoder's uint8 K/V) per
+    # decoder: qkv (one fused projection: q/k/v share one min-max input quantizer), out, cross q, cross out, fc1, fc2, cross qk and pv (reading the encoder's uint8 K/V) per
     # layer int8, the logits one MatMulInteger (input quantized per row); the self-attention matmuls read
     # the step's small fake-quantized float cache (2 per layer)
     assert dec.get("MatMulIntegerToFloat", 0) + dec.get("QLinearMatMul", 0) == 2 * 8
