@@ -382,11 +382,12 @@ NUDGE = 1e-6  # relative change of the input features for the noise-floor measur
 
 
 def parity_report(torch_models: dict, export_dir: str | Path, data, limit: int | None = None,
-                  threads: int = 2) -> dict:
+                  threads: int = 2, torch_floor: bool = False) -> dict:
     """Token agreement with the ONNX engine and WER, side by side, for torch models on an eval set.
 
     torch_models: {name: model} (float, fake-quant, PyTorch INT8...); data: anything `slim.data` opens.
-    Also reports the engine's agreement with itself on inputs nudged by NUDGE (its noise floor).
+    Also reports the engine's agreement with itself on inputs nudged by NUDGE (its noise floor), and with
+    `torch_floor` each torch model's agreement with itself nudged (twice the torch decoding time).
     """
     from eval.engines import token_budget
     from eval.metrics import word_error_rate
@@ -427,6 +428,17 @@ def parity_report(torch_models: dict, export_dir: str | Path, data, limit: int |
         report[name] = {"wer": word_error_rate(refs, engine.decode_text(tokens)),
                         "token_agreement_with_onnx": a["token_agreement"], "exact_match": a["exact_match"],
                         "next_token_agreement_with_onnx": next_token_agreement(tokens, picks, eos, budgets)}
+        if torch_floor:  # the torch model against itself on the nudged input: free running, and fed its own tokens
+            nudged_tokens, nudged_picks = [], []
+            for f, n, own in zip(feats, budgets, tokens):
+                g = f * np.float32(1 + NUDGE)
+                nudged_tokens += torch_greedy_tokens(model, g, engine.decode, n)
+                nudged_picks += torch_greedy_tokens(model, g, engine.decode, forced=[own])
+            b = agreement(tokens, nudged_tokens)
+            report[name].update({"token_agreement_with_itself_nudged": b["token_agreement"],
+                                 "exact_match_nudged": b["exact_match"],
+                                 "next_token_agreement_with_itself_nudged": next_token_agreement(
+                                     tokens, nudged_picks, eos, budgets)})
     return report
 
 
@@ -441,12 +453,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch", nargs="+", required=True, help="model directories to compare with the export")
     p.add_argument("--limit", type=int)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--torch-floor", action="store_true",
+                   help="also each torch model against itself on the nudged input (its own noise floor)")
     p.add_argument("--out", help="write the report as JSON here")
     args = p.parse_args(argv)
     from qat.onnx_export import load_source_model
 
     models = {str(d): load_source_model(d)[0] for d in args.torch}
-    report = parity_report(models, args.export_dir, args.data, limit=args.limit, threads=args.threads)
+    report = parity_report(models, args.export_dir, args.data, limit=args.limit, threads=args.threads,
+                           torch_floor=args.torch_floor)
     text = json.dumps(report, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")

@@ -12,7 +12,8 @@ loses accuracy) and was no faster; `torch.ops.onednn.qlinear_pointwise` with fp3
 fp32-output kernel for these packed weights in torch 2.13 (`apply_with_input_q_dq_qweight_dq_output_fp32
 is not implemented`), so `convert_to_int8` accepts engine "x86" or "fbgemm" and says so for qnnpack.
 
-What stays float: LayerNorm, softmax, GELU, the conv front end; the attention matmuls run their
+What stays float: LayerNorm, softmax, GELU, the conv front end unless QAT quantized it (`Int8Conv1d`:
+the same kernel over the conv's windows); the attention matmuls run their
 inputs through the frozen uint8 Q/DQ (PyTorch has no CPU int8 batched matmul with a float output),
 which gives the same values an int8 matmul would, but costs more than the matmul (`matmuls="float"`
 drops it, for speed); the tied embedding / output projection, when `embeddings` was on, is stored
@@ -38,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qat.prepare import QATEmbedding, QATLinear, QuantConfig, QuantMatMul, prepare_qat, weight_qparams
+from qat.prepare import (QATConv1d, QATEmbedding, QATLinear, QuantConfig, QuantMatMul, conv_windows, prepare_qat,
+                         weight_qparams, window_weight)
 from qat.quantizers import fake_quant, quantize
 from slim.attention import MatMul
 
@@ -72,19 +74,24 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_qat(cls, m: QATLinear, engine: str = "x86", exact: bool = True) -> "Int8Linear":
-        new = cls(m.in_features, m.out_features, m.bias is not None, engine, exact)
-        ws, wz = weight_qparams(m.weight_quant, m.weight)
+        return cls(m.in_features, m.out_features, m.bias is not None, engine, exact)._load_qat(m)
+
+    @torch.no_grad()
+    def _load_qat(self, m: QATLinear | QATConv1d) -> "Int8Linear":
+        """Fill from a fake-quant module: its int8 weight (a conv's as the window matrix) and scales."""
         q = m.weight_quant
         if q.bits != 8 or m.input_quant.bits != 8:
             raise ValueError(f"convert needs 8-bit quantizers, got weight {q.bits} / input {m.input_quant.bits} bits")
-        new.weight_int8.copy_(quantize(m.weight, ws, wz, q.qmin, q.qmax, axis=0))
-        new.weight_scale.copy_(ws)
+        ws, wz = weight_qparams(q, m.weight)
+        qw = quantize(m.weight, ws, wz, q.qmin, q.qmax, axis=0)
+        self.weight_int8.copy_(window_weight(qw) if qw.dim() == 3 else qw)
+        self.weight_scale.copy_(ws)
         if m.bias is not None:
-            new.bias.copy_(m.bias.detach())
+            self.bias.copy_(m.bias.detach())
         s, z = m.input_quant.qparams()
-        new.input_scale.copy_(s)
-        new.input_zero_point.copy_(z)
-        return new
+        self.input_scale.copy_(s)
+        self.input_zero_point.copy_(z)
+        return self
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._packed = None  # new int8 weights: repack on next use
@@ -118,6 +125,31 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, engine={self.engine}, exact={self.exact}"
+
+
+class Int8Conv1d(Int8Linear):
+    """A conv of the front end in W8A8: `Int8Linear`'s kernel over the input's kernel windows
+    (`qat.prepare.conv_windows`; zero padding is 0 on the input grid). (B, C, T) in, (B, C', T') out, like
+    nn.Conv1d; saved as the Linear over the windows (weight_int8 (out, kernel * in))."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int,
+                 bias: bool = True, engine: str = "x86", exact: bool = True):
+        super().__init__(kernel_size * in_channels, out_channels, bias, engine, exact)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = (kernel_size,), (stride,), (padding,)  # as nn.Conv1d has them
+
+    @classmethod
+    def from_qat(cls, m: QATConv1d, engine: str = "x86", exact: bool = True) -> "Int8Conv1d":
+        return cls(m.in_channels, m.out_channels, m.kernel_size[0], m.stride[0], m.padding[0], m.bias is not None,
+                   engine, exact)._load_qat(m)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        windows = conv_windows(x.transpose(1, 2), self.kernel_size[0], self.stride[0], self.padding[0], fill=0.0)
+        return super().forward(windows).transpose(1, 2)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, engine={self.engine}, exact={self.exact}")
 
 
 class QDQMatMul(MatMul):
@@ -211,7 +243,7 @@ def convert_to_int8(model: nn.Module, engine: str = "x86", inplace: bool = False
     """The INT8 model of a fake-quant model (prepared, calibrated; usually frozen).
 
     Every QATLinear with both quantizers on becomes `Int8Linear`; with both off, a plain nn.Linear
-    (same Parameters); every QuantMatMul with both on becomes `QDQMatMul`, with both off a plain
+    (same Parameters); a QATConv1d likewise `Int8Conv1d` or a plain nn.Conv1d; every QuantMatMul with both on becomes `QDQMatMul`, with both off a plain
     MatMul; a quantized embedding becomes `Int8Embedding` + `TiedInt8Logits`. Scales are the ones the
     fake-quant forward uses now (activation scales as frozen, weight scales of the current weights).
 
@@ -231,14 +263,15 @@ def convert_to_int8(model: nn.Module, engine: str = "x86", inplace: bool = False
         model = copy.deepcopy(model)
     model.eval()
     for name, m in list(model.named_modules()):
-        if isinstance(m, QATLinear) and m.input_quant is not None:
+        if isinstance(m, (QATLinear, QATConv1d)) and m.input_quant is not None:
+            conv = isinstance(m, QATConv1d)
             on = (m.input_quant.is_enabled, m.weight_quant.is_enabled)
             if on == (True, True):
                 if _check and not m.input_quant.calibrated:
                     raise ValueError(f"{name}: input quantizer was never calibrated (run qat.prepare.calibrate)")
-                _set(model, name, Int8Linear.from_qat(m, engine, exact))
+                _set(model, name, (Int8Conv1d if conv else Int8Linear).from_qat(m, engine, exact))
             elif on == (False, False):
-                _set(model, name, m.to_linear())
+                _set(model, name, m.to_conv() if conv else m.to_linear())
             else:
                 raise ValueError(f"{name}: input and weight quantizers must be both on or both off to convert")
         elif isinstance(m, QuantMatMul):

@@ -2,6 +2,8 @@
 
     prepare_qat(model, cfg)   every matched nn.Linear -> QATLinear (same weight/bias Parameters,
                               + `input_quant` uint8 per tensor, `weight_quant` int8 per channel);
+                              with `conv`, the encoder's conv front end -> QATConv1d (the same two
+                              quantizers: a Linear over its kernel windows);
                               every matched attention MatMul (`qk`, `pv`) -> QuantMatMul
                               (+ `a_quant`, `b_quant`, both uint8 per tensor);
                               optionally the tied embedding / output projection, int8 weight-only.
@@ -9,7 +11,7 @@
     freeze_observers(model)   fixed scales from now on
     ptq(model, cfg, batches)  prepare + calibrate + freeze: the post-training baseline
 
-LayerNorm, softmax and the conv front end stay float. The quantizer state lives in buffers under
+LayerNorm, softmax and GELU stay float, and the conv front end unless `conv` is on. The quantizer state lives in buffers under
 the module names, e.g. `model.encoder.layers.0.fc1.input_quant.scale` (uint8 grid: scale float32 (),
 zero_point int32 () in [0, 255]), `...fc1.weight_quant.scale` (float32 (out,), zero point 0), and
 `model.decoder.layers.1.encoder_attn.qk.a_quant.scale`; `save_model(model, out, quant=cfg.to_dict())`
@@ -33,6 +35,7 @@ from qat.quantizers import FakeQuantizer, activation_quantizer, weight_quantizer
 from slim.attention import MatMul, SlimAttention
 
 LAYER_PREFIXES = ("model.encoder.layers.", "model.decoder.layers.")
+CONV_FRONT_END = ("model.encoder.conv1", "model.encoder.conv2")
 # keys of the saved quant dict that describe a converted model rather than the QAT settings
 CONVERT_KEYS = ("converted", "engine", "exact", "matmuls")
 
@@ -60,6 +63,10 @@ class QuantConfig:
     """Quantize both inputs of the attention matmuls Q·Kᵀ (`qk`) and P·V (`pv`)."""
     embeddings: bool = False
     """Int8 weight-only (per token row) for the decoder's tied embed_tokens / proj_out."""
+    conv: bool = False
+    """Quantize the encoder's conv front end (conv1, conv2; `include`/`exclude` apply) like Linear layers
+    over their kernel windows: uint8 input per tensor, int8 weight per output channel. The INT8 engines
+    then run each conv as one int8 GEMM over the windows (`conv_windows`) instead of a float conv."""
     freeze_observers_after: int | None = None
     """Trainer step after which activation observers are frozen (None: observe throughout QAT)."""
     lsq: bool = False
@@ -96,6 +103,9 @@ class QuantConfig:
             raise ValueError(f"quant.calibration_batches must be an integer >= 0, got {self.calibration_batches!r}")
         if not isinstance(self.keep_float, int) or isinstance(self.keep_float, bool) or self.keep_float < 0:
             raise ValueError(f"quant.keep_float must be an integer >= 0, got {self.keep_float!r}")
+        for name in ("quantize_matmuls", "embeddings", "conv", "lsq"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"quant.{name} must be true or false, got {getattr(self, name)!r}")
         if self.sensitivity_by not in ("group", "layer"):
             raise ValueError(f"quant.sensitivity_by must be 'group' or 'layer', got {self.sensitivity_by!r}")
         if self.keep_float and self.calibration_batches < 1:
@@ -150,6 +160,64 @@ class QATLinear(nn.Linear):
         if self.input_quant is not None:
             x = self.input_quant(x)
         return F.linear(x, self.weight_quant.cached(self.weight), self.bias)
+
+
+class QATConv1d(nn.Conv1d):
+    """nn.Conv1d with fake-quantized input (uint8 per tensor) and weight (int8 per output channel).
+
+    The same Parameters as the conv it replaces (`from_conv`; `to_conv` gives a plain one back). Zero
+    padding pads the quantized input with 0, a point of every affine grid, so the conv is exactly a
+    Linear over `conv_windows` of the input with `window_weight` of the weight: what the INT8 engines run.
+    """
+
+    _ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+              "padding_mode", "output_padding", "transposed", "_reversed_padding_repeated_twice")
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv1d, weight_quant: FakeQuantizer, input_quant: FakeQuantizer) -> "QATConv1d":
+        if conv.groups != 1 or conv.dilation != (1,) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"conv quantization supports plain zero-padded convolutions (as Whisper's), got {conv}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for k in cls._ATTRS:
+            setattr(new, k, getattr(conv, k))
+        new.weight, new.bias = conv.weight, conv.bias
+        new.weight_quant, new.input_quant = weight_quant, input_quant
+        return new.train(conv.training)
+
+    def to_conv(self) -> nn.Conv1d:
+        conv = nn.Conv1d.__new__(nn.Conv1d)
+        nn.Module.__init__(conv)
+        for k in self._ATTRS:
+            setattr(conv, k, getattr(self, k))
+        conv.weight, conv.bias = self.weight, self.bias
+        return conv.train(self.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.input_quant(x), self.weight_quant.cached(self.weight), self.bias)
+
+
+def window_weight(w: torch.Tensor) -> torch.Tensor:
+    """A Conv1d weight (out, in, kernel) as the (out, kernel * in) matrix that multiplies `conv_windows`."""
+    return w.permute(0, 2, 1).reshape(w.shape[0], -1)
+
+
+def conv_windows(x: torch.Tensor, kernel: int, stride: int, padding: int, fill) -> torch.Tensor:
+    """The kernel windows of a time-major sequence x (B, T, C): (B, T_out, kernel * C), window i holding
+    frames i*stride - padding + j (j < kernel, frame by frame) with `fill` outside x.
+
+    Built from contiguous slices only: the padded frames are regrouped `stride` at a time, so window
+    offset j is one slice of whole rows (ONNX Runtime copies contiguous slices at memory speed; strided
+    ones, what unfolding with stride 2 becomes, took 1.2 ms each on the conv2 input of tiny.en). Works
+    on any dtype: the INT8 graphs window the uint8 codes, `fill` = the zero point.
+    """
+    B, T, C = x.shape
+    n = (T + 2 * padding - kernel) // stride + 1
+    rows = stride * ((kernel - 1) // stride + n)  # padded frames the windows reach, rounded to whole groups
+    x = F.pad(x, (0, 0, padding, max(rows - T - padding, 0)), value=fill)[:, :rows]
+    groups = x.reshape(B, rows // stride, stride * C)
+    cols = [groups[:, j // stride: j // stride + n, (j % stride) * C: (j % stride + 1) * C] for j in range(kernel)]
+    return torch.cat(cols, dim=2)
 
 
 class QATEmbedding(nn.Embedding):
@@ -233,6 +301,11 @@ def prepare_qat(model: nn.Module, cfg: QuantConfig) -> nn.Module:
             _set(model, name, QATLinear.from_linear(m, weight_quantizer(m.out_features, cfg.weight_bits, cfg.lsq), act()))
         elif cfg.quantize_matmuls:
             _set(model, name, QuantMatMul(act(), act()).train(m.training))
+    if cfg.conv:
+        for name in CONV_FRONT_END:
+            if cfg.selects(name):
+                m = model.get_submodule(name)
+                _set(model, name, QATConv1d.from_conv(m, weight_quantizer(m.out_channels, cfg.weight_bits, cfg.lsq), act()))
     if cfg.embeddings:
         emb = model.model.decoder.embed_tokens
         model.model.decoder.embed_tokens = QATEmbedding.from_embedding(
@@ -413,7 +486,7 @@ def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.float32) -
 
 def export_quant_plan(model: nn.Module):
     """The QAT state as `qat.onnx_export.QuantPlan`: per quantized Linear (input ActQuant on the uint8
-    grid, int8 per-channel weight), per quantized matmul (ActQuant of a, ActQuant of b), and the int8
+    grid, int8 per-channel weight; a quantized conv as the Linear over its windows, `window_weight`), per quantized matmul (ActQuant of a, ActQuant of b), and the int8
     embedding when `embeddings` was on. Disabled quantizers are left out (those modules stay float);
     an enabled activation quantizer that never saw data is an error."""
     from qat.onnx_export import ActQuant, QuantPlan, WeightQuant
@@ -431,11 +504,12 @@ def export_quant_plan(model: nn.Module):
         if q.bits != 8:
             raise ValueError(f"{name}: only 8-bit weights export, got {q.bits} bits")
         scale, zp = weight_qparams(q, w)
-        return WeightQuant(quantize(w, scale, zp, q.qmin, q.qmax, axis=0), scale)
+        qw = quantize(w, scale, zp, q.qmin, q.qmax, axis=0)
+        return WeightQuant(window_weight(qw) if qw.dim() == 3 else qw, scale)  # a conv: its window matrix
 
     plan = QuantPlan()
     for name, m in model.named_modules():
-        if isinstance(m, QATLinear) and m.input_quant is not None:
+        if isinstance(m, (QATLinear, QATConv1d)) and m.input_quant is not None:
             if m.input_quant.is_enabled and m.weight_quant.is_enabled:
                 plan.linears[name] = (act(name + ".input_quant", m.input_quant), weight(name, m.weight_quant, m.weight))
             elif m.input_quant.is_enabled != m.weight_quant.is_enabled:

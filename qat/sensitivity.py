@@ -36,6 +36,7 @@ GROUPS: dict[str, list[str]] = {
     "encoder attention matmuls": ["model.encoder.layers.*.self_attn.qk", "model.encoder.layers.*.self_attn.pv"],
     "decoder self-attention matmuls": ["model.decoder.layers.*.self_attn.qk", "model.decoder.layers.*.self_attn.pv"],
     "cross-attention matmuls": ["model.decoder.layers.*.encoder_attn.qk", "model.decoder.layers.*.encoder_attn.pv"],
+    "conv front end": ["model.encoder.conv1", "model.encoder.conv2"],  # scanned when quant.conv is on
 }
 
 

@@ -11,9 +11,10 @@ from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from qat.convert import (Int8Embedding, Int8Linear, QDQMatMul, TiedInt8Logits, convert_to_int8, load_int8_model,
-                         save_int8_model)
-from qat.prepare import QATLinear, QuantConfig, calibrate, prepare_qat, ptq
+from qat.convert import (Int8Conv1d, Int8Embedding, Int8Linear, QDQMatMul, TiedInt8Logits, convert_to_int8,
+                         load_int8_model, save_int8_model)
+from qat.prepare import (QATConv1d, QATLinear, QuantConfig, calibrate, conv_windows, freeze_observers, prepare_qat,
+                         ptq, set_fake_quant, window_weight)
 from qat.quantizers import activation_quantizer, weight_quantizer
 from slim.model import Structure, build_model, install_explicit_attention, save_model
 from slim.sources import tiny_random_whisper
@@ -160,3 +161,57 @@ def test_convert_errors(fq):
     fresh.model.encoder.layers[0].fc1.weight_quant.enable(False)
     with pytest.raises(ValueError, match="model.encoder.layers.0.fc1: input and weight quantizers"):
         convert_to_int8(fresh)
+
+
+@pytest.mark.parametrize("channels,kernel,stride,padding,frames",
+                         [(80, 3, 1, 1, 50), (16, 3, 2, 1, 50), (16, 3, 2, 1, 51), (8, 5, 3, 2, 40), (8, 1, 1, 0, 9)])
+def test_conv_windows_times_window_weight_is_conv1d(channels, kernel, stride, padding, frames):
+    """Whisper's two convs (kernel 3, stride 1 and 2) and other shapes: the window matrix product is the conv."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, channels, frames, generator=g), torch.randn(6, channels, kernel, generator=g)
+    ref = torch.nn.functional.conv1d(x, w, None, stride, padding)
+    got = conv_windows(x.transpose(1, 2), kernel, stride, padding, 0.0) @ window_weight(w).t()
+    assert got.shape == ref.transpose(1, 2).shape
+    assert torch.allclose(got, ref.transpose(1, 2), atol=1e-5)
+    # on uint8 codes with the zero point as the fill: the windows of the codes are the codes of the windows
+    q = torch.randint(0, 256, (2, frames, channels), generator=g, dtype=torch.uint8)
+    windows = conv_windows(q, kernel, stride, padding, 7)
+    assert windows.dtype == torch.uint8
+    assert torch.equal(windows.float() - 7, conv_windows(q.float() - 7, kernel, stride, padding, 0.0))
+
+
+def test_conv_front_end_quantizes_converts_and_round_trips(tmp_path):
+    """quant.conv: both convs fake-quantized on the same Parameters (bit-exact float with quantizers off),
+    converted to `Int8Conv1d` (the Linear kernel over the windows) that matches fake quant, saved and reloaded."""
+    float_model = install_explicit_attention(tiny_random_whisper(seed=0, max_source_positions=FRAMES // 2).eval())
+    fq = prepare_qat(copy.deepcopy(float_model), QuantConfig(conv=True, embeddings=True))
+    enc = fq.model.encoder
+    assert isinstance(enc.conv1, QATConv1d) and isinstance(enc.conv2, QATConv1d)
+    assert enc.conv2.weight is dict(fq.named_parameters())["model.encoder.conv2.weight"]
+    x = torch.randn(2, enc.conv2.in_channels, FRAMES)
+    set_fake_quant(fq, False)
+    with torch.no_grad():
+        assert torch.equal(enc.conv2(x), float_model.model.encoder.conv2(x))
+    set_fake_quant(fq, True)
+    calibrate(fq, _batches(2))
+    freeze_observers(fq)
+    int8 = convert_to_int8(fq)
+    c1, c2 = int8.model.encoder.conv1, int8.model.encoder.conv2
+    assert isinstance(c1, Int8Conv1d) and isinstance(c2, Int8Conv1d) and c2.stride == (2,)
+    assert c1.weight_int8.shape == (enc.conv1.out_channels, 3 * 80) and c1.weight_int8.dtype == torch.int8
+    with torch.no_grad():
+        ref, got = enc.conv2(x), c2(x)
+    assert got.shape == ref.shape == (2, enc.conv2.out_channels, FRAMES // 2)
+    assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    b = _batches(1, seed=5)[0]
+    assert float((_logits(fq, b) - _logits(int8, b)).abs().max()) < 1e-3
+    assert torch.equal(_greedy(fq, b["input_features"]), _greedy(int8, b["input_features"]))
+    loaded = load_int8_model(save_int8_model(int8, tmp_path / "int8"))
+    assert isinstance(loaded.model.encoder.conv2, Int8Conv1d)
+    assert torch.equal(_logits(loaded, b), _logits(int8, b))
+    # include/exclude apply to the convs as to any module; without quant.conv they stay plain convs
+    part = prepare_qat(copy.deepcopy(float_model), QuantConfig(conv=True, exclude=["model.encoder.conv1"]))
+    assert type(part.model.encoder.conv1) is nn.Conv1d and isinstance(part.model.encoder.conv2, QATConv1d)
+    assert type(prepare_qat(copy.deepcopy(float_model), QuantConfig()).model.encoder.conv1) is nn.Conv1d
+    with pytest.raises(ValueError, match="quant.conv must be true or false"):
+        QuantConfig(conv="yes")

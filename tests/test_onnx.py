@@ -53,13 +53,13 @@ def dense_tokens(dense, feats):
     return torch_greedy_tokens(dense, np.stack(feats), DecodeConfig.from_model(dense), max_new_tokens=NEW)
 
 
-def _ptq(model, feats, ids):
+def _ptq(model, feats, ids, **settings):
     """qat.prepare's post-training quantization (min-max observers, int8 embedding too) of a copy of `model`."""
     import copy
 
     from qat.prepare import QuantConfig, ptq
 
-    cfg = QuantConfig(embeddings=True)
+    cfg = QuantConfig(embeddings=True, **settings)
     fq = ptq(copy.deepcopy(model), cfg, [{"input_features": torch.tensor(np.stack(feats)), "labels": ids}])
     return fq, cfg
 
@@ -358,6 +358,27 @@ def test_qdq_export_agrees_with_the_fake_quant_model(exports, fake_quant, feats)
     assert r["token_agreement"] >= 0.99
 
 
+def test_qdq_export_runs_the_quantized_conv_front_end_as_int8_gemms(dense, feats, tmp_path):
+    """quant.conv: no float Conv left in the encoder ORT runs (two more int8 GEMMs, over the windows of the
+    uint8 codes); the encoder output and the greedy tokens follow the fake-quant model."""
+    import onnxruntime as ort
+
+    from slim.model import save_model
+
+    fq, cfg = _ptq(dense, feats, torch.tensor([[50257, 50362] + list(range(400, 420))] * len(feats)), conv=True)
+    d = export_model(save_model(fq, tmp_path / "fq", quant=cfg.to_dict()), tmp_path / "qdq", mode="qdq")
+    enc = int8_kernel_counts(d / "encoder.onnx")
+    assert enc.get("Conv", 0) == 0
+    assert enc.get("MatMulIntegerToFloat", 0) + enc.get("QLinearMatMul", 0) == 2 * (6 + 2 * 4) + 2 * 2 + 2
+    x = np.stack(feats)
+    with torch.no_grad():
+        hidden = fq.model.encoder(torch.tensor(x)).last_hidden_state.numpy()
+    got = ort.InferenceSession(str(d / "encoder.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"input_features": x})[0]
+    assert np.abs(got - hidden).max() <= 1e-3 * np.abs(hidden).max()
+    assert parity(fq, d, feats, threads=1, max_new_tokens=NEW)["token_agreement"] >= 0.99
+
+
 def test_parity_command_reports_agreement_wer_and_the_noise_floor(exports, tmp_path, capsys):
     import soundfile as sf
 
@@ -404,6 +425,17 @@ def test_parity_command_reports_agreement_wer_and_the_noise_floor(exports, tmp_p
     assert fq["next_token_agreement_with_onnx"] == next_token_agreement(tokens, picks, eos, budgets)
     assert fq["token_agreement_with_onnx"] == agreement(tokens, plain)["token_agreement"]
     assert fq["wer"] == word_error_rate(["one two", "three"], e.decode_text(tokens))
+    # --torch-floor: also the fake-quant model against itself on the nudged input, the rest unchanged
+    assert parity_main([str(exports["qdq"]), "--data", str(tmp_path / "m.jsonl"), "--torch", str(fq_dir),
+                        "--threads", "1", "--torch-floor", "--out", str(tmp_path / "p2.json")]) == 0
+    fq2 = json.loads((tmp_path / "p2.json").read_text())[str(fq_dir)]
+    assert {k: fq2[k] for k in fq} == fq
+    nudged_feats = [f * np.float32(1 + NUDGE) for f in feats]
+    own = [t for f, n in zip(nudged_feats, budgets) for t in torch_greedy_tokens(model, f, e.decode, n)]
+    assert fq2["token_agreement_with_itself_nudged"] == agreement(tokens, own)["token_agreement"]
+    assert fq2["exact_match_nudged"] == agreement(tokens, own)["exact_match"]
+    picks = [t for f, ref in zip(nudged_feats, tokens) for t in torch_greedy_tokens(model, f, e.decode, forced=[ref])]
+    assert fq2["next_token_agreement_with_itself_nudged"] == next_token_agreement(tokens, picks, eos, budgets)
 
 
 def test_qdq_needs_quantizer_state(dense, tmp_path):
