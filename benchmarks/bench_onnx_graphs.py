@@ -12,6 +12,10 @@ Three measurements, each against the setting it replaced (min over repeats; run 
      `qat.onnx_export` Q/DQ functions, random inputs);
   3. workers that stop spinning after a run: the engine on the clips with `session.force_spinning_stop`
      on (as shipped) and off: encoder seconds, and the decoder's first four steps and later steps.
+  4. the conv front end (quant.conv): conv1 -> GELU -> conv2 -> GELU on the export's shapes (random
+     weights), as float Conv nodes vs as int8 GEMMs over the windows of the uint8 codes
+     (`qat.prepare.conv_windows` on the time-major codes, as exported) and over windows cut from the
+     channels-first codes (strided slices along each channel's row).
   --against OTHER_EXPORT [...]: also the whole encoder of EXPORT and of each OTHER (e.g. the same model
      exported by an earlier commit), runs interleaved on the same input, median and min of --repeats x 6.
 """
@@ -103,14 +107,71 @@ def attention_chain(heads: int, head_dim: int, frames: int, threads: int, repeat
             torch.onnx.export(module, args, str(path), dynamo=False, opset_version=17, input_names=list("qkv"),
                               output_names=["o"])
             s = ort.InferenceSession(str(path), _options(threads), providers=["CPUExecutionProvider"])
-            s.run(None, feeds)
-            times = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                s.run(None, feeds)
-                times.append(time.perf_counter() - t)
-            out[f"{name}_ms"] = 1e3 * min(times)
+            out[f"{name}_ms"] = 1e3 * _best(lambda: s.run(None, feeds), repeats)
     return out
+
+
+def front_end(n_mels: int, d_model: int, frames: int, threads: int, repeats: int) -> dict:
+    """ms of Whisper's conv front end: float convs, int8 GEMMs over windows of the time-major codes (as
+    exported), and over windows cut from the channels-first codes (then transposed)."""
+    import onnxruntime as ort
+
+    from qat.onnx_export import _Dequant, _Quant
+    from qat.prepare import conv_windows, window_weight
+
+    g = torch.Generator().manual_seed(0)
+    convs = [torch.nn.Conv1d(n_mels, d_model, 3, padding=1), torch.nn.Conv1d(d_model, d_model, 3, stride=2, padding=1)]
+    act = (torch.tensor(0.02), torch.tensor(100, dtype=torch.uint8))
+
+    def channels_first(q, kernel, stride, padding, fill):  # the same windows, cut from (B, C, T) codes
+        q = torch.nn.functional.pad(q.transpose(1, 2), (padding, padding), value=fill)
+        n = (q.shape[2] - kernel) // stride + 1
+        return torch.cat([q[:, :, j: j + stride * (n - 1) + 1: stride] for j in range(kernel)], dim=1).transpose(1, 2)
+
+    class FrontEnd(torch.nn.Module):
+        def __init__(self, windows):
+            super().__init__()
+            self.windows, self.convs = windows, torch.nn.ModuleList(convs)
+            for i, c in enumerate(convs):
+                w = window_weight(c.weight.detach())
+                scale = w.abs().amax(1) / 127
+                self.register_buffer(f"w{i}", torch.round(w / scale[:, None]).to(torch.int8).t().contiguous())
+                self.register_buffer(f"s{i}", scale)
+                self.register_buffer(f"b{i}", c.bias.detach())
+            self.register_buffer("z", torch.zeros(d_model, dtype=torch.int8))
+
+        def forward(self, x):
+            if self.windows is None:
+                return torch.nn.functional.gelu(self.convs[1](torch.nn.functional.gelu(self.convs[0](x)))).transpose(1, 2)
+            x = x.transpose(1, 2)
+            for i, c in enumerate(self.convs):
+                win = self.windows(_Quant.apply(x, *act), 3, c.stride[0], 1, int(act[1]))
+                w = _Dequant.apply(getattr(self, f"w{i}"), getattr(self, f"s{i}"), self.z, 1)
+                x = torch.nn.functional.gelu(torch.matmul(_Dequant.apply(win, *act, 0), w) + getattr(self, f"b{i}"))
+            return x
+
+    x = torch.randn(1, n_mels, frames, generator=g)
+    out = {}
+    with tempfile.TemporaryDirectory() as d, torch.no_grad():
+        for name, windows in (("float_conv", None), ("int8_windows", conv_windows),
+                              ("int8_channels_first_windows", channels_first)):
+            path = Path(d) / f"{name}.onnx"
+            torch.onnx.export(FrontEnd(windows), (x,), str(path), dynamo=False, opset_version=17, input_names=["x"],
+                              dynamic_axes={"x": {0: "batch"}})  # a dynamic batch, as exported: ORT keeps MatMul
+            s = ort.InferenceSession(str(path), _options(threads), providers=["CPUExecutionProvider"])
+            out[f"{name}_ms"] = 1e3 * _best(lambda: s.run(None, {"x": x.numpy()}), repeats)
+    return out
+
+
+def _best(run, repeats: int) -> float:
+    """Best seconds of `run()` over `repeats` calls after one warm-up call."""
+    run()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    return min(times)
 
 
 def encoders(exports: list[Path], threads: int, repeats: int, gap: float = 0.1) -> dict:
@@ -199,6 +260,8 @@ def main(argv=None) -> int:
         "attention_chain": attention_chain(heads, s["head_dim"], config["model"]["n_frames"] // 2, args.threads,
                                            args.repeats),
         "spinning": spinning(export, clips, args.threads, args.repeats),
+        "conv_front_end": front_end(config["model"]["num_mel_bins"], config["model"]["d_model"],
+                                    config["model"]["n_frames"], args.threads, args.repeats),
     }
     if args.against:
         r["encoders"] = encoders([export] + [Path(a) for a in args.against], args.threads, args.repeats)

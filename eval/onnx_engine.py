@@ -387,7 +387,7 @@ def parity_report(torch_models: dict, export_dir: str | Path, data, limit: int |
 
     torch_models: {name: model} (float, fake-quant, PyTorch INT8...); data: anything `slim.data` opens.
     Also reports the engine's agreement with itself on inputs nudged by NUDGE (its noise floor), and with
-    `torch_floor` each torch model's agreement with itself nudged (twice the torch decoding time).
+    `torch_floor` each torch model's agreement with itself nudged (two more torch decodes per utterance).
     """
     from eval.engines import token_budget
     from eval.metrics import word_error_rate

@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qat.prepare import (QATConv1d, QATEmbedding, QATLinear, QuantConfig, QuantMatMul, conv_windows, prepare_qat,
-                         weight_qparams, window_weight)
-from qat.quantizers import fake_quant, quantize
+from qat.prepare import (QATConv1d, QATEmbedding, QATLinear, QuantConfig, QuantMatMul, conv_windows, int8_weight,
+                         prepare_qat)
+from qat.quantizers import fake_quant
 from slim.attention import MatMul
 
 ENGINES = ("x86", "fbgemm")
@@ -82,9 +82,8 @@ class Int8Linear(nn.Module):
         q = m.weight_quant
         if q.bits != 8 or m.input_quant.bits != 8:
             raise ValueError(f"convert needs 8-bit quantizers, got weight {q.bits} / input {m.input_quant.bits} bits")
-        ws, wz = weight_qparams(q, m.weight)
-        qw = quantize(m.weight, ws, wz, q.qmin, q.qmax, axis=0)
-        self.weight_int8.copy_(window_weight(qw) if qw.dim() == 3 else qw)
+        qw, ws = int8_weight(q, m.weight)
+        self.weight_int8.copy_(qw)
         self.weight_scale.copy_(ws)
         if m.bias is not None:
             self.bias.copy_(m.bias.detach())
@@ -191,10 +190,9 @@ class Int8Embedding(nn.Module):
     @classmethod
     def from_qat(cls, m: QATEmbedding) -> "Int8Embedding":
         new = cls(m.num_embeddings, m.embedding_dim, m.padding_idx)
-        q = m.weight_quant
-        s, z = weight_qparams(q, m.weight)
-        new.weight_int8.copy_(quantize(m.weight, s, z, q.qmin, q.qmax, axis=0))
-        new.weight_scale.copy_(s)
+        qw, scale = int8_weight(m.weight_quant, m.weight)
+        new.weight_int8.copy_(qw)
+        new.weight_scale.copy_(scale)
         return new
 
     def _load_from_state_dict(self, *args, **kwargs):

@@ -255,7 +255,7 @@ class _Tables(nn.Module):
     def __init__(self, model: nn.Module, plan: QuantPlan | None):
         super().__init__()
         self.names = {id(m): n for n, m in model.named_modules()}
-        self.linears: dict[str, tuple[float, int]] = {}  # quantized Linear -> its input (scale, zero point)
+        self.linears: dict[str, tuple[float, int]] = {}  # quantized Linear (or conv) -> its input (scale, zero point)
         self.matmuls: set[str] = set()
         self.groups: dict[tuple[str, ...], list[int]] = {}  # fused projections -> output widths
         if plan is None:
@@ -376,7 +376,7 @@ class _Graph(nn.Module):
         """`[linear(x, m) for m in mods]`, as one MatMul + Split when `_Tables.fuse` registered the group."""
         names = tuple(self.t.name(m) for m in mods)
         widths = self.t.groups.get(names)
-        if widths is None:
+        if widths is None:  # equal input quantizers of unfused projections: ORT merges their QuantizeLinear nodes
             return [self.linear(x, m) for m in mods]
         key = "+".join(names)
         if names[0] in self.t.linears:
@@ -486,8 +486,9 @@ class _EncoderGraph(_Graph):
         e = self.encoder
         if any(self.t.name(c) in self.t.linears for c in (e.conv1, e.conv2)):
             x = F.gelu(self.conv(F.gelu(self.conv(input_features, e.conv1, True)), e.conv2, False))
-        else:
-            x = F.gelu(e.conv2(F.gelu(e.conv1(input_features)))).transpose(1, 2)
+        else:  # the modules' own weights (a QATConv1d's forward would trace its fake quant into a float export)
+            conv = lambda x, c: F.conv1d(x, c.weight, c.bias, c.stride, c.padding)  # noqa: E731
+            x = F.gelu(conv(F.gelu(conv(input_features, e.conv1)), e.conv2)).transpose(1, 2)
         x = x + e.embed_positions.weight
         for layer in e.layers:
             attn = layer.self_attn
@@ -496,8 +497,9 @@ class _EncoderGraph(_Graph):
             x = x + self.mlp(layer, layer.final_layer_norm(x))
         x = e.layer_norm(x)
         outs = [x]
-        for attn in self.cross:
-            outs.extend(self.split_kv(attn, self.linear(x, attn.k_proj), self.linear(x, attn.v_proj), ship=True))
+        kv = self.linears(x, [p for a in self.cross for p in (a.k_proj, a.v_proj)])
+        for i, attn in enumerate(self.cross):
+            outs.extend(self.split_kv(attn, kv[2 * i], kv[2 * i + 1], ship=True))
         return tuple(outs)
 
 

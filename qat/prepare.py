@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qat.quantizers import FakeQuantizer, activation_quantizer, weight_quantizer
+from qat.quantizers import FakeQuantizer, activation_quantizer, quantize, weight_quantizer
 from slim.attention import MatMul, SlimAttention
 
 LAYER_PREFIXES = ("model.encoder.layers.", "model.decoder.layers.")
@@ -56,7 +56,8 @@ class QuantConfig:
     """Upper percentile kept (the lower one is 100 - percentile) for observer=percentile."""
     include: list[str] = field(default_factory=lambda: ["*"])
     """fnmatch patterns on module names (e.g. `model.encoder.layers.*.fc1`); a module is quantized if it
-    matches one of these and none of `exclude`. Applies to Linear layers and to the `qk`/`pv` matmuls."""
+    matches one of these and none of `exclude`. Applies to Linear layers, the `qk`/`pv` matmuls and, with
+    `conv`, `model.encoder.conv1` / `conv2`."""
     exclude: list[str] = field(default_factory=list)
     """fnmatch patterns of modules kept in float (e.g. from `qat.sensitivity.most_sensitive`)."""
     quantize_matmuls: bool = True
@@ -206,18 +207,13 @@ def conv_windows(x: torch.Tensor, kernel: int, stride: int, padding: int, fill) 
     """The kernel windows of a time-major sequence x (B, T, C): (B, T_out, kernel * C), window i holding
     frames i*stride - padding + j (j < kernel, frame by frame) with `fill` outside x.
 
-    Built from contiguous slices only: the padded frames are regrouped `stride` at a time, so window
-    offset j is one slice of whole rows (ONNX Runtime copies contiguous slices at memory speed; strided
-    ones, what unfolding with stride 2 becomes, took 1.2 ms each on the conv2 input of tiny.en). Works
-    on any dtype: the INT8 graphs window the uint8 codes, `fill` = the zero point.
+    Time-major, each window offset is a slice of whole frames (rows of C contiguous values, every
+    `stride`-th one), which ONNX Runtime copies at memory speed. Works on any dtype: the INT8 graphs
+    window the uint8 codes, `fill` = the zero point.
     """
-    B, T, C = x.shape
-    n = (T + 2 * padding - kernel) // stride + 1
-    rows = stride * ((kernel - 1) // stride + n)  # padded frames the windows reach, rounded to whole groups
-    x = F.pad(x, (0, 0, padding, max(rows - T - padding, 0)), value=fill)[:, :rows]
-    groups = x.reshape(B, rows // stride, stride * C)
-    cols = [groups[:, j // stride: j // stride + n, (j % stride) * C: (j % stride + 1) * C] for j in range(kernel)]
-    return torch.cat(cols, dim=2)
+    n = (x.shape[1] + 2 * padding - kernel) // stride + 1
+    x = F.pad(x, (0, 0, padding, padding), value=fill)
+    return torch.cat([x[:, j: j + stride * (n - 1) + 1: stride] for j in range(kernel)], dim=2)
 
 
 class QATEmbedding(nn.Embedding):
@@ -429,8 +425,8 @@ stages make them so (`round_float_weights_fp16`). Smaller ones (biases, norms) s
 
 @torch.no_grad()
 def round_float_weights_fp16(model: nn.Module, min_elements: int = FP16_MIN_ELEMENTS) -> list[str]:
-    """Round, in place, every large parameter that the INT8 engines keep in float (the conv front end,
-    the positional tables, Linears kept float) to a value float16 holds exactly. Returns their names.
+    """Round, in place, every large parameter that the INT8 engines keep in float (the conv front end
+    unless quantized, the positional tables, Linears kept float) to a value float16 holds exactly. Returns their names.
 
     The ONNX export stores fp16-exact tensors as fp16 (lossless, `qat.onnx_export`); rounding the
     fake-quant model itself when a QAT/PTQ stage saves it keeps the model that is evaluated and the
@@ -486,11 +482,10 @@ def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.float32) -
 
 def export_quant_plan(model: nn.Module):
     """The QAT state as `qat.onnx_export.QuantPlan`: per quantized Linear (input ActQuant on the uint8
-    grid, int8 per-channel weight; a quantized conv as the Linear over its windows, `window_weight`), per quantized matmul (ActQuant of a, ActQuant of b), and the int8
-    embedding when `embeddings` was on. Disabled quantizers are left out (those modules stay float);
+    grid, int8 per-channel weight; a quantized conv as the Linear over its windows, `window_weight`), per
+    quantized matmul (ActQuant of a, ActQuant of b), and the int8 embedding when `embeddings` was on. Disabled quantizers are left out (those modules stay float);
     an enabled activation quantizer that never saw data is an error."""
     from qat.onnx_export import ActQuant, QuantPlan, WeightQuant
-    from qat.quantizers import quantize
 
     def act(name: str, q: FakeQuantizer) -> ActQuant:
         if not q.calibrated and q.is_observing:
@@ -503,9 +498,7 @@ def export_quant_plan(model: nn.Module):
     def weight(name: str, q: FakeQuantizer, w: torch.Tensor) -> WeightQuant:
         if q.bits != 8:
             raise ValueError(f"{name}: only 8-bit weights export, got {q.bits} bits")
-        scale, zp = weight_qparams(q, w)
-        qw = quantize(w, scale, zp, q.qmin, q.qmax, axis=0)
-        return WeightQuant(window_weight(qw) if qw.dim() == 3 else qw, scale)  # a conv: its window matrix
+        return WeightQuant(*int8_weight(q, w))
 
     plan = QuantPlan()
     for name, m in model.named_modules():
@@ -522,6 +515,15 @@ def export_quant_plan(model: nn.Module):
         elif isinstance(m, QATEmbedding) and m.weight_quant.is_enabled:
             plan.embedding = weight(name, m.weight_quant, m.weight)
     return plan
+
+
+@torch.no_grad()
+def int8_weight(q: FakeQuantizer, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, per-channel scale) as fake quant uses them now; a conv's weight as its 2-D window
+    matrix (`window_weight`): what the INT8 engines multiply by."""
+    scale, zp = weight_qparams(q, w)
+    qw = quantize(w, scale, zp, q.qmin, q.qmax, axis=0)
+    return (window_weight(qw) if qw.dim() == 3 else qw), scale
 
 
 @torch.no_grad()

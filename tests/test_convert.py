@@ -184,10 +184,12 @@ def test_conv_front_end_quantizes_converts_and_round_trips(tmp_path):
     """quant.conv: both convs fake-quantized on the same Parameters (bit-exact float with quantizers off),
     converted to `Int8Conv1d` (the Linear kernel over the windows) that matches fake quant, saved and reloaded."""
     float_model = install_explicit_attention(tiny_random_whisper(seed=0, max_source_positions=FRAMES // 2).eval())
-    fq = prepare_qat(copy.deepcopy(float_model), QuantConfig(conv=True, embeddings=True))
+    fq = copy.deepcopy(float_model)
+    weight = fq.model.encoder.conv2.weight
+    prepare_qat(fq, QuantConfig(conv=True, embeddings=True))
     enc = fq.model.encoder
     assert isinstance(enc.conv1, QATConv1d) and isinstance(enc.conv2, QATConv1d)
-    assert enc.conv2.weight is dict(fq.named_parameters())["model.encoder.conv2.weight"]
+    assert enc.conv2.weight is weight  # the same Parameter: optimizer state and checkpoints carry over
     x = torch.randn(2, enc.conv2.in_channels, FRAMES)
     set_fake_quant(fq, False)
     with torch.no_grad():

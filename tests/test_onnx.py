@@ -358,28 +358,38 @@ def test_qdq_export_agrees_with_the_fake_quant_model(exports, fake_quant, feats)
     assert r["token_agreement"] >= 0.99
 
 
-def test_qdq_export_runs_the_quantized_conv_front_end_as_int8_gemms(dense, feats, tmp_path):
+@pytest.mark.parametrize("float_convs", [[], ["model.encoder.conv1"], ["model.encoder.conv2"]])
+def test_qdq_export_runs_the_quantized_conv_front_end_as_int8_gemms(float_convs, dense, feats, tmp_path):
     """quant.conv: no float Conv left in the encoder ORT runs (two more int8 GEMMs, over the windows of the
-    uint8 codes); the encoder output and the greedy tokens follow the fake-quant model."""
+    uint8 codes; one with either conv excluded); the encoder output and the greedy tokens follow the fake-quant
+    model. A float export of the same model is the float model: no fake quant traced into it."""
     import onnxruntime as ort
 
     from slim.model import save_model
 
-    fq, cfg = _ptq(dense, feats, torch.tensor([[50257, 50362] + list(range(400, 420))] * len(feats)), conv=True)
+    ids = torch.tensor([[50257, 50362] + list(range(400, 420))] * len(feats))
+    fq, cfg = _ptq(dense, feats, ids, conv=True, exclude=float_convs)
     d = export_model(save_model(fq, tmp_path / "fq", quant=cfg.to_dict()), tmp_path / "qdq", mode="qdq")
     enc = int8_kernel_counts(d / "encoder.onnx")
-    assert enc.get("Conv", 0) == 0
-    assert enc.get("MatMulIntegerToFloat", 0) + enc.get("QLinearMatMul", 0) == 2 * (6 + 2 * 4) + 2 * 2 + 2
+    assert enc.get("Conv", 0) == len(float_convs)
+    assert enc.get("MatMulIntegerToFloat", 0) + enc.get("QLinearMatMul", 0) == \
+        2 * (6 + 2 * 4) + 2 * 2 + 2 - len(float_convs)
     x = np.stack(feats)
+
+    def encoder(path):
+        return ort.InferenceSession(str(path / "encoder.onnx"), providers=["CPUExecutionProvider"]).run(
+            None, {"input_features": x})[0]
+
     with torch.no_grad():
         hidden = fq.model.encoder(torch.tensor(x)).last_hidden_state.numpy()
-    got = ort.InferenceSession(str(d / "encoder.onnx"), providers=["CPUExecutionProvider"]).run(
-        None, {"input_features": x})[0]
-    assert np.abs(got - hidden).max() <= 1e-3 * np.abs(hidden).max()
+        float_hidden = dense.model.encoder(torch.tensor(x)).last_hidden_state.numpy()
+    assert np.abs(encoder(d) - hidden).max() <= 1e-3 * np.abs(hidden).max()
     assert parity(fq, d, feats, threads=1, max_new_tokens=NEW)["token_agreement"] >= 0.99
+    if not float_convs:
+        assert np.abs(encoder(export_model(fq, tmp_path / "float", mode="float")) - float_hidden).max() <= 1e-4
 
 
-def test_parity_command_reports_agreement_wer_and_the_noise_floor(exports, tmp_path, capsys):
+def test_parity_command_reports_agreement_wer_and_the_noise_floor(exports, tmp_path, capsys, monkeypatch):
     import soundfile as sf
 
     from eval.onnx_engine import main as parity_main
@@ -425,12 +435,30 @@ def test_parity_command_reports_agreement_wer_and_the_noise_floor(exports, tmp_p
     assert fq["next_token_agreement_with_onnx"] == next_token_agreement(tokens, picks, eos, budgets)
     assert fq["token_agreement_with_onnx"] == agreement(tokens, plain)["token_agreement"]
     assert fq["wer"] == word_error_rate(["one two", "three"], e.decode_text(tokens))
-    # --torch-floor: also the fake-quant model against itself on the nudged input, the rest unchanged
+    # --torch-floor: also the fake-quant model against itself on the nudged input, the rest unchanged. This
+    # random model's tokens hardly depend on its input, so the torch decoder's inputs are recorded as well
+    import eval.onnx_engine
+
+    seen = []
+
+    def recording(model, features, *args, **kwargs):
+        seen.append((np.asarray(features).copy(), kwargs.get("forced")))
+        return torch_greedy_tokens(model, features, *args, **kwargs)
+
+    monkeypatch.setattr(eval.onnx_engine, "torch_greedy_tokens", recording)
     assert parity_main([str(exports["qdq"]), "--data", str(tmp_path / "m.jsonl"), "--torch", str(fq_dir),
                         "--threads", "1", "--torch-floor", "--out", str(tmp_path / "p2.json")]) == 0
     fq2 = json.loads((tmp_path / "p2.json").read_text())[str(fq_dir)]
     assert {k: fq2[k] for k in fq} == fq
     nudged_feats = [f * np.float32(1 + NUDGE) for f in feats]
+    # every clip's own tokens; then per clip free running and teacher forced (its own tokens) on the nudged input
+    assert len(seen) == 3 * len(feats)
+    for (a, forced), f in zip(seen, feats):
+        assert np.array_equal(a, f) and forced is None
+    for k, (f, g, ref) in enumerate(zip(feats, nudged_feats, tokens)):
+        (b, fb), (c, fc) = seen[len(feats) + 2 * k: len(feats) + 2 * k + 2]
+        assert np.array_equal(b, g) and not np.array_equal(b, f) and fb is None
+        assert np.array_equal(c, g) and fc == [ref]
     own = [t for f, n in zip(nudged_feats, budgets) for t in torch_greedy_tokens(model, f, e.decode, n)]
     assert fq2["token_agreement_with_itself_nudged"] == agreement(tokens, own)["token_agreement"]
     assert fq2["exact_match_nudged"] == agreement(tokens, own)["exact_match"]

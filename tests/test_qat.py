@@ -308,9 +308,9 @@ def test_pruned_uneven_heads(tmp_path):
 
 def test_sensitivity_scan(float_model):
     batches = _batches(1)
-    table = sensitivity_scan(float_model, QuantConfig(), batches)
+    table = sensitivity_scan(float_model, QuantConfig(conv=True), batches)
     assert [r["unit"] for r in table[:2]] == ["float", "all"]
-    assert {r["unit"] for r in table[2:]} == set(GROUPS)
+    assert {r["unit"] for r in table[2:]} == set(GROUPS)  # the conv front end's unit too, with quant.conv
     m = copy.deepcopy(float_model)
     from qat.sensitivity import teacher_forced_loss
     assert table[0]["loss"] == teacher_forced_loss(m, batches) and table[0]["delta_loss"] == 0.0
