@@ -284,7 +284,7 @@ class _Tables(nn.Module):
         observers on the same tensor agree exactly): at one token per step, fewer kernels are what counts.
         The encoder keeps its projections apart: with 1500 frames the fused output is a large float
         tensor that a bias Add and a Split each copy once more before quantizing; separate MatMuls (k_proj
-        has no bias, so no Add) made the encoder 5 ms faster (median 102 -> 97 ms, dense QAT tiny.en,
+        has no bias, so no Add) made the encoder 7.5 ms faster (median 104.0 -> 96.5 ms, dense QAT tiny.en,
         2-core EPYC, 2 threads; `benchmarks/bench_onnx_graphs.py NEW --against OLD`, OLD exported by
         commit 20d0ff1), the same outputs up to rare one-step roundings of the shipped K/V.
         """
@@ -357,7 +357,7 @@ class _Graph(nn.Module):
 
         Quantized: the uint8 codes are windowed (`qat.prepare.conv_windows`, padding with the zero point,
         i.e. 0.0) and multiplied by the window weight matrix, which ORT runs as one int8 GEMM
-        (MatMulIntegerToFloat): the front end of tiny.en 10.1 -> 2.3 ms of kernel time.
+        (MatMulIntegerToFloat): tiny.en's front end 10.3 -> 3.6 ms (benchmarks/bench_onnx_graphs.py).
         """
         from qat.prepare import conv_windows
 
