@@ -362,7 +362,7 @@ class _Graph(nn.Module):
         from qat.prepare import conv_windows
 
         name = self.t.name(mod)
-        if name not in self.t.linears:
+        if name not in self.t.linears:  # the module's own weights: a QATConv1d's forward would trace its fake quant
             y = F.conv1d(x if channels_first else x.transpose(1, 2), mod.weight, mod.bias, mod.stride, mod.padding)
             return y.transpose(1, 2)
         q = self.q(x, name, "in")
@@ -484,11 +484,7 @@ class _EncoderGraph(_Graph):
 
     def forward(self, input_features):
         e = self.encoder
-        if any(self.t.name(c) in self.t.linears for c in (e.conv1, e.conv2)):
-            x = F.gelu(self.conv(F.gelu(self.conv(input_features, e.conv1, True)), e.conv2, False))
-        else:  # the modules' own weights (a QATConv1d's forward would trace its fake quant into a float export)
-            conv = lambda x, c: F.conv1d(x, c.weight, c.bias, c.stride, c.padding)  # noqa: E731
-            x = F.gelu(conv(F.gelu(conv(input_features, e.conv1)), e.conv2)).transpose(1, 2)
+        x = F.gelu(self.conv(F.gelu(self.conv(input_features, e.conv1, True)), e.conv2, False))
         x = x + e.embed_positions.weight
         for layer in e.layers:
             attn = layer.self_attn
