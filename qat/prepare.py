@@ -374,15 +374,23 @@ def freeze_observers(model: nn.Module, weights: bool = False) -> int:
     """
     n = 0
     for _, q in quantizers(model):
-        if q.observer != "current" or weights or q.lsq:
+        if _freezes(q, weights):
             q.freeze()
             n += 1
     return n
 
 
+def _freezes(q: FakeQuantizer, weights: bool = False) -> bool:
+    return q.observer != "current" or weights or q.lsq
+
+
 def maybe_freeze_observers(model: nn.Module, cfg: QuantConfig, step: int) -> bool:
-    """For the trainer: freeze at step `cfg.freeze_observers_after` (once). True when it froze."""
-    if cfg.freeze_observers_after is None or step != cfg.freeze_observers_after:
+    """For the trainer: from step `cfg.freeze_observers_after` on, the observers are frozen. True when this
+    call froze them (the first step at or past N whose observers were still observing), so a run resumed
+    from any checkpoint ends up frozen from the same step as an uninterrupted one."""
+    if cfg.freeze_observers_after is None or step < cfg.freeze_observers_after:
+        return False
+    if not any(q.is_observing for _, q in quantizers(model) if _freezes(q)):
         return False
     freeze_observers(model)
     return True

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from train.checkpoint import (CheckpointError, TrainState, clean_temp, list_checkpoints, load_latest,
                               save_checkpoint, save_model_atomic)
-from train.losses import IGNORE_INDEX, distill_loss
+from train.losses import IGNORE_INDEX, distill_loss, hidden_l2
 from train.tracking import MetricsLog, TrackingConfig, init_trackers, wandb_available, wandb_mode
 
 log = logging.getLogger("whisper_slim")
@@ -54,14 +54,18 @@ class DistillConfig:
     """Weight of KL(teacher || student) on the logits (ignored when the stage has no teacher)."""
     temperature: float = 2.0
     """Softmax temperature T of the distillation term (the term is scaled by T²)."""
+    hidden_weight: float = 0.0
+    """Weight of the L2 distance to the teacher's hidden states (every encoder and decoder layer, each
+    relative to the teacher's energy: `train.losses.hidden_l2`). Ignored when the stage has no teacher."""
 
     def __post_init__(self):
         if self.temperature <= 0:
             raise ValueError(f"distill.temperature must be > 0, got {self.temperature}")
-        if self.ce_weight < 0 or self.kl_weight < 0:
-            raise ValueError(f"distill.ce_weight/kl_weight must be >= 0, got {self.ce_weight}/{self.kl_weight}")
-        if self.ce_weight == 0 and self.kl_weight == 0:
-            raise ValueError("distill.ce_weight and distill.kl_weight are both 0: nothing to train on")
+        if self.ce_weight < 0 or self.kl_weight < 0 or self.hidden_weight < 0:
+            raise ValueError(f"distill.ce_weight/kl_weight/hidden_weight must be >= 0, got "
+                             f"{self.ce_weight}/{self.kl_weight}/{self.hidden_weight}")
+        if self.ce_weight == 0 and self.kl_weight == 0 and self.hidden_weight == 0:
+            raise ValueError("distill.ce_weight, kl_weight and hidden_weight are all 0: nothing to train on")
 
 
 @dataclass
@@ -204,7 +208,22 @@ def decoder_inputs(batch: dict, config) -> torch.Tensor:
 
 
 def forward_logits(model, batch: dict, dec: torch.Tensor) -> torch.Tensor:
-    return model(input_features=batch["input_features"], decoder_input_ids=dec, use_cache=False).logits
+    return forward(model, batch, dec).logits
+
+
+def forward(model, batch: dict, dec: torch.Tensor, hidden: bool = False):
+    """The teacher-forced forward; `hidden=True` also returns every layer's hidden states."""
+    return model(input_features=batch["input_features"], decoder_input_ids=dec, use_cache=False,
+                 output_hidden_states=hidden)
+
+
+def hidden_states_loss(student_out, teacher_out, labels: torch.Tensor) -> torch.Tensor:
+    """`hidden_l2` over every encoder layer (all frames) and every decoder layer (label positions)."""
+    s = list(student_out.encoder_hidden_states[1:]) + list(student_out.decoder_hidden_states[1:])
+    t = list(teacher_out.encoder_hidden_states[1:]) + list(teacher_out.decoder_hidden_states[1:])
+    n_enc = len(student_out.encoder_hidden_states) - 1
+    mask = labels != IGNORE_INDEX
+    return hidden_l2(s, t, [None] * n_enc + [mask] * (len(s) - n_enc))
 
 
 def resolve_mixed_precision(mp: str) -> str:
@@ -312,6 +331,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
           eval_fn: Callable[[torch.nn.Module], dict] | None = None, resume: bool = False,
           stage_name: str = "train", tracker_config: TrackingConfig | None = None,
           on_step: Callable[[int, dict], None] | None = None,
+          on_step_state: Callable[[int], None] | None = None,
           save_fn: Callable[[torch.nn.Module, Path], None] | None = None,
           eval_dataset: Dataset | None = None, extra_state: dict[str, Any] | None = None,
           metrics_path: str | Path | None = None) -> TrainResult:
@@ -328,6 +348,8 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
     resume: continue from the newest complete checkpoint in out_dir/checkpoints (falls back to older ones
         when the newest is corrupt). Without resume, existing checkpoints are an error.
     on_step: on_step(step, record) on every process after each step (and after its checkpoint).
+    on_step_state: on_step_state(step) on every process after each step, before its checkpoint: a change to
+        the model's state made here (e.g. freezing QAT observers) is what that checkpoint holds.
     save_fn: save_fn(model, dir) for the best/last models (default: model.save_pretrained(dir)).
     extra_state: objects with state_dict()/load_state_dict() saved in every checkpoint (e.g. QAT observers).
     metrics_path: the JSONL log (default out_dir/metrics.jsonl); stages may share one file, since every
@@ -424,7 +446,9 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
     losses: list[float] = []
     evals: list[dict] = []
     window: list[torch.Tensor] = []
-    part_sum = torch.zeros(3, device=accelerator.device)  # total, ce, kl over this step's micro-batches
+    part_sum = torch.zeros(4, device=accelerator.device)  # total, ce, kl, hidden over this step's micro-batches
+    d = cfg.distill
+    want_hidden = teacher is not None and d.hidden_weight > 0
     n_micro = 0
     grad_norm = None
     t_log = time.time()
@@ -437,17 +461,22 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
             for batch in batches:
                 with accelerator.accumulate(net):
                     dec = decoder_inputs(batch, config)
-                    logits = forward_logits(net, batch, dec)
-                    t_logits = None
+                    out = forward(net, batch, dec, hidden=want_hidden)
+                    t_out = None
                     if teacher is not None:  # no_grad, not inference_mode: the KL term keeps these for backward
                         with torch.no_grad(), accelerator.autocast():
-                            t_logits = forward_logits(teacher, batch, dec)
-                    d = cfg.distill
-                    loss, parts = distill_loss(logits, t_logits, batch["labels"], d.ce_weight, d.kl_weight,
-                                               d.temperature)
+                            t_out = forward(teacher, batch, dec, hidden=want_hidden)
+                    loss, parts = distill_loss(out.logits, None if t_out is None else t_out.logits,
+                                               batch["labels"], d.ce_weight, d.kl_weight, d.temperature)
+                    if want_hidden:
+                        h = hidden_states_loss(out, t_out, batch["labels"])
+                        loss = loss + d.hidden_weight * h
+                        parts["hidden"] = h.detach()
                     accelerator.backward(loss)
+                    zero = torch.zeros((), device=part_sum.device)
                     part_sum += torch.stack([loss.detach().float(), parts["ce"].float(),
-                                             parts.get("kl", torch.zeros(())).to(part_sum).float()])
+                                             parts.get("kl", zero).to(part_sum).float(),
+                                             parts.get("hidden", zero).to(part_sum).float()])
                     n_micro += 1
                     if accelerator.sync_gradients:
                         step_parts = accelerator.reduce(part_sum / n_micro, reduction="mean")
@@ -484,6 +513,8 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
                               "sec_per_step": (time.time() - t_log) / len(window)}
                     if teacher is not None:
                         record["kl"] = w[2].item()
+                    if want_hidden:
+                        record["hidden"] = w[3].item()
                     if grad_norm is not None:
                         record["grad_norm"] = float(grad_norm)
                     metrics.log(state.step, record)
@@ -502,6 +533,8 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
                         best_dir = out_dir / "best"
                         accelerator.wait_for_everyone()
                     record.update({f"eval/{k}": v for k, v in result.items()})
+                if on_step_state is not None:
+                    on_step_state(state.step)
                 if last or (cfg.save_every and state.step % cfg.save_every == 0):
                     last_ckpt = save_checkpoint(accelerator, ckpt_root, state, names, cfg.keep_last)
                 if on_step is not None:

@@ -51,3 +51,31 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | No
     kl = distill_kl(student_logits, teacher_logits, labels != IGNORE_INDEX, temperature)
     total = ce_weight * ce + kl_weight * kl
     return total, {"ce": ce.detach(), "kl": kl.detach()}
+
+
+def hidden_l2(student_states, teacher_states, masks) -> torch.Tensor:
+    """Mean over layers of ||h_s - h_t||^2 / ||h_t||^2 on the positions where the mask is true.
+
+    `student_states` / `teacher_states`: sequences of (B, T, C) hidden states of the same layers (e.g. the
+    encoder's and the decoder's `hidden_states`), `masks`: one (B, T) bool mask (or None: every position) per
+    layer. Dividing by the teacher's energy makes every layer count alike whatever its scale (Whisper's
+    residual stream grows through the layers) and the term dimensionless, so its weight transfers between
+    model sizes. fp32 inside. What FUTO's whisper-acft and distil-whisper's encoder copy train on: the
+    student keeps the teacher's internal function, not only its output distribution.
+    """
+    if len(student_states) != len(teacher_states) or len(masks) != len(teacher_states):
+        raise ValueError(f"hidden_l2: {len(student_states)} student states, {len(teacher_states)} teacher "
+                         f"states and {len(masks)} masks; they must pair up layer by layer")
+    if not teacher_states:
+        raise ValueError("hidden_l2: no hidden states to compare")
+    terms = []
+    for s, t, m in zip(student_states, teacher_states, masks):
+        if s.shape != t.shape:
+            raise ValueError(f"hidden_l2: student state {tuple(s.shape)} and teacher state {tuple(t.shape)} differ")
+        d = (s.float() - t.float()).pow(2).sum(-1)
+        e = t.float().pow(2).sum(-1)
+        if m is not None:
+            w = m.to(d.dtype)
+            d, e = d * w, e * w
+        terms.append(d.sum() / e.sum().clamp_min(1e-12))
+    return torch.stack(terms).mean()

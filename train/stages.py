@@ -161,24 +161,34 @@ def _eval_fn(ctx: RunContext):
     return fn
 
 
-def _fit(ctx: RunContext, stage: StageConfig, model, sdir: Path, quant=None):
+def _input_teacher(stage: StageConfig, model):
+    """A frozen copy of the stage's input model when the stage distils from it (`teacher: input`); taken
+    before the stage changes the model (QAT's fake quant), so the teacher is the float input itself."""
+    if stage.teacher != "input":
+        return None
+    import copy
+
+    t = copy.deepcopy(model).eval()
+    t.requires_grad_(False)
+    return t
+
+
+def _fit(ctx: RunContext, stage: StageConfig, model, sdir: Path, quant=None, input_teacher=None):
     from slim.data import make_collator
     from slim.model import save_model
     from train.loop import train
 
     ds, _ = _train_dataset(ctx)
-    teacher = {"dense": ctx.teacher, "input": None, "none": None}[stage.teacher]
-    teacher_model = teacher() if teacher else None
     if stage.teacher == "input":
-        import copy
-
-        teacher_model = copy.deepcopy(model).eval()
+        teacher_model = input_teacher if input_teacher is not None else _input_teacher(stage, model)
+    else:
+        teacher_model = ctx.teacher() if stage.teacher == "dense" else None
     quant_dict = quant.to_dict() if quant is not None else None
-    on_step = None
+    on_step_state = None
     if quant is not None and quant.freeze_observers_after is not None:
         from qat.prepare import maybe_freeze_observers
 
-        def on_step(step, record):  # observers freeze at a fixed step; the frozen flags are checkpointed
+        def on_step_state(step):  # before the step's checkpoint, so a resumed run restores frozen observers
             maybe_freeze_observers(model, quant, step)
 
     def save_fn(m, d):
@@ -186,7 +196,7 @@ def _fit(ctx: RunContext, stage: StageConfig, model, sdir: Path, quant=None):
 
     result = train(model, stage.train, ds, make_collator(ctx.processor), out_dir=sdir,
                    teacher=teacher_model, eval_fn=_eval_fn(ctx), resume=ctx.resume, stage_name=stage.name,
-                   tracker_config=ctx.recipe.tracking, save_fn=save_fn, on_step=on_step)
+                   tracker_config=ctx.recipe.tracking, save_fn=save_fn, on_step_state=on_step_state)
     return result
 
 
@@ -228,12 +238,13 @@ def _run_stage(ctx: RunContext, stage: StageConfig, prev: Path, sdir: Path) -> P
         batches = loaded[:n]
         if quant.keep_float:
             quant = _keep_sensitive_float(ctx, quant, model, batches, loaded[n:], sdir)
+        teacher = _input_teacher(stage, model) if kind == "qat" else None  # the float input, before fake quant
         prepare_qat(model, quant)
         calibrate(model, batches)
         if kind == "ptq":
             freeze_observers(model)
         else:
-            _fit(ctx, stage, model, sdir, quant=quant)
+            _fit(ctx, stage, model, sdir, quant=quant, input_teacher=teacher)
             freeze_observers(model)
         round_float_weights_fp16(model)  # what the export ships: evaluate exactly that
         _save_final(ctx, model, model_out, quant=quant.to_dict())
