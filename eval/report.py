@@ -28,47 +28,94 @@ def _failures(r: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in f.items() if v) or "0"
 
 
+def eval_sets(rows: list[dict]) -> list[str]:
+    """Names of the extra eval sets that rows carry (`extra`: {name: report}), in first-seen order."""
+    names: dict[str, None] = {}
+    for r in rows:
+        names.update(dict.fromkeys(r.get("extra") or {}))
+    return list(names)
+
+
+def _wer(r: dict, name: str | None):
+    if name is None:
+        return r["wer"]
+    e = (r.get("extra") or {}).get(name)
+    return None if e is None else e["wer"]
+
+
 def comparison_table(rows: list[dict]) -> str:
-    """Markdown table; speed-up is the first row's s/utt over each row's (>1: faster than the first)."""
+    """Markdown table; speed-up is the first row's s/utt over each row's (>1: faster than the first). Extra
+    eval sets (a run's `data.extra_eval`) get a WER column each, beside the main set's."""
     base = rows[0].get("seconds_per_utterance")
-    lines = ["| variant | engine | WER % | CER % | size MB | s/utt | speed-up | utterances | skipped | failures |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    extra = eval_sets(rows)
+    head = "| variant | engine | WER % | " + "".join(f"{n} WER % | " for n in extra)
+    lines = [head + "CER % | size MB | s/utt | speed-up | utterances | skipped | failures |",
+             "|---|---|---:|" + "---:|" * len(extra) + "---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         spu = r.get("seconds_per_utterance")
         speedup = base / spu if base and spu else None
         name = str(r.get("variant") or r.get("engine")).replace("|", "/")
-        cells = [name, r.get("engine", "-"), f"{r['wer'] * 100:.2f}", f"{r['cer'] * 100:.2f}",
-                 f"{r['model_bytes'] / 1e6:.1f}", _fmt(spu, ".3f"), _fmt(speedup, ".2f") + ("x" if speedup else ""),
+        cells = [name, r.get("engine", "-"), f"{r['wer'] * 100:.2f}",
+                 *[_fmt(None if _wer(r, n) is None else _wer(r, n) * 100, ".2f") for n in extra],
+                 f"{r['cer'] * 100:.2f}", f"{r['model_bytes'] / 1e6:.1f}", _fmt(spu, ".3f"),
+                 _fmt(speedup, ".2f") + ("x" if speedup else ""),
                  str(r.get("utterances", "-")), str(r.get("skipped", 0)), _failures(r)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def wer_axis_top(values: list[float], factor: float = 3.0) -> float:
+    """Top of the WER axis: every value fits, unless one is over `factor` times the median; then the axis
+    stops above the others and the outliers are drawn at the top with their value written out, so one
+    broken stage does not squeeze the rest into a line."""
+    v = sorted(values)
+    if not v:
+        return 1.0
+    med = v[len(v) // 2]
+    inliers = [x for x in v if x <= factor * max(med, 1e-9)]
+    return 1.15 * max(inliers) if inliers else 1.15 * v[-1]
+
+
 def plot_comparison(rows: list[dict], path: str | Path, title: str = "") -> Path:
-    """Two panels, WER vs size (MB) and WER vs latency (s/utt), each point labelled by its variant."""
+    """Two panels, WER vs size (MB) and WER vs latency (s/utt): one marker series per eval set, points
+    numbered by row (the legend under the plot names them), outliers clipped to the top (`wer_axis_top`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    panels = [("model_bytes", 1e-6, "size on disk (MB)"), ("seconds_per_utterance", 1.0, "latency (s / utterance)")]
+    sets = [None, *eval_sets(rows)]
+    markers = "osD^vP*X"
+    batches = sorted({int(r.get("batch_size") or 1) for r in rows})
+    lat = ("latency, batch 1 (s / utterance)" if batches == [1] else
+           f"s / utterance at batch {'/'.join(map(str, batches))} (throughput, not latency)")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
+    panels = [("model_bytes", 1e-6, "size on disk (MB)"), ("seconds_per_utterance", 1.0, lat)]
+    values = [100 * w for r in rows for n in sets if (w := _wer(r, n)) is not None]
+    top = wer_axis_top(values)
     for ax, (key, scale, label) in zip(axes, panels):
-        for r in rows:
-            if r.get(key) is None:
+        for si, name in enumerate(sets):
+            pts = [(i, r[key] * scale, 100 * _wer(r, name)) for i, r in enumerate(rows, 1)
+                   if r.get(key) is not None and _wer(r, name) is not None]
+            if not pts:
                 continue
-            x, y = r[key] * scale, r["wer"] * 100
-            ax.scatter([x], [y], s=36)
-            ax.annotate(str(r.get("variant") or r.get("engine")), (x, y), textcoords="offset points",
-                        xytext=(5, 4), fontsize=8)
+            ax.scatter([x for _, x, _ in pts], [min(y, top * 0.97) for _, _, y in pts], s=34,
+                       marker=markers[si % len(markers)], label="main eval set" if name is None else name)
+            for i, x, y in pts:
+                text = f"{i}" if y <= top else f"{i}: {y:.0f}%"
+                ax.annotate(text, (x, min(y, top * 0.97)), textcoords="offset points", xytext=(4, 3), fontsize=8)
         ax.set_xlabel(label)
         ax.set_ylabel("WER (%)")
+        ax.set_ylim(0, top)
         ax.grid(alpha=0.3)
-        ax.margins(0.2)
+        ax.margins(x=0.15)
         ax.set_xlim(left=0)  # sizes and latencies compare as ratios: keep the origin
+    axes[0].legend(fontsize=8, loc="upper right")
+    names = "   ".join(f"{i} {r.get('variant') or r.get('engine')}" for i, r in enumerate(rows, 1))
+    fig.text(0.01, 0.01, names, fontsize=8, wrap=True)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from eval.engines import Engine, dynamic_int8_bytes, load_engine, shipped_files  # noqa: E402
 from eval.metrics import char_error_rate, word_error_rate  # noqa: E402
-from eval.report import comparison_table, measure_baselines, write_comparison  # noqa: E402
+from eval.report import comparison_table, measure_baselines, wer_axis_top, write_comparison  # noqa: E402
 from eval.run import evaluate_engine, evaluate_engines, evaluate_model, transcribe_main  # noqa: E402
 from slim.model import count_parameters, save_model  # noqa: E402
 from slim.sources import tiny_random_processor, tiny_random_whisper  # noqa: E402
@@ -239,6 +239,21 @@ def test_comparison_table_values(tmp_path):
     md = write_comparison(rows, tmp_path, title="t", notes=["command: `x`"])
     assert md.read_text().startswith("# t\n\n- command: `x`\n")
     assert (tmp_path / "report.png").read_bytes()[:8] == PNG_MAGIC
+    # extra eval sets get their own WER column, beside the main set's; a row without the set shows "-"
+    rows[0]["extra"] = {"real": {"wer": 0.1, "cer": 0.05}, "prompts": {"wer": 0.2, "cer": 0.1}}
+    rows[1]["extra"] = {"real": {"wer": 0.125, "cer": 0.06}}
+    lines = comparison_table(rows).splitlines()
+    assert lines[0].startswith("| variant | engine | WER % | real WER % | prompts WER % | CER % |")
+    assert lines[2] == "| fp32 | torch | 5.00 | 10.00 | 20.00 | 2.00 | 151.0 | 0.500 | 1.00x | 10 | 1 | 0 |"
+    assert lines[3].startswith("| int8 | onnx-qdq | 6.25 | 12.50 | - | 3.00 |")
+    write_comparison(rows, tmp_path, title="t")
+    assert (tmp_path / "report.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_wer_axis_clips_only_outliers():
+    assert wer_axis_top([5.0, 6.0, 7.0]) == pytest.approx(1.15 * 7.0)
+    assert wer_axis_top([5.0, 6.0, 7.0, 79.0]) == pytest.approx(1.15 * 7.0)  # a broken stage does not set the scale
+    assert wer_axis_top([]) == 1.0
 
 
 def test_transcribe_cli(model_dir, manifest, tmp_path, capsys):

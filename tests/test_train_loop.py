@@ -25,7 +25,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from train.losses import ce_loss, distill_kl, distill_loss  # noqa: E402
+from train.losses import ce_loss, distill_kl, distill_loss, hidden_l2  # noqa: E402
 from train.loop import (DistillConfig, LoraSettings, TrainConfig, TrainingDiverged, decoder_inputs,  # noqa: E402
                         train)
 from train.tracking import TrackingConfig, WandbConfig, has_wandb_login, read_metrics, wandb_mode  # noqa: E402
@@ -156,6 +156,32 @@ def test_distill_loss_weights_and_parts():
     assert total.item() == pytest.approx(0.3 * ce.item() + 0.7 * kl.item(), abs=1e-6)
     only_ce, p = distill_loss(s, None, labels, 0.3, 0.7, 2.0)
     assert only_ce.item() == pytest.approx(ce.item(), abs=1e-6) and set(p) == {"ce"}
+
+
+def test_hidden_l2_known_value_masks_and_zero_for_equal_states():
+    t = [torch.tensor([[[3.0, 4.0], [1.0, 0.0]]]), torch.tensor([[[0.0, 2.0]]])]  # energies 25+1 and 4
+    s = [torch.tensor([[[3.0, 3.0], [1.0, 0.0]]]), torch.tensor([[[0.0, 0.0]]])]  # errors 1+0 and 4
+    assert hidden_l2(t, [x.clone() for x in t], [None, None]).item() == 0.0
+    assert hidden_l2(s, t, [None, None]).item() == pytest.approx((1 / 26 + 4 / 4) / 2, abs=1e-7)
+    # a masked position counts neither in the error nor in the energy
+    assert hidden_l2(s, t, [torch.tensor([[True, False]]), None]).item() == pytest.approx((1 / 25 + 1) / 2, abs=1e-7)
+    with pytest.raises(ValueError, match="pair up"):
+        hidden_l2(s, t[:1], [None])
+
+
+def test_hidden_state_distillation_is_zero_for_an_identical_teacher_and_logged(tmp_path):
+    model, teacher = tiny_whisper(0), tiny_whisper(0)
+    cfg = TrainConfig(max_steps=2, batch_size=2, lr=1e-3, save_every=0, log_every=1,
+                      distill=DistillConfig(ce_weight=0.5, kl_weight=1.0, hidden_weight=2.0))
+    r = train(model, cfg, FakeSpeech(8), collate, tmp_path, teacher=teacher)
+    recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in recs if "hidden" in x]
+    assert [x["step"] for x in steps] == [1, 2]
+    assert steps[0]["hidden"] == 0.0 and steps[0]["kl"] == 0.0
+    assert r.losses[0] == pytest.approx(0.5 * steps[0]["ce"], rel=1e-6)  # CE only: the other terms are 0
+    assert steps[1]["hidden"] > 0  # the CE step moved the student away from the teacher
+    with pytest.raises(ValueError, match="all 0"):
+        DistillConfig(ce_weight=0.0, kl_weight=0.0, hidden_weight=0.0)
 
 
 def test_ce_matches_hf_whisper_loss():

@@ -15,6 +15,7 @@ from typing import Literal
 
 import yaml
 
+from prune.repair import RepairConfig
 from prune.select import PruneSelection
 from qat.prepare import QuantConfig
 from train.config_io import ConfigError, apply_overrides, from_dict, to_dict
@@ -92,6 +93,9 @@ class PruneStage:
     """Trainer steps between gradual rounds (uses the next `recover` stage's settings otherwise defaults)."""
     calibration_batches: int = 8
     """Batches of training data for data-driven scores (taylor)."""
+    repair: RepairConfig | None = None
+    """Refit each layer that consumes removed units to the input model's outputs (label-free least squares,
+    `prune.repair`); none: keep the sliced weights as they are."""
     seed: int = 0
 
 

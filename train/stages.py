@@ -215,9 +215,11 @@ def _run_stage(ctx: RunContext, stage: StageConfig, prev: Path, sdir: Path) -> P
             model = _load_float(prev, ctx.recipe)
             p = stage.prune
             batches = _calibration_batches(ctx, p.calibration_batches) if p.criterion == "taylor" else None
+            reference = _repair_reference(stage, model)
             if p.schedule == "oneshot":
                 scores = compute_scores(model, p.criterion, batches=batches, seed=p.seed)
                 prune_model(model, scores, p.selection)
+                _repair(ctx, stage, model, reference, sdir)
             else:
                 _gradual_prune(ctx, stage, model, batches, sdir)
             save_model(model, model_out, processor=ctx.processor)
@@ -266,6 +268,31 @@ def _run_stage(ctx: RunContext, stage: StageConfig, prev: Path, sdir: Path) -> P
         ctx.state.wait_for_everyone()
         return model_out
     raise RunError(f"unknown stage kind {kind}")
+
+
+def _repair_reference(stage: StageConfig, model):
+    """The unpruned input model the repair fits to (a copy), or None when the stage does not repair."""
+    r = stage.prune.repair
+    if r is None or not r.enabled:
+        return None
+    import copy
+
+    return copy.deepcopy(model).eval()
+
+
+def _repair(ctx: RunContext, stage: StageConfig, model, reference, sdir: Path) -> None:
+    """Refit the pruned model's consumers to `reference` on calibration data; the per-layer errors go to
+    repair.json in the stage folder."""
+    if reference is None:
+        return
+    from prune.repair import repair_model
+
+    r = stage.prune.repair
+    report = repair_model(model, reference, _calibration_batches(ctx, r.calibration_batches), ridge=r.ridge)
+    _atomic_json(sdir / "repair.json", report)
+    worst = max(report, key=lambda x: x["rel_err_before"])
+    _say(ctx.state, f"[repair] {len(report)} layers refit; worst {worst['layer']}: relative error "
+                    f"{worst['rel_err_before']:.4f} -> {worst['rel_err_after']:.4f}")
 
 
 def _keep_sensitive_float(ctx: RunContext, quant, model, batches: list[dict], held_out: list[dict], sdir: Path):
@@ -330,7 +357,9 @@ def _gradual_prune(ctx: RunContext, stage: StageConfig, model, batches, sdir: Pa
         frac = it / p.iterations
         sel = p.selection.scaled(frac)
         scores = compute_scores(model, p.criterion, batches=batches, seed=p.seed + it)
+        reference = _repair_reference(stage, model)
         prune_model(model, scores, sel)
+        _repair(ctx, stage, model, reference, sdir)
         log.info("gradual prune %d/%d: %s", it, p.iterations, sel)
         if it < p.iterations and p.recover_steps > 0:
             cfg = dataclasses.replace(stage.train or TrainConfig(), max_steps=p.recover_steps)
