@@ -37,7 +37,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DEFAULT_CLIPS = ROOT.parent / "shared" / "data" / "real-speech"
+DEFAULT_CLIPS = ROOT / "data" / "real-speech"
 CLOCK = time.perf_counter  # --clock cpu: time.process_time (CPU seconds of this process, all its threads)
 
 

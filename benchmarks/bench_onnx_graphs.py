@@ -35,7 +35,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DEFAULT_CLIPS = ROOT.parent / "shared" / "data" / "real-speech" / "manifest.jsonl"
+DEFAULT_CLIPS = ROOT / "data" / "real-speech" / "manifest.jsonl"
 
 
 def _options(threads: int, **entries: str):
