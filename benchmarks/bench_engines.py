@@ -17,7 +17,7 @@ Timing: after a warm-up, clips are run round-robin over the engines `--repeats` 
 a clip is the minimum over repeats (other processes on the machine only ever add time), and the figures
 are means over clips. Before each timed call the machine idles `--gap` seconds (0.1): thread pools
 (OpenMP's, ONNX Runtime's) spin-wait for a while after a call, and a worker still spinning takes a core
-from whatever runs next (benchmarks/bench_onnx_graphs.py: our encoder 0.102 -> 0.142 s when the
+from whatever runs next (benchmarks/bench_onnx_graphs.py measures what that costs our encoder when the
 decoder session's workers spin on). Per-token decoder time = decoder seconds / decoder steps (the prompt step included;
 CTranslate2 computes the cross-attention K/V in its first decoder step, our engine in the encoder).
 """
@@ -37,7 +37,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DEFAULT_CLIPS = ROOT.parent / "shared" / "data" / "real-speech"
+DEFAULT_CLIPS = ROOT / "data" / "real-speech"
 CLOCK = time.perf_counter  # --clock cpu: time.process_time (CPU seconds of this process, all its threads)
 
 
@@ -123,7 +123,7 @@ def ptq_model(model_dir: Path, work: Path, args) -> Path:
     processor = load_processor(model_dir)
     # min-max observers; the export stores the tied embedding int8, so calibrate with it on. The attention
     # matmuls stay float unless --ptq-matmuls: post-training uint8 softmax outputs (steps of 1/255) cost
-    # tiny.en ~2 WER points on the synthetic eval set, and in float they cost the encoder only ~4% time.
+    # WER, and in float they cost the encoder little time (docs/results.md).
     cfg = QuantConfig(embeddings=True, quantize_matmuls=args.ptq_matmuls)
     manifest = synthetic_set(work, args.calib, args.synth_eval)["train"]
     model = ptq(load_model(model_dir), cfg, calibration_batches(processor, manifest, n=args.calib))

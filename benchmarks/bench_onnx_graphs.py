@@ -17,7 +17,8 @@ Three measurements, each against the setting it replaced (min over repeats; run 
      (`qat.prepare.conv_windows` on the time-major codes, as exported) and over windows cut from the
      channels-first codes (strided slices along each channel's row).
   --against OTHER_EXPORT [...]: also the whole encoder of EXPORT and of each OTHER (e.g. the same model
-     exported by an earlier commit), runs interleaved on the same input, median and min of --repeats x 6.
+     exported by another version of `qat.onnx_export`), runs interleaved on the same input, median and
+     min of --repeats x 6.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DEFAULT_CLIPS = ROOT.parent / "shared" / "data" / "real-speech" / "manifest.jsonl"
+DEFAULT_CLIPS = ROOT / "data" / "real-speech" / "manifest.jsonl"
 
 
 def _options(threads: int, **entries: str):

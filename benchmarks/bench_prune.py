@@ -1,7 +1,7 @@
 """Dense vs pruned Whisper: encoder latency, per-token decoder latency, parameters, size (and WER).
 
     .venv/bin/python benchmarks/bench_prune.py                        # tiny.en, l1, 30% heads + 25% FFN
-    .venv/bin/python benchmarks/bench_prune.py --wer ../shared/data/real-speech/manifest.jsonl \\
+    .venv/bin/python benchmarks/bench_prune.py --wer data/real-speech/manifest.jsonl \\
         --calibration data/synth/train/manifest.jsonl                 # + WER before recovery per criterion
 
 Latency is measured the way a device runs the model: batch 1, a 30 s input (Whisper always pads to

@@ -17,8 +17,8 @@ Token budget: each call may generate at most `token_budget(clips)` tokens, TOKEN
 of its longest clip plus TOKEN_SLACK (and never more than `max_new_tokens` when that is set). Speech
 tops out near 6 tokens/s (the densest transcript in our synthetic and real sets: 5.7 tokens/s), so a
 correct transcript is never cut; what the budget stops is a broken model (a freshly pruned one, say)
-looping until the decoder's 448 positions, which made evaluating it 5x slower than evaluating the dense
-model while adding nothing to its WER but more insertions.
+looping until the decoder's 448 positions, which makes evaluating it several times slower than evaluating
+the dense model (docs/results.md) while adding nothing to its WER but more insertions.
 
 Why model_bytes of torch-dynamic-int8 is computed rather than read off a file: PyTorch has no
 deployment format for dynamically quantized modules except pickle, which this project never writes.
@@ -243,7 +243,7 @@ def _torch_dynamic_int8(model_dir: Path, max_new_tokens):
 
 
 class OnnxRuntimeEngine(Engine):
-    """`eval.onnx_engine.OnnxEngine` (helper-7's) behind the `Engine` interface."""
+    """`eval.onnx_engine.OnnxEngine` behind the `Engine` interface."""
 
     def __init__(self, export_dir: str | Path, threads: int, max_new_tokens: int | None = None):
         from eval.onnx_engine import OnnxEngine

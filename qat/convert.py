@@ -1,14 +1,13 @@
 """Fold the QAT scales into real INT8 PyTorch modules, and save/load them through the model format.
 
-Kernel choice (measured on this repo's 2-core AVX512-VNNI CPU, torch 2.13, tiny.en shapes):
-`torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32` with the x86 (fbgemm + oneDNN)
-or fbgemm engine. It takes the float input with *our* static input scale/zero point (uint8), the int8
-per-channel weight prepacked once, and returns fp32 — exactly the fake-quant graph (input Q/DQ,
-weight Q/DQ, float output; no output requantization that QAT never trained for). Encoder-sized
-Linears (1500 x 384 x 1536) run 2-4x faster than fp32 `F.linear`. The alternatives measured:
-`nnq.Linear` / `quantized::linear` must requantize the output to uint8 (needs an output scale and
-loses accuracy) and was no faster; `torch.ops.onednn.qlinear_pointwise` with fp32 output and
-`torch._int_mm` were 2-5x *slower* than fp32 in eager mode. The qnnpack engine (ARM) has no
+Kernel choice: `torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32` with the x86
+(fbgemm + oneDNN) or fbgemm engine. It takes the float input with *our* static input scale/zero point
+(uint8), the int8 per-channel weight prepacked once, and returns fp32 — exactly the fake-quant graph
+(input Q/DQ, weight Q/DQ, float output; no output requantization that QAT never trained for) — and it
+is faster than fp32 `F.linear` at encoder sizes. The alternatives: `nnq.Linear` / `quantized::linear`
+must requantize the output to uint8 (needs an output scale and loses accuracy) and is no faster;
+`torch.ops.onednn.qlinear_pointwise` with fp32 output and `torch._int_mm` are slower than fp32 in eager
+mode (docs/results.md, "Measurements behind choices in the code"). The qnnpack engine (ARM) has no
 fp32-output kernel for these packed weights in torch 2.13 (`apply_with_input_q_dq_qweight_dq_output_fp32
 is not implemented`), so `convert_to_int8` accepts engine "x86" or "fbgemm" and says so for qnnpack.
 
@@ -248,8 +247,8 @@ def convert_to_int8(model: nn.Module, engine: str = "x86", inplace: bool = False
     Speed options (both default to matching fake quant as closely as possible): `exact=False` skips
     putting Linear inputs on the grid before the kernel (see `Int8Linear.forward`; a few codes per
     million move by one step); `matmuls="float"` leaves the attention matmul inputs unquantized, which
-    drops the Q/DQ passes over the attention probabilities that cost more than the matmul itself
-    (measured on tiny.en's encoder: INT8 with both options 0.78x the fp32 time, with the defaults 1.25x).
+    drops the Q/DQ passes over the attention probabilities that cost more than the matmul itself (with
+    both options tiny.en's INT8 encoder is faster than fp32, with the defaults slower: docs/results.md).
     """
     _check_engine(engine)
     if matmuls not in ("qdq", "float"):

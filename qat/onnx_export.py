@@ -268,10 +268,10 @@ class _Tables(nn.Module):
             self.linears[name] = (float(act.scale), int(act.zero_point))
         for name, (a, b) in plan.matmuls.items():
             # b (keys, values) on the int8 grid: with a uint8 `a`, ORT runs u8 x s8 kernels (AVX-512 VNNI,
-            # about twice as fast as u8 x u8 on the encoder's attention); same values, see ActQuant. "bu",
-            # the same quantizer on the uint8 grid, for the cross K/V the encoder hands over: a graph input
-            # has no Q/DQ pair for ORT to rewrite, and int8 activations x uint8 would run on VPMADDUBSW
-            # (16-bit sums that can saturate) on CPUs without VNNI
+            # faster than u8 x u8 on the encoder's attention, see `session_options`); same values, see
+            # ActQuant. "bu", the same quantizer on the uint8 grid, for the cross K/V the encoder hands
+            # over: a graph input has no Q/DQ pair for ORT to rewrite, and int8 activations x uint8 would
+            # run on VPMADDUBSW (16-bit sums that can saturate) on CPUs without VNNI
             self._act(name, "a", a)
             self._act(name, "b", b, signed=True)
             self._act(name, "bu", b)
@@ -284,9 +284,8 @@ class _Tables(nn.Module):
         observers on the same tensor agree exactly): at one token per step, fewer kernels are what counts.
         The encoder keeps its projections apart: with 1500 frames the fused output is a large float
         tensor that a bias Add and a Split each copy once more before quantizing; separate MatMuls (k_proj
-        has no bias, so no Add) made the encoder 7.5 ms faster (median 104.0 -> 96.5 ms, dense QAT tiny.en,
-        2-core EPYC, 2 threads; `benchmarks/bench_onnx_graphs.py NEW --against OLD`, OLD exported by
-        commit 20d0ff1), the same outputs up to rare one-step roundings of the shipped K/V.
+        has no bias, so no Add) skip those copies and make the encoder faster, with the same outputs up to
+        rare one-step roundings of the shipped K/V (docs/results.md: `bench_onnx_graphs.py --against`).
         """
         names = tuple(self.name(m) for m in mods)
         acts = {self.linears.get(n) for n in names}
@@ -357,7 +356,8 @@ class _Graph(nn.Module):
 
         Quantized: the uint8 codes are windowed (`qat.prepare.conv_windows`, padding with the zero point,
         i.e. 0.0) and multiplied by the window weight matrix, which ORT runs as one int8 GEMM
-        (MatMulIntegerToFloat): tiny.en's front end 10.3 -> 3.6 ms (benchmarks/bench_onnx_graphs.py).
+        (MatMulIntegerToFloat), a few times faster than two float Conv nodes on tiny.en's front end
+        (docs/results.md; `benchmarks/bench_onnx_graphs.py` measures it).
         """
         from qat.prepare import conv_windows
 
@@ -415,8 +415,8 @@ class _Graph(nn.Module):
         per_head (the encoder's 1500 x 1500 attention): one QK -> softmax -> quantize -> PV chain per
         head. All heads' float scores at once (6 x 1500 x 1500 x 4 bytes = 54 MB for tiny.en) overflow
         the L3 cache, so each of those four passes goes to memory; one head's 9 MB stays in cache from
-        one op to the next (one layer's attention alone: 13.7 -> 10.7 ms, 2-core EPYC, 2 threads,
-        benchmarks/bench_onnx_graphs.py). The same tokens on tiny.en's real clips; outputs differ from the
+        one op to the next, which makes the layer's attention faster (docs/results.md;
+        `benchmarks/bench_onnx_graphs.py` measures it). The same tokens on tiny.en's real clips; outputs differ from the
         all-heads graph only where ORT fused PV with the next quantize into QLinearMatMul, whose
         requantization rounds differently from float-then-QuantizeLinear (the fake-quant model's order).
         Decoder steps (T = 1) gain nothing from it.
@@ -855,8 +855,8 @@ def session_options(threads: int = 2):
 
     On x86 ORT rewrites int8 Q/DQ activations to uint8 by default ("session.qdqisint8allowed" = 0): there
     u8 x s8 runs on AVX2's VPMADDUBSW, whose 16-bit sums can saturate when both sides are activations.
-    With VNNI (VPDPBUSD, 32-bit sums) u8 x s8 is exact and about twice as fast as the u8 x u8 it would
-    become, so on such CPUs the signed keys/values stay signed. Elsewhere ORT's default stands (ARM
+    With VNNI (VPDPBUSD, 32-bit sums) u8 x s8 is exact and faster than the u8 x u8 it would become
+    (docs/results.md), so on such CPUs the signed keys/values stay signed. Elsewhere ORT's default stands (ARM
     already allows int8).
     """
     import onnxruntime as ort
@@ -868,8 +868,8 @@ def session_options(threads: int = 2):
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
     # an engine holds two sessions, each with its own pool; a pool's workers spin-wait for a while after
-    # its run, and on a small machine the spinning workers take a core from the other session's run (2
-    # cores: the decoder's first steps 6.7 instead of 2.4 ms, the encoder 0.142 instead of 0.102 s;
+    # its run, and on a small machine the spinning workers take a core from the other session's run
+    # (slowing the decoder's first steps and the next encoder run: docs/results.md,
     # benchmarks/bench_onnx_graphs.py). Stop spinning when a run ends.
     so.add_session_config_entry("session.force_spinning_stop", "1")
     if cpu_has_vnni():

@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 
 VERSION = 1
 """Bumped when the same settings would produce different audio: invalidates reuse."""
-TEXT_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "text"
+TEXT_DIR = Path(__file__).resolve().parents[1] / "data" / "text"
+"""The LibriSpeech text shipped with the repository (data/README.md: source and license)."""
 DEFAULT_TRAIN_TEXT = (str(TEXT_DIR / "librispeech-train.txt"),)
 DEFAULT_EVAL_TEXT = (str(TEXT_DIR / "librispeech-test.txt"),)
 DEFAULT_TRAIN_VOICES = ("flite:slt", "flite:awb", "flite:kal16", "espeak-ng:en-us", "espeak-ng:en-gb-x-rp")
@@ -375,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="./launch.sh synth", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--text", nargs="+", help="training text file(s), one sentence per line "
-                   "(default: ../shared/data/text/librispeech-train.txt, with librispeech-test.txt for eval)")
+                   "(default: data/text/librispeech-train.txt, with librispeech-test.txt for eval)")
     p.add_argument("--eval-text", nargs="+", help="eval text file(s); without it --eval-fraction of --text is used")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--voices", help="comma-separated voices (all of them; default: "

@@ -277,7 +277,7 @@ def test_real_tiny_en_engines(tmp_path):
     from slim.sources import import_model
 
     d = import_model("tiny.en", tmp_path / "tiny.en")
-    data = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "real-speech", "manifest.jsonl")
+    data = os.path.join(os.path.dirname(__file__), "..", "data", "real-speech", "manifest.jsonl")
     f = evaluate_model(d, data, limit=2, progress=False, warmup=0, threads=1)
     q = evaluate_model(d, data, engine="torch-dynamic-int8", limit=2, progress=False, warmup=0, threads=1)
     assert f["wer"] <= 0.1 and q["wer"] <= 0.15

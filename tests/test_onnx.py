@@ -16,7 +16,7 @@ from qat.onnx_export import (DecodeConfig, cpu_has_vnni, export_model, file_dige
 from slim.model import Structure, build_model, install_explicit_attention
 from slim.sources import tiny_random_processor, tiny_random_whisper
 
-REAL_SPEECH = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-speech"
+REAL_SPEECH = Path(__file__).resolve().parents[1] / "data" / "real-speech"
 NEW = 19  # generated tokens compared per utterance (random weights rarely stop early)
 
 

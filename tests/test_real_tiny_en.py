@@ -11,9 +11,8 @@ from slim.audio import load_audio
 from slim.model import install_explicit_attention
 from slim.sources import load_source
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-speech"
-pytestmark = [pytest.mark.real,
-              pytest.mark.skipif(not (REAL / "manifest.jsonl").exists(), reason=f"{REAL} not present")]
+REAL = Path(__file__).resolve().parents[1] / "data" / "real-speech"
+pytestmark = pytest.mark.real
 
 
 @pytest.fixture(scope="module")

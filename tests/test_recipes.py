@@ -110,3 +110,92 @@ def test_bad_quant_setting_is_named(tmp_path):
     p = _write(tmp_path, BASE + "  - name: q\n    kind: ptq\n    quant: {keep_float: 1, sensitivity_by: model}\n")
     with pytest.raises(ConfigError, match=r"stages\[2\]\.quant\.sensitivity_by: 'model' is not one of"):
         load_recipe(p)
+
+
+def test_optional_eval_names_and_paths_are_checked(tmp_path):
+    ok = BASE.replace("data: {eval: a.jsonl, train: b.jsonl}",
+                      "data: {eval: a.jsonl, train: b.jsonl, extra_eval: {real: r.jsonl},\n"
+                      "       optional_eval: {real_prompts: ../elsewhere/p.jsonl}}")
+    r = load_recipe(_write(tmp_path, ok))
+    assert r.data.extra_eval == {"real": "r.jsonl"}
+    assert r.data.optional_eval == {"real_prompts": "../elsewhere/p.jsonl"}
+    with pytest.raises(ConfigError, match=r"data.optional_eval.real: the name is already used by data.extra_eval"):
+        load_recipe(_write(tmp_path, ok.replace("real_prompts:", "real:")))
+    with pytest.raises(ConfigError, match=r"data.optional_eval.eval: the name is already used by data.eval"):
+        load_recipe(_write(tmp_path, ok.replace("real_prompts:", "eval:")))
+    with pytest.raises(ConfigError, match=r"data.extra_eval.eval: `eval` names the main eval set"):
+        load_recipe(_write(tmp_path, ok.replace("{real: r.jsonl}", "{eval: r.jsonl}")))
+    with pytest.raises(ConfigError, match=r"data.optional_eval.real_prompts: 'hf:x/y' is a datasets spec"):
+        load_recipe(_write(tmp_path, ok.replace("../elsewhere/p.jsonl", "hf:x/y")))
+
+
+def test_optional_eval_set_is_evaluated_when_present_and_skipped_with_a_warning_when_not(tmp_path, caplog):
+    from train.recipe import DataConfig
+    from train.stages import _extra_eval_sets
+
+    there = tmp_path / "there.jsonl"
+    there.write_text("")
+    data = DataConfig(eval="a.jsonl", extra_eval={"real": str(tmp_path / "r.jsonl")},
+                      optional_eval={"here": str(there), "gone": str(tmp_path / "gone.jsonl")})
+    with caplog.at_level("WARNING", logger="whisper_slim"):
+        sets = _extra_eval_sets(data)
+    # extra_eval entries are kept whether or not they exist (a missing one fails where it is evaluated)
+    assert sets == {"real": str(tmp_path / "r.jsonl"), "here": str(there)}
+    assert [r.getMessage() for r in caplog.records] == [
+        f"data.optional_eval.gone: {tmp_path / 'gone.jsonl'} is not present; not evaluated"]
+
+
+# What a fresh clone holds: the packages, the recipes and the data they read (no ../shared next to it).
+CLONE_PARTS = ("train", "slim", "prune", "qat", "eval", "recipes", "data")
+LOCAL_RECIPES = ("recipes/quickstart.yaml", "recipes/smoke.yaml", "recipes/experiments/tiny_en_prune_qat.yaml")
+RESOLVE_PATHS = r"""
+import json, sys
+from train import stages
+from train.recipe import load_recipe
+
+out = {"root": str(stages.ROOT)}
+for path in sys.argv[1:]:
+    r = load_recipe(path)
+    s = r.data.synth
+    out[path] = {"text": [stages._resolve(t) for t in s.train_text + s.eval_text],
+                 "synth_out": stages._resolve(s.out), "eval_sets": stages._extra_eval_sets(r.data)}
+print(json.dumps(out))
+"""
+
+
+def test_offline_recipes_find_their_data_in_a_clone_without_shared(tmp_path):
+    """The quickstart, smoke and experiment recipes read only files inside the repository, resolved by the
+    stage runner from a copy of it with nothing beside it; the optional real-prompts set is skipped."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    src = Path(__file__).resolve().parent.parent
+    repo = tmp_path / "clone"
+    for part in CLONE_PARTS:
+        shutil.copytree(src / part, repo / part, ignore=shutil.ignore_patterns("__pycache__", "synth*"))
+    assert not (tmp_path / "shared").exists()
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    proc = subprocess.run([sys.executable, "-c", RESOLVE_PATHS, *LOCAL_RECIPES], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["root"] == str(repo)
+
+    text = repo / "data" / "text"
+    real = repo / "data" / "real-speech" / "manifest.jsonl"
+    for path in LOCAL_RECIPES:
+        r = got[path]
+        assert r["text"] == [str(text / "librispeech-train.txt"), str(text / "librispeech-test.txt")]
+        assert all(Path(t).is_file() and Path(t).stat().st_size > 25_000 for t in r["text"])
+        assert Path(r["synth_out"]).parent == repo / "data"
+        assert r["eval_sets"] == ({} if path.endswith("smoke.yaml") else {"real": str(real)})
+    clips = [json.loads(line)["audio"] for line in real.read_text().splitlines() if line.strip()]
+    assert len(clips) == 11 and all((real.parent / c).is_file() for c in clips)
+    # the quickstart names the real-prompts dev set as optional: absent here, so it is skipped, not an error
+    quick = load_recipe(src / "recipes" / "quickstart.yaml")
+    assert quick.data.optional_eval == {"real_prompts": "../shared/data/real-prompts/manifest.jsonl"}
+    assert proc.stderr.count("data.optional_eval.real_prompts:") == 1
+    assert f"{tmp_path / 'shared' / 'data' / 'real-prompts' / 'manifest.jsonl'} is not present" in proc.stderr

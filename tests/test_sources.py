@@ -14,7 +14,7 @@ from transformers import GenerationConfig, WhisperForConditionalGeneration, Whis
 from slim.ct2 import load_tokenizer, processor_for
 from slim.sources import import_model, load_source, shortcut_files, tiny_random_processor, tiny_random_whisper
 
-REAL_SPEECH = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-speech"
+REAL_SPEECH = Path(__file__).resolve().parents[1] / "data" / "real-speech"
 HF_FILES = {"config.json", "generation_config.json", "model.safetensors", "processor_config.json",
             "tokenizer.json", "tokenizer_config.json"}
 

@@ -311,7 +311,6 @@ def test_nan_loss_stops_with_training_diverged_and_keeps_last_good_checkpoint(tm
 
 
 def test_wandb_offline_run_holds_config_and_metrics(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")  # a project dependency; absent only on borrowed machines (GPU checks)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     model = tiny_whisper(0)

@@ -40,9 +40,9 @@ class SynthData:
 
     out: str = "data/synth"
     """Output folder (relative to the repository root unless absolute)."""
-    train_text: list[str] = field(default_factory=lambda: ["../shared/data/text/librispeech-train.txt"])
+    train_text: list[str] = field(default_factory=lambda: ["data/text/librispeech-train.txt"])
     """Text files whose lines are voiced for training."""
-    eval_text: list[str] = field(default_factory=lambda: ["../shared/data/text/librispeech-test.txt"])
+    eval_text: list[str] = field(default_factory=lambda: ["data/text/librispeech-test.txt"])
     """Text files whose lines are voiced for evaluation (kept disjoint from training sentences)."""
     train_voices: list[str] | None = None
     """Voices used for training (None: the builder's default set)."""
@@ -64,11 +64,31 @@ class DataConfig:
     eval: str | None = None
     """Main evaluation DATA (the WER the targets are measured on). Default: synth eval."""
     extra_eval: dict[str, str] = field(default_factory=dict)
-    """More evaluation sets reported per stage, by name (e.g. real: ../shared/data/real-speech/manifest.jsonl)."""
+    """More evaluation sets reported per stage, by name (e.g. real: data/real-speech/manifest.jsonl).
+    Each must exist: a missing one fails the run when the stage evaluates it."""
+    optional_eval: dict[str, str] = field(default_factory=dict)
+    """Evaluation sets reported like `extra_eval` when their path exists, skipped with a warning when it
+    does not: for data kept outside the repository (e.g. real_prompts:
+    ../shared/data/real-prompts/manifest.jsonl), so a checkout without it still runs the recipe.
+    Names must differ from `extra_eval`'s and from `eval`; `hf:` specs are not allowed (their presence
+    cannot be checked before the run)."""
     max_train: int | None = None
     """Use at most this many training utterances."""
     max_eval: int | None = None
     """Evaluate on at most this many utterances of each eval set (None: all)."""
+
+    def __post_init__(self):
+        for name in self.optional_eval:
+            if name == "eval" or name in self.extra_eval:
+                raise ConfigError(f"data.optional_eval.{name}: the name is already used by "
+                                  f"{'data.eval' if name == 'eval' else 'data.extra_eval'}; pick another")
+        for name in self.extra_eval:
+            if name == "eval":
+                raise ConfigError("data.extra_eval.eval: `eval` names the main eval set; pick another name")
+        for name, path in self.optional_eval.items():
+            if path.startswith("hf:"):
+                raise ConfigError(f"data.optional_eval.{name}: {path!r} is a datasets spec; optional sets are "
+                                  "local paths (put hub sets under data.extra_eval)")
 
 
 @dataclass

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from train.recipe import Recipe, StageConfig, recipe_to_yaml
+from train.recipe import DataConfig, Recipe, StageConfig, recipe_to_yaml
 
 log = logging.getLogger("whisper_slim")
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,6 +81,19 @@ def _atomic_json(path: Path, obj) -> None:
 # setup
 
 
+def _extra_eval_sets(data: DataConfig) -> dict[str, str]:
+    """The recipe's extra eval sets, resolved: every `extra_eval` entry, and the `optional_eval` entries
+    whose path exists here (a missing one is skipped with a warning, and the report has no column for it)."""
+    sets = {k: _resolve(v) for k, v in data.extra_eval.items()}
+    for name, path in data.optional_eval.items():
+        local = _resolve(path)
+        if Path(local).exists():
+            sets[name] = local
+        else:
+            log.warning("data.optional_eval.%s: %s is not present; not evaluated", name, local)
+    return sets
+
+
 def _prepare_data(recipe: Recipe, state: PartialState) -> tuple[str | None, dict[str, str]]:
     data = recipe.data
     train, main_eval = _resolve(data.train), _resolve(data.eval)
@@ -96,8 +109,7 @@ def _prepare_data(recipe: Recipe, state: PartialState) -> tuple[str | None, dict
             )
         train = train or str(paths["train"])
         main_eval = main_eval or str(paths["eval"])
-    eval_sets = {"eval": main_eval, **{k: _resolve(v) for k, v in data.extra_eval.items()}}
-    return train, eval_sets
+    return train, {"eval": main_eval, **_extra_eval_sets(data)}
 
 
 def _import_base(recipe: Recipe, out: Path, state: PartialState) -> Path:
