@@ -257,8 +257,12 @@ def test_kill_9_at_step_7_then_resume_is_bit_identical(uninterrupted, tmp_path):
     assert [x["step"] for x in killed] == list(range(1, 8))
     assert [x["loss"] for x in killed] == ref.losses[:7]  # same trajectory until the kill
 
-    model, r = run_tiny(out, steps=12, save_every=4, keep_last=2, n=N, resume=True)
+    seen = []
+    model, r = run_tiny(out, steps=12, save_every=4, keep_last=2, n=N, resume=True,
+                        on_step=lambda step, record: seen.append((step, bool(record))))
     assert (r.start_step, r.steps_run, r.final_step) == (4, 8, 12)  # exactly the remaining steps ran
+    # on_step came once more for the resumed step 4 (what it did after that checkpoint is done again)
+    assert seen == [(4, False)] + [(s, True) for s in range(5, 13)]
     assert r.resumed_from == out / "checkpoints" / "step-00000004"
     assert r.losses == ref.losses[4:]
     assert_same_weights(weights(model), ref_w)

@@ -357,7 +357,9 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
         the end; its result is shared with all processes. eval_dataset adds `eval_loss` (all processes).
     resume: continue from the newest complete checkpoint in out_dir/checkpoints (falls back to older ones
         when the newest is corrupt). Without resume, existing checkpoints are an error.
-    on_step: on_step(step, record) on every process after each step (and after its checkpoint).
+    on_step: on_step(step, record) on every process after each step (and after its checkpoint), and once
+        after a resume for the step resumed at (record {}): a change it makes at step K (observers frozen)
+        comes after step K's checkpoint, so a run resumed from that checkpoint needs it made again.
     save_fn: save_fn(model, dir) for the best/last models (default: model.save_pretrained(dir)).
     extra_state: objects with state_dict()/load_state_dict() saved in every checkpoint (e.g. QAT observers).
     metrics_path: the JSONL log (default out_dir/metrics.jsonl); stages may share one file, since every
@@ -425,6 +427,8 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
 
     resumed_from = load_latest(accelerator, ckpt_root, state, names) if resume else None
     if resumed_from is not None:
+        if on_step is not None:  # what on_step changed after this step's checkpoint, it changes again
+            on_step(state.step, {})
         dropped = metrics.rewind(state.step)
         if main:
             log.info("resumed %s from %s (step %d, epoch %d, batch %d); dropped %d later log records",

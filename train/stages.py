@@ -354,15 +354,22 @@ def _evaluate(ctx: RunContext, stage: StageConfig, model_dir: Path) -> dict:
     from eval.run import evaluate_model
 
     entry = {"stage": stage.name, "kind": stage.kind, "model_dir": str(model_dir)}
-    for name, data in ctx.eval_sets.items():
-        r = evaluate_model(model_dir, data, engine=stage.engine, limit=ctx.recipe.data.max_eval,
-                           threads=ctx.recipe.eval.threads, batch_size=ctx.recipe.eval.batch_size,
-                           max_new_tokens=ctx.recipe.model.max_new_tokens)
-        if name == "eval":
-            entry.update(r)
-        else:
-            entry.setdefault("extra", {})[name] = {k: r[k] for k in
-                                                   ("wer", "cer", "utterances", "skipped", "seconds_per_utterance")}
+    # The engines set torch's threads process-wide; the next stage trains with the process's own count
+    # again, so a stage computes the same bits whether or not this process evaluated before it (a resumed
+    # run skips the finished stages' evaluations).
+    threads = torch.get_num_threads()
+    try:
+        for name, data in ctx.eval_sets.items():
+            r = evaluate_model(model_dir, data, engine=stage.engine, limit=ctx.recipe.data.max_eval,
+                               threads=ctx.recipe.eval.threads, batch_size=ctx.recipe.eval.batch_size,
+                               max_new_tokens=ctx.recipe.model.max_new_tokens)
+            if name == "eval":
+                entry.update(r)
+            else:
+                entry.setdefault("extra", {})[name] = {k: r[k] for k in ("wer", "cer", "utterances", "skipped",
+                                                                         "seconds_per_utterance")}
+    finally:
+        torch.set_num_threads(threads)
     return entry
 
 
