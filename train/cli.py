@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+LAUNCHER_PID_ENV = "SLIM_LAUNCHER_PID"  # set by _relaunch for its workers: the process they must not outlive
 USAGE = """usage: ./launch.sh COMMAND ...
   run RECIPE [key=value ...] [--num-processes N] [--resume] [--accelerate-config FILE]
   import SRC OUT                      SRC: hub id | HF dir | CT2 dir | tiny.en | base
@@ -74,15 +75,15 @@ def _die_with_launcher() -> None:
     except OSError:
         return
     PR_SET_PDEATHSIG = 1
-    parent = os.getppid()
+    launcher = int(os.environ.get(LAUNCHER_PID_ENV) or os.getppid())
     if getattr(libc, "prctl", None) is None or libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         return
-    if os.getppid() != parent:  # the launcher died before the request was in place
+    if os.getppid() != launcher:  # the launcher died before the request was in place
         os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _relaunch(args) -> int:
-    """Re-run this command under `accelerate launch` with N processes."""
+    """Become `accelerate launch` running this command in N processes (does not return)."""
     import torch
 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(args.num_processes)]
@@ -100,7 +101,7 @@ def _relaunch(args) -> int:
     # exec, not a child: this process becomes the launcher, so a signal sent to `./launch.sh run` reaches
     # the process whose workers die with it (see _die_with_launcher)
     sys.stdout.flush()
-    os.execv(sys.executable, cmd)
+    os.execve(sys.executable, cmd, dict(os.environ, **{LAUNCHER_PID_ENV: str(os.getpid())}))  # exec keeps the pid
 
 
 def _import(argv: list[str]) -> int:
