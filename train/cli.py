@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER_PID_ENV = "SLIM_LAUNCHER_PID"  # set by _relaunch for its workers: the process they must not outlive
@@ -82,7 +83,7 @@ def _die_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _relaunch(args) -> int:
+def _relaunch(args) -> NoReturn:
     """Become `accelerate launch` running this command in N processes (does not return)."""
     import torch
 
