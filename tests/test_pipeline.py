@@ -1,8 +1,12 @@
-"""The smoke recipe end to end, killed with SIGKILL in the recover and in the QAT stage and resumed.
+"""The smoke recipe end to end, killed with SIGKILL in the recover and in the QAT stage and resumed, in one
+process and in two (CPU gloo under `accelerate launch`).
 
-One run, three processes: (1) killed once recover has written its first checkpoint, (2) `--resume`,
-killed once qat has written its first checkpoint, (3) `--resume` to the end. Asserts that finished
-stages were not redone, that the trainer stages ran each step, and the files and numbers of the report.
+One run, three invocations: (1) killed right after recover's step-2 checkpoint, (2) `--resume`, killed
+right after qat's step-2 checkpoint, (3) `--resume` to the end. The loop's test hook (SLIM_TEST_KILL_AT)
+delivers the kills at those exact points; with two processes the first kills process 1 and the second
+the launcher, whose workers must die with it. Both process counts must give the same files, step counts
+and report. Two processes must also end bit-identical to an uninterrupted two-process run, refuse a
+resume with one process, and run a gradual prune (its recovery rounds train on both processes).
 """
 
 import json
@@ -14,62 +18,116 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_train_loop import assert_same_weights, run_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "recipes" / "smoke.yaml"
 STAGES = ["dense", "prune", "recover", "qat", "convert", "export", "ptq"]
+KILLS = {1: ("recover:2", "qat:2"), 2: ("recover:2:1", "qat:2:launcher")}  # SLIM_TEST_KILL_AT per invocation
 
 
-def _cmd(out: Path, synth: Path, resume: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "train.cli", "run", str(ROOT / "recipes" / "smoke.yaml"),
-           f"output_dir={out}", f"data.synth.out={synth}"]
-    return cmd + (["--resume"] if resume else [])
+def _cmd(out: Path, synth: Path, resume: bool = False, processes: int = 1, overrides: tuple = ()) -> list[str]:
+    cmd = [sys.executable, "-m", "train.cli", "run", str(SMOKE), f"output_dir={out}", f"data.synth.out={synth}",
+           *overrides]
+    return cmd + (["--num-processes", str(processes)] if processes > 1 else []) + (["--resume"] if resume else [])
 
 
-def _run_until(cmd: list[str], marker: Path, log: Path, timeout: float = 600) -> None:
-    """Start `cmd`, SIGKILL it as soon as `marker` exists (the stage's first complete checkpoint)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="offline", HF_HUB_OFFLINE="1")
+def _run(cmd: list[str], log: Path, kill_at: str | None = None, timeout: float = 900) -> int:
+    env = dict(run_env(), WANDB_MODE="offline")
+    if kill_at:
+        env["SLIM_TEST_KILL_AT"] = kill_at
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-        t0 = time.time()
-        while not marker.exists():
-            if proc.poll() is not None:
-                pytest.fail(f"run ended (rc={proc.returncode}) before {marker} appeared:\n{log.read_text()[-3000:]}")
-            if time.time() - t0 > timeout:
-                proc.kill()
-                pytest.fail(f"timed out waiting for {marker}")
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+    return rc
+
+
+def _survivors(out: Path) -> list[int]:
+    """Processes still working on run folder `out` (it is on their command line)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if f"output_dir={out}".encode() in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:  # ended meanwhile
+            pass
+    return pids
+
+
+def _run_killed(cmd: list[str], out: Path, kill_at: str, log: Path) -> None:
+    """Run `cmd` with the kill hook set; it must end by that kill, leaving no process behind."""
+    rc = _run(cmd, log, kill_at)
+    if kill_at.count(":") == 2 and not kill_at.endswith("launcher"):
+        assert rc == 1, log.read_text()[-3000:]  # a worker died: the launcher stops the others and fails
+    else:
+        assert rc == -signal.SIGKILL, log.read_text()[-3000:]
+    t0 = time.time()
+    while _survivors(out) and time.time() - t0 < 30:
+        time.sleep(0.2)
+    assert not _survivors(out), "workers outlived the launcher"
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("smoke")
-    out, synth = tmp / "run", tmp / "synth"
-    _run_until(_cmd(out, synth, False), out / "03-recover" / "checkpoints" / "step-00000002" / "COMPLETE",
-               tmp / "log1.txt")
+def synth(tmp_path_factory):
+    return tmp_path_factory.mktemp("synth") / "smoke"  # voiced by the first run, reused by the others
+
+
+def _smoke_run(tmp: Path, synth: Path, processes: int) -> dict:
+    out = tmp / "run"
+    first, second = KILLS[processes]
+    _run_killed(_cmd(out, synth, processes=processes), out, first, tmp / "log1.txt")
     prune_done = (out / "02-prune" / "stage.json").stat().st_mtime_ns
     assert not (out / "03-recover" / "stage.json").exists()
-    _run_until(_cmd(out, synth, True), out / "04-qat" / "checkpoints" / "step-00000002" / "COMPLETE",
-               tmp / "log2.txt")
+    refused = None
+    if processes > 1:  # the data position is per process: another count must be refused, changing nothing
+        rc = _run(_cmd(out, synth, resume=True), tmp / "log-1proc.txt")
+        refused = (rc, (tmp / "log-1proc.txt").read_text())
+    _run_killed(_cmd(out, synth, resume=True, processes=processes), out, second, tmp / "log2.txt")
     recover_done = (out / "03-recover" / "stage.json").stat().st_mtime_ns
-    env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="offline", HF_HUB_OFFLINE="1")
-    r = subprocess.run(_cmd(out, synth, True), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return out, r.stdout, prune_done, recover_done
+    rc = _run(_cmd(out, synth, resume=True, processes=processes), tmp / "log3.txt")
+    assert rc == 0, (tmp / "log3.txt").read_text()[-3000:]
+    return {"out": out, "stdout": (tmp / "log3.txt").read_text(), "prune_done": prune_done,
+            "recover_done": recover_done, "refused": refused}
+
+
+@pytest.fixture(scope="module")
+def smoke_1(tmp_path_factory, synth):
+    return _smoke_run(tmp_path_factory.mktemp("smoke1"), synth, 1)
+
+
+@pytest.fixture(scope="module")
+def smoke_2(tmp_path_factory, synth):
+    return _smoke_run(tmp_path_factory.mktemp("smoke2"), synth, 2)
+
+
+@pytest.fixture(params=[1, 2], ids=["1proc", "2proc"])
+def smoke_run(request):
+    return request.getfixturevalue(f"smoke_{request.param}")
+
+
+def _stages_override(stages: list[dict]) -> str:
+    """A `stages=` override replacing the recipe's stage list (flow YAML on one line; not JSON, whose 1e-05
+    YAML reads as a string)."""
+    return "stages=" + yaml.safe_dump(stages, default_flow_style=True, width=float("inf")).strip()
+
+
+def _smoke_stages(*names: str) -> list[dict]:
+    by = {s["name"]: s for s in yaml.safe_load(SMOKE.read_text())["stages"]}
+    return [dict(by[n]) for n in names]
 
 
 def test_finished_stages_are_not_redone(smoke_run):
-    out, stdout, prune_done, recover_done = smoke_run
-    assert (out / "02-prune" / "stage.json").stat().st_mtime_ns == prune_done
-    assert (out / "03-recover" / "stage.json").stat().st_mtime_ns == recover_done
+    out = smoke_run["out"]
+    assert (out / "02-prune" / "stage.json").stat().st_mtime_ns == smoke_run["prune_done"]
+    assert (out / "03-recover" / "stage.json").stat().st_mtime_ns == smoke_run["recover_done"]
     for name in ("dense", "prune", "recover"):
-        assert f"[{name}] already finished" in stdout
+        assert f"[{name}] already finished" in smoke_run["stdout"]
 
 
 def test_trainer_stages_resumed_and_ran_every_step(smoke_run):
-    out = smoke_run[0]
+    out = smoke_run["out"]
     for stage in ("03-recover", "04-qat"):
         steps = [json.loads(l)["step"] for l in (out / stage / "metrics.jsonl").read_text().splitlines()
                  if l.strip() and "loss" in json.loads(l)]
@@ -83,7 +141,7 @@ def test_trainer_stages_resumed_and_ran_every_step(smoke_run):
 
 
 def test_report_has_every_stage_with_eval_keys(smoke_run):
-    out = smoke_run[0]
+    out = smoke_run["out"]
     report = json.loads((out / "report.json").read_text())
     assert [e["stage"] for e in report] == STAGES
     for e in report:
@@ -119,3 +177,70 @@ def test_report_has_every_stage_with_eval_keys(smoke_run):
     with safe_open(str(out / "07-ptq" / "model" / "model.safetensors"), "pt") as f:
         qnames = {k.rpartition("_quant.")[0].rpartition(".")[0] for k in f.keys() if "_quant." in k}
     assert qnames and not any(fnmatch.fnmatchcase(n, p) for n in qnames for p in worst["patterns"])
+
+
+# ---------------------------------------------------------------------------------------------
+# two processes only
+
+
+def test_two_processes_report_the_fields_of_one_process(smoke_1, smoke_2):
+    one, two = (json.loads((r["out"] / "report.json").read_text()) for r in (smoke_1, smoke_2))
+    assert [e["stage"] for e in two] == [e["stage"] for e in one] == STAGES
+    for a, b in zip(one, two):
+        assert sorted(b) == sorted(a), b["stage"]
+        assert sorted(b["structure"]) == sorted(a["structure"]), b["stage"]
+    for stage in ("03-recover", "04-qat"):
+        m = json.loads((smoke_2["out"] / stage / "checkpoints" / "step-00000004" / "COMPLETE").read_text())
+        assert m["num_processes"] == 2 and {"random_states_0.pkl", "random_states_1.pkl"} <= set(m["files"])
+
+
+def test_resume_with_another_process_count_is_refused(smoke_2):
+    rc, log = smoke_2["refused"]
+    assert rc == 1
+    assert "was written by 2 processes; resume with the same number (now 1)" in log, log[-3000:]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_2(tmp_path_factory, synth):
+    """The trainer stages of the smoke recipe (and the prune they start from) in one uninterrupted
+    two-process run; evaluations off, since they do not change the weights compared."""
+    tmp = tmp_path_factory.mktemp("uninterrupted2")
+    stages = [dict(s, evaluate=False) for s in _smoke_stages("prune", "recover", "qat")]
+    rc = _run(_cmd(tmp / "run", synth, processes=2, overrides=(_stages_override(stages),)), tmp / "log.txt")
+    assert rc == 0, (tmp / "log.txt").read_text()[-3000:]
+    return tmp / "run"
+
+
+def test_two_processes_killed_and_resumed_equal_an_uninterrupted_run(smoke_2, uninterrupted_2):
+    from safetensors.torch import load_file
+
+    for resumed, ref in (("03-recover", "02-recover"), ("04-qat", "03-qat")):
+        a = load_file(smoke_2["out"] / resumed / "model" / "model.safetensors")
+        b = load_file(uninterrupted_2 / ref / "model" / "model.safetensors")
+        assert_same_weights(a, b)
+        assert any("_quant." in k for k in a) == (resumed == "04-qat")  # the QAT model's observers compared too
+
+
+def test_gradual_prune_trains_its_rounds_on_two_processes(tmp_path, synth, smoke_2):
+    (prune,) = _smoke_stages("prune")
+    prune["prune"] = dict(prune["prune"], schedule="gradual", iterations=2, recover_steps=2)
+    prune["train"] = {"batch_size": 2, "lr": 1.0e-4, "save_every": 2, "log_every": 1}
+    out = tmp_path / "run"
+    rc = _run(_cmd(out, synth, processes=2, overrides=(_stages_override([dict(prune, evaluate=False)]),)),
+              tmp_path / "log.txt")
+    assert rc == 0, (tmp_path / "log.txt").read_text()[-3000:]
+    sdir = out / "01-prune"
+    # round 1 trained 2 steps on both processes; the last round is not followed by recovery
+    steps = [r["step"] for r in map(json.loads, (sdir / "round1" / "metrics.jsonl").read_text().splitlines())
+             if "loss" in r]
+    assert steps == [1, 2]
+    m = json.loads((sdir / "round1" / "checkpoints" / "step-00000002" / "COMPLETE").read_text())
+    assert (m["step"], m["stage"], m["num_processes"]) == (2, "prune-round1", 2)
+    assert not (sdir / "round2").exists()
+    # the rounds reach the one-shot target: as many heads and neurons of each kind as the one-shot prune
+    gradual = json.loads((sdir / "model" / "slim_structure.json").read_text())
+    oneshot = json.loads((smoke_2["out"] / "02-prune" / "model" / "slim_structure.json").read_text())
+    for key in ("encoder_heads", "decoder_heads", "cross_heads", "encoder_ffn", "decoder_ffn"):
+        assert sum(gradual[key]) == sum(oneshot[key]), key
+    assert sum(gradual["encoder_heads"]) < 8
+    assert json.loads((sdir / "stage.json").read_text())["kind"] == "prune"

@@ -199,3 +199,35 @@ def test_offline_recipes_find_their_data_in_a_clone_without_shared(tmp_path):
     assert quick.data.optional_eval == {"real_prompts": "../shared/data/real-prompts/manifest.jsonl"}
     assert proc.stderr.count("data.optional_eval.real_prompts:") == 1
     assert f"{tmp_path / 'shared' / 'data' / 'real-prompts' / 'manifest.jsonl'} is not present" in proc.stderr
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["finishes", "fails"])
+def test_cli_run_makes_one_process_group_and_destroys_it_once(tmp_path, monkeypatch, fails):
+    """The run's stages share the group the CLI made; it is destroyed at exit, also when a stage fails."""
+    import train.loop
+    import train.stages
+    from train.cli import _run
+
+    calls = []
+
+    class State:
+        def destroy_process_group(self):
+            calls.append("destroy")
+
+    made = State()
+    monkeypatch.setattr(train.loop, "distributed_state", lambda: calls.append("create") or made)
+
+    def run_recipe(recipe, state=None, **kwargs):
+        calls.append(("run", state is made))
+        if fails:
+            raise RuntimeError("a stage failed")
+        return []
+
+    monkeypatch.setattr(train.stages, "run_recipe", run_recipe)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    if fails:
+        with pytest.raises(RuntimeError, match="a stage failed"):
+            _run([str(_write(tmp_path, BASE))])
+    else:
+        assert _run([str(_write(tmp_path, BASE))]) == 0
+    assert calls == ["create", ("run", True), "destroy"]

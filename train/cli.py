@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 ROOT = Path(__file__).resolve().parent.parent
+LAUNCHER_PID_ENV = "SLIM_LAUNCHER_PID"  # set by _relaunch for its workers: the process they must not outlive
 USAGE = """usage: ./launch.sh COMMAND ...
   run RECIPE [key=value ...] [--num-processes N] [--resume] [--accelerate-config FILE]
   import SRC OUT                      SRC: hub id | HF dir | CT2 dir | tiny.en | base
@@ -48,28 +49,60 @@ def _run(argv: list[str]) -> int:
     if args.num_processes > 1 and "LOCAL_RANK" not in os.environ:
         return _relaunch(args)
 
+    from train.loop import distributed_state
     from train.stages import run_recipe
 
-    run_recipe(recipe, recipe_path=args.recipe, overrides=args.overrides, resume=args.resume)
+    if "LOCAL_RANK" in os.environ:
+        _die_with_launcher()
+    state = distributed_state()  # one process group for every stage of the run
+    try:
+        run_recipe(recipe, recipe_path=args.recipe, overrides=args.overrides, resume=args.resume, state=state)
+    finally:
+        state.destroy_process_group()  # once, at exit, also when a stage failed
     return 0
 
 
-def _relaunch(args) -> int:
-    """Re-run this command under `accelerate launch` with N processes."""
+def _die_with_launcher() -> None:
+    """Have the kernel SIGKILL this process when the `accelerate launch` that started it dies.
+
+    A launcher killed with SIGKILL cannot stop its workers; left running, they would go on writing the run
+    folder while a `--resume` of it starts. Linux only (prctl); elsewhere a no-op.
+    """
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return
+    PR_SET_PDEATHSIG = 1
+    launcher = int(os.environ.get(LAUNCHER_PID_ENV) or os.getppid())
+    if getattr(libc, "prctl", None) is None or libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return
+    if os.getppid() != launcher:  # the launcher died before the request was in place
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _relaunch(args) -> NoReturn:
+    """Become `accelerate launch` running this command in N processes (does not return)."""
     import torch
 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(args.num_processes)]
     if args.accelerate_config:
         cmd += ["--config_file", args.accelerate_config]
-    elif torch.cuda.is_available():
-        cmd += ["--multi_gpu"]
     else:
-        cmd += ["--config_file", str(ROOT / "accelerate_configs" / "cpu_2proc.yaml")]
+        # one machine: a free port, since other runs on it may hold Accelerate's default 29500
+        cmd += ["--multi_gpu"] if torch.cuda.is_available() else [
+            "--config_file", str(ROOT / "accelerate_configs" / "cpu_2proc.yaml")]
+        cmd += ["--main_process_port", "0"]
     cmd += ["-m", "train.cli", "run", args.recipe, *args.overrides]
     if args.resume:
         cmd.append("--resume")
-    print("[launch] " + " ".join(cmd), file=sys.stderr)
-    return subprocess.call(cmd)
+    print("[launch] " + " ".join(cmd), file=sys.stderr, flush=True)
+    # exec, not a child: this process becomes the launcher, so a signal sent to `./launch.sh run` reaches
+    # the process whose workers die with it (see _die_with_launcher)
+    sys.stdout.flush()
+    os.execve(sys.executable, cmd, dict(os.environ, **{LAUNCHER_PID_ENV: str(os.getpid())}))  # exec keeps the pid
 
 
 def _import(argv: list[str]) -> int:

@@ -246,6 +246,8 @@ def distributed_state():
     Without a GPU, processes started by `accelerate launch` (torchrun) must ask for the CPU explicitly to
     become one gloo group; a bare `PartialState()` there silently makes N independent single-process runs.
     Create the state through this (before anything else touches Accelerate) in multi-process entry points.
+    The process group it forms lives until the entry point calls `state.destroy_process_group()` at exit:
+    `train()` never tears it down, so one group serves every stage of a run.
     """
     from accelerate import PartialState
 
@@ -288,6 +290,34 @@ def _make_accelerator(cfg: TrainConfig, tracking: TrackingConfig | None):
                            "Accelerate state was created before train() without cpu=True on a machine "
                            "without GPU. Create it with train.loop.distributed_state().")
     return acc
+
+
+KILL_ENV = "SLIM_TEST_KILL_AT"
+
+
+def _test_kill_hook() -> Callable[[str, int, int], None] | None:
+    """For the kill -9 / resume tests: SLIM_TEST_KILL_AT=STAGE:STEP[:WHO] SIGKILLs, once step STEP of
+    stage STAGE and its checkpoint are done, process WHO (a process index, default 0), or with WHO =
+    `launcher` the `accelerate launch` that started the processes (process 0 kills it, then waits for its
+    own end: the kernel kills every worker of a dead launcher, see train.cli). Unset: None, no cost."""
+    spec = os.environ.get(KILL_ENV)
+    if not spec:
+        return None
+    stage, step, who = (spec.split(":") + ["0"])[:3]
+    if not step.isdigit() or not (who.isdigit() or who == "launcher"):
+        raise ValueError(f"{KILL_ENV}={spec!r}: expected STAGE:STEP[:PROCESS_INDEX|launcher]")
+
+    def kill(stage_name: str, at: int, process_index: int) -> None:
+        if stage_name != stage or at != int(step) or process_index != (0 if who == "launcher" else int(who)):
+            return
+        import signal
+
+        if who == "launcher":
+            os.kill(os.getppid(), signal.SIGKILL)
+            time.sleep(60)  # the kernel's SIGKILL (parent death) ends this process first
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    return kill
 
 
 def _apply_lora(model, lc: LoraSettings):
@@ -443,6 +473,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
         return out
 
     # --- train
+    kill_at = _test_kill_hook()
     losses: list[float] = []
     evals: list[dict] = []
     window: list[torch.Tensor] = []
@@ -539,6 +570,8 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
                     last_ckpt = save_checkpoint(accelerator, ckpt_root, state, names, cfg.keep_last)
                 if on_step is not None:
                     on_step(state.step, record)
+                if kill_at is not None:
+                    kill_at(stage_name, state.step, accelerator.process_index)
                 if last:
                     break
             else:
@@ -556,7 +589,10 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
         accelerator.wait_for_everyone()
     finally:
         bar.close()
-        accelerator.end_training()
+        # Not accelerator.end_training(): it also destroys the process group, which the run's later stages
+        # (and their collectives) still need; the group belongs to the caller (see distributed_state()).
+        for tracker in accelerator.trackers:
+            tracker.finish()
     accelerator.free_memory()
     return TrainResult(start_step=start_step, final_step=state.step, steps_run=state.step - start_step,
                        losses=losses, resumed_from=resumed_from, best_metric=state.best_metric,

@@ -223,17 +223,20 @@ def _run_stage(ctx: RunContext, stage: StageConfig, prev: Path, sdir: Path) -> P
         from prune.importance import compute_scores
         from slim.model import save_model
 
-        if ctx.state.is_main_process:
+        p = stage.prune
+        main = ctx.state.is_main_process
+        if p.schedule == "gradual":  # its recovery rounds train on every process: all prune the same model
             model = _load_float(prev, ctx.recipe)
-            p = stage.prune
+            batches = _calibration_batches(ctx, p.calibration_batches) if main and p.criterion == "taylor" else None
+            _gradual_prune(ctx, stage, model, batches, sdir)
+            _save_final(ctx, model, model_out)
+            return model_out
+        if main:
+            model = _load_float(prev, ctx.recipe)
             batches = _calibration_batches(ctx, p.calibration_batches) if p.criterion == "taylor" else None
             reference = _repair_reference(stage, model)
-            if p.schedule == "oneshot":
-                scores = compute_scores(model, p.criterion, batches=batches, seed=p.seed)
-                prune_model(model, scores, p.selection)
-                _repair(ctx, stage, model, reference, sdir)
-            else:
-                _gradual_prune(ctx, stage, model, batches, sdir)
+            prune_model(model, compute_scores(model, p.criterion, batches=batches, seed=p.seed), p.selection)
+            _repair(ctx, stage, model, reference, sdir)
             save_model(model, model_out, processor=ctx.processor)
         ctx.state.wait_for_everyone()
         return model_out
@@ -292,19 +295,32 @@ def _repair_reference(stage: StageConfig, model):
     return copy.deepcopy(model).eval()
 
 
-def _repair(ctx: RunContext, stage: StageConfig, model, reference, sdir: Path) -> None:
+def _repair(ctx: RunContext, stage: StageConfig, model, reference, sdir: Path, every_process: bool = False) -> None:
     """Refit the pruned model's consumers to `reference` on calibration data; the per-layer errors go to
-    repair.json in the stage folder."""
+    repair.json in the stage folder. `every_process`: called by all processes (gradual pruning), the main
+    one refits and the others receive its weights; otherwise called on the main process alone."""
     if reference is None:
         return
-    from prune.repair import repair_model
+    from prune.repair import consumers, repair_model
 
-    r = stage.prune.repair
-    report = repair_model(model, reference, _calibration_batches(ctx, r.calibration_batches), ridge=r.ridge)
-    _atomic_json(sdir / "repair.json", report)
-    worst = max(report, key=lambda x: x["rel_err_before"])
-    _say(ctx.state, f"[repair] {len(report)} layers refit; worst {worst['layer']}: relative error "
-                    f"{worst['rel_err_before']:.4f} -> {worst['rel_err_after']:.4f}")
+    def fit():
+        r = stage.prune.repair
+        report = repair_model(model, reference, _calibration_batches(ctx, r.calibration_batches), ridge=r.ridge)
+        _atomic_json(sdir / "repair.json", report)
+        worst = max(report, key=lambda x: x["rel_err_before"])
+        _say(ctx.state, f"[repair] {len(report)} layers refit; worst {worst['layer']}: relative error "
+                        f"{worst['rel_err_before']:.4f} -> {worst['rel_err_after']:.4f}")
+        return {f"{n}.{k}": v.detach().cpu() for n, lin in consumers(model) for k, v in lin.state_dict().items()}
+
+    if not every_process:
+        fit()
+        return
+    refit = _from_main(ctx.state, fit)
+    if not ctx.state.is_main_process:
+        with torch.no_grad():
+            for n, lin in consumers(model):
+                for k, v in lin.state_dict().items():
+                    v.copy_(refit[f"{n}.{k}"])
 
 
 def _keep_sensitive_float(ctx: RunContext, quant, model, batches: list[dict], held_out: list[dict], sdir: Path):
@@ -319,13 +335,14 @@ def _keep_sensitive_float(ctx: RunContext, quant, model, batches: list[dict], he
     from qat.sensitivity import most_sensitive, ranked_units, sensitivity_scan, to_markdown
 
     saved = sdir / "sensitivity.json"
-    if saved.exists():
-        table = json.loads(saved.read_text())
-    else:
+    # One process scans and writes; every process then reads the written table, so all quantize the same
+    # units (a scan per process could rank near-ties differently) and no process reads a table half-made.
+    if ctx.state.is_main_process and not saved.exists():
         table = sensitivity_scan(model, quant, batches, eval_batches=held_out or batches, by=quant.sensitivity_by)
-        if ctx.state.is_main_process:
-            (sdir / "sensitivity.md").write_text(to_markdown(table))
-            _atomic_json(saved, table)
+        (sdir / "sensitivity.md").write_text(to_markdown(table))
+        _atomic_json(saved, table)
+    ctx.state.wait_for_everyone()
+    table = json.loads(saved.read_text())
     _say(ctx.state, f"[sensitivity] kept in float: {', '.join(r['unit'] for r in ranked_units(table)[:quant.keep_float])}")
     new = [p for p in most_sensitive(table, quant.keep_float) if p not in quant.exclude]
     return dataclasses.replace(quant, exclude=list(quant.exclude) + new)
@@ -357,7 +374,11 @@ def _save_final(ctx: RunContext, model, model_out: Path, quant=None) -> None:
 
 
 def _gradual_prune(ctx: RunContext, stage: StageConfig, model, batches, sdir: Path) -> None:
-    """Reach the target in `iterations` equal steps, recovering `recover_steps` after each but the last."""
+    """Reach the target in `iterations` equal steps, recovering `recover_steps` after each but the last.
+
+    Runs on every process (the rounds' training is collective): the main process scores, every process
+    applies the same selection to its copy of the same model. `batches` are needed on the main process only.
+    """
     import dataclasses
 
     from prune.apply import prune_model
@@ -368,15 +389,25 @@ def _gradual_prune(ctx: RunContext, stage: StageConfig, model, batches, sdir: Pa
     for it in range(1, p.iterations + 1):
         frac = it / p.iterations
         sel = p.selection.scaled(frac)
-        scores = compute_scores(model, p.criterion, batches=batches, seed=p.seed + it)
+        scores = _from_main(ctx.state, lambda: compute_scores(model, p.criterion, batches=batches, seed=p.seed + it))
         reference = _repair_reference(stage, model)
         prune_model(model, scores, sel)
-        _repair(ctx, stage, model, reference, sdir)
+        _repair(ctx, stage, model, reference, sdir, every_process=True)
         log.info("gradual prune %d/%d: %s", it, p.iterations, sel)
         if it < p.iterations and p.recover_steps > 0:
             cfg = dataclasses.replace(stage.train or TrainConfig(), max_steps=p.recover_steps)
             sub = dataclasses.replace(stage, train=cfg, name=f"{stage.name}-round{it}")
             _fit(ctx, sub, model, sdir / f"round{it}")
+
+
+def _from_main(state: PartialState, fn):
+    """fn() computed on the main process, its result sent to every process."""
+    from accelerate.utils import broadcast_object_list
+
+    box = [fn() if state.is_main_process else None]
+    if state.num_processes > 1:
+        broadcast_object_list(box)
+    return box[0]
 
 
 def _stage_dir(ctx: RunContext, stage: StageConfig) -> Path:
@@ -388,15 +419,22 @@ def _evaluate(ctx: RunContext, stage: StageConfig, model_dir: Path) -> dict:
     from eval.run import evaluate_model
 
     entry = {"stage": stage.name, "kind": stage.kind, "model_dir": str(model_dir)}
-    for name, data in ctx.eval_sets.items():
-        r = evaluate_model(model_dir, data, engine=stage.engine, limit=ctx.recipe.data.max_eval,
-                           threads=ctx.recipe.eval.threads, batch_size=ctx.recipe.eval.batch_size,
-                           max_new_tokens=ctx.recipe.model.max_new_tokens)
-        if name == "eval":
-            entry.update(r)
-        else:
-            entry.setdefault("extra", {})[name] = {k: r[k] for k in
-                                                   ("wer", "cer", "utterances", "skipped", "seconds_per_utterance")}
+    # The engines set torch's threads process-wide; the next stage trains with the process's own count
+    # again, so a stage computes the same bits whether or not this process evaluated before it (a resumed
+    # run skips the finished stages' evaluations).
+    threads = torch.get_num_threads()
+    try:
+        for name, data in ctx.eval_sets.items():
+            r = evaluate_model(model_dir, data, engine=stage.engine, limit=ctx.recipe.data.max_eval,
+                               threads=ctx.recipe.eval.threads, batch_size=ctx.recipe.eval.batch_size,
+                               max_new_tokens=ctx.recipe.model.max_new_tokens)
+            if name == "eval":
+                entry.update(r)
+            else:
+                entry.setdefault("extra", {})[name] = {k: r[k] for k in ("wer", "cer", "utterances", "skipped",
+                                                                         "seconds_per_utterance")}
+    finally:
+        torch.set_num_threads(threads)
     return entry
 
 
@@ -404,10 +442,13 @@ def _evaluate(ctx: RunContext, stage: StageConfig, model_dir: Path) -> dict:
 # the run
 
 
-def run_recipe(recipe: Recipe, recipe_path: str | None = None, overrides=None, resume: bool = False) -> list[dict]:
+def run_recipe(recipe: Recipe, recipe_path: str | None = None, overrides=None, resume: bool = False,
+               state: PartialState | None = None) -> list[dict]:
+    """Run the recipe's stages in order on every process of `state` (default: distributed_state()); the
+    process group stays up across stages and is the caller's to destroy."""
     from train.loop import distributed_state
 
-    state = distributed_state()  # CPU-aware: N processes without a GPU form one gloo group
+    state = state or distributed_state()  # CPU-aware: N processes without a GPU form one gloo group
     out = Path(_resolve(recipe.output_dir))
     finished = sorted(out.glob(f"*/{STAGE_FILE}")) if out.exists() else []
     if finished and not resume:
