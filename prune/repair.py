@@ -78,8 +78,9 @@ def _run(model, batch: dict, encoder_out: torch.Tensor | None = None):
     return model(**kw, use_cache=False)
 
 
-def _capture(model, module: nn.Module, batch: dict, what: str, encoder_out=None, stop: bool = True):
-    """The input (`what="in"`) or output (`"out"`) of `module` in a forward of `model` on `batch`."""
+def _capture(module: nn.Module, run, what: str, stop: bool = True):
+    """The input (`what="in"`) or output (`"out"`) of `module` during `run()`; the rest of `run` is cut short
+    once the hook has fired (`stop`)."""
     box = []
 
     def hook(mod, args, output):
@@ -89,7 +90,7 @@ def _capture(model, module: nn.Module, batch: dict, what: str, encoder_out=None,
 
     h = module.register_forward_hook(hook)
     try:
-        _run(model, batch, encoder_out)
+        run()
     except _Stop:
         pass
     finally:
@@ -97,11 +98,23 @@ def _capture(model, module: nn.Module, batch: dict, what: str, encoder_out=None,
     return box[0]
 
 
-def _rows(t: torch.Tensor, encoder_side: bool, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, C) -> (N, C) float64, decoder rows restricted to the label positions."""
-    if not encoder_side:
-        t = t[mask]
-    return t.reshape(-1, t.shape[-1]).double()
+def _encoder_input(model, features: torch.Tensor) -> torch.Tensor:
+    """What the first encoder layer reads: conv front end + positions (not pruned, so dense and pruned agree)."""
+    enc = model.model.encoder
+    box = []
+
+    def hook(mod, args):
+        box.append(args[0].detach())
+        raise _Stop
+
+    h = enc.layers[0].register_forward_pre_hook(hook)
+    try:
+        enc(features)
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    return box[0]
 
 
 @torch.no_grad()
@@ -131,38 +144,76 @@ def refit_linear(linear: nn.Linear, xtx: torch.Tensor, xty: torch.Tensor, yty: t
     return before, max(min(after, before), 0.0)
 
 
+class _Gram:
+    """[X, 1]^T [X, 1], [X, 1]^T Y and sum Y^2, accumulated in float64 batch by batch."""
+
+    def __init__(self, k: int, d: int):
+        self.xtx = torch.zeros(k + 1, k + 1, dtype=torch.float64)
+        self.xty = torch.zeros(k + 1, d, dtype=torch.float64)
+        self.yty = torch.zeros((), dtype=torch.float64)
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+        self.xtx += x.T @ x
+        self.xty += x.T @ y
+        self.yty += (y * y).sum()
+
+
 @torch.no_grad()
 def repair_model(model, dense, batches: list[dict], ridge: float = 1e-2, progress: bool = True) -> list[dict]:
     """Refit every consumer of `model` (pruned) to the outputs of the same layer of `dense`, in place.
 
     `batches`: collated training batches (`input_features`, `labels`). Both models run in eval mode.
+    The encoder is walked layer by layer on cached residual streams (one layer's forward per refit, not the
+    whole model's); the decoder, whose sequences are short, reruns on the cached encoder outputs.
     Returns one record per consumer: name, kept inputs, relative error before and after."""
     from tqdm.auto import tqdm
 
     was = model.training, dense.training
     model.eval(), dense.eval()
     ours, theirs = consumers(model), dict(consumers(dense))
-    masks = [_decoder_mask(b) for b in batches]
-    dense_enc = [dense.model.encoder(b["input_features"]).last_hidden_state for b in batches]
-    enc_out = None  # the pruned encoder's output, fixed once every encoder consumer is refit
+    bar = tqdm(total=len(ours), desc="repair", disable=not progress)
     report = []
-    for name, lin in tqdm(ours, desc="repair", disable=not progress):
-        encoder_side = name.startswith("encoder")
-        if not encoder_side and enc_out is None:
-            enc_out = [model.model.encoder(b["input_features"]).last_hidden_state for b in batches]
-        k = lin.in_features + 1
-        xtx = torch.zeros(k, k, dtype=torch.float64)
-        xty = torch.zeros(k, lin.out_features, dtype=torch.float64)
-        yty = torch.zeros((), dtype=torch.float64)
-        for j, b in enumerate(batches):
-            y = _capture(dense, theirs[name], b, "out", None if encoder_side else dense_enc[j])
-            x = _capture(model, lin, b, "in", None if encoder_side else enc_out[j])
-            x, y = _rows(x, encoder_side, masks[j]), _rows(y, encoder_side, masks[j])
-            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
-            xtx += x.T @ x
-            xty += x.T @ y
-            yty += (y * y).sum()
-        before, after = refit_linear(lin, xtx, xty, yty, ridge)
+
+    def refit(name, lin, pairs):
+        g = _Gram(lin.in_features, lin.out_features)
+        for x, y in pairs:
+            g.add(x, y)
+        before, after = refit_linear(lin, g.xtx, g.xty, g.yty, ridge)
         report.append({"layer": name, "inputs": lin.in_features, "rel_err_before": before, "rel_err_after": after})
+        bar.update(1)
+
+    def rows(t):
+        return t.reshape(-1, t.shape[-1]).double()
+
+    # encoder: the pruned stream h and the dense stream hd, one layer at a time
+    h = [_encoder_input(model, b["input_features"]) for b in batches]
+    hd = [_encoder_input(dense, b["input_features"]) for b in batches]
+    enc, denc = model.model.encoder, dense.model.encoder
+    for i, (layer, dlayer) in enumerate(zip(enc.layers, denc.layers)):
+        for part in ("self_attn.out_proj", "fc2"):
+            lin, dlin = layer.get_submodule(part), dlayer.get_submodule(part)
+            refit(f"encoder.{i}.{part}", lin, (
+                (rows(_capture(lin, lambda: layer(x, None), "in")), rows(_capture(dlin, lambda: dlayer(xd, None), "out")))
+                for x, xd in zip(h, hd)))
+        h = [layer(x, None) for x in h]
+        hd = [dlayer(x, None) for x in hd]
+    enc_out = [enc.layer_norm(x) for x in h]
+    dense_enc = [denc.layer_norm(x) for x in hd]
+    del h, hd
+
+    # decoder: teacher-forced on the label tokens, rows at the label positions only
+    for name, lin in ours[len(report):]:
+        dlin = theirs[name]
+
+        def pairs():
+            for b, e, ed in zip(batches, enc_out, dense_enc):
+                m = _decoder_mask(b)
+                y = _capture(dlin, lambda: _run(dense, b, ed), "out")
+                x = _capture(lin, lambda: _run(model, b, e), "in")
+                yield rows(x[m]), rows(y[m])
+
+        refit(name, lin, pairs())
+    bar.close()
     model.train(was[0]), dense.train(was[1])
     return report

@@ -33,23 +33,28 @@ KEEP = Keep(heads={"encoder": [[0, 2], [1, 3]], "decoder": [[3], [0, 1, 2]], "cr
             ffn={"encoder": [list(range(0, 128, 2)), list(range(90))], "decoder": [list(range(40)), list(range(100))]})
 
 
+def _outputs(model, batch):
+    """Every consumer's output in one teacher-forced forward, as (N, C) rows (decoder: label positions)."""
+    got, hooks = {}, []
+    for name, lin in consumers(model):
+        hooks.append(lin.register_forward_hook(lambda m, a, out, name=name: got.__setitem__(name, out.detach())))
+    with torch.no_grad():
+        model(**batch)
+    for h in hooks:
+        h.remove()
+    mask = batch["labels"] != -100
+    return {n: (t if n.startswith("encoder") else t[mask]).reshape(-1, t.shape[-1]) for n, t in got.items()}
+
+
 def _consumer_errors(model, dense, batches):
     """Relative squared error of each consumer's output against the dense layer's, on `batches`."""
-    from prune.repair import _capture, _decoder_mask, _rows
-
-    errs = {}
-    for (name, lin), (_, dlin) in zip(consumers(model), consumers(dense)):
-        enc = name.startswith("encoder")
-        num = den = 0.0
-        for b in batches:
-            x = _capture(model, lin, b, "out", None if enc else model.model.encoder(b["input_features"]).last_hidden_state)
-            y = _capture(dense, dlin, b, "out", None if enc else dense.model.encoder(b["input_features"]).last_hidden_state)
-            m = _decoder_mask(b)
-            x, y = _rows(x, enc, m), _rows(y, enc, m)
-            num += float(((x - y) ** 2).sum())
-            den += float((y ** 2).sum())
-        errs[name] = num / den
-    return errs
+    num, den = {}, {}
+    for b in batches:
+        ours, theirs = _outputs(model, b), _outputs(dense, b)
+        for n in ours:
+            num[n] = num.get(n, 0.0) + float(((ours[n] - theirs[n]) ** 2).sum())
+            den[n] = den.get(n, 0.0) + float((theirs[n] ** 2).sum())
+    return {n: num[n] / den[n] for n in num}
 
 
 def test_repair_lowers_every_consumers_error_and_the_logit_error():
