@@ -153,10 +153,13 @@ class _Gram:
         self.yty = torch.zeros((), dtype=torch.float64)
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
-        self.xtx += x.T @ x
-        self.xty += x.T @ y
-        self.yty += (y * y).sum()
+        # one batch's products in float32 (a 6000 x 1153 Gram matrix costs a few times more in float64 on a
+        # CPU), summed over batches in float64
+        x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1).float()
+        y = y.float()
+        self.xtx += (x.T @ x).double()
+        self.xty += (x.T @ y).double()
+        self.yty += (y.double() * y.double()).sum()
 
 
 @torch.no_grad()
@@ -184,7 +187,7 @@ def repair_model(model, dense, batches: list[dict], ridge: float = 1e-2, progres
         bar.update(1)
 
     def rows(t):
-        return t.reshape(-1, t.shape[-1]).double()
+        return t.reshape(-1, t.shape[-1])
 
     # encoder: the pruned stream h and the dense stream hd, one layer at a time
     h = [_encoder_input(model, b["input_features"]) for b in batches]

@@ -66,7 +66,7 @@ def test_repair_lowers_every_consumers_error_and_the_logit_error():
     after = _consumer_errors(pruned, dense, cal)
     assert [r["layer"] for r in report] == list(before)
     for r in report:  # the solve's own accounting agrees with a direct measurement
-        assert r["rel_err_after"] == pytest.approx(after[r["layer"]], rel=1e-3, abs=1e-9)
+        assert r["rel_err_after"] == pytest.approx(after[r["layer"]], rel=1e-2, abs=1e-6)
         assert after[r["layer"]] < before[r["layer"]]
     # the shapes are those of the pruned model: the repair refits, it does not regrow
     assert [lin.in_features for _, lin in consumers(pruned)] == [r["inputs"] for r in report]
@@ -84,9 +84,9 @@ def test_repair_of_an_unpruned_model_changes_nothing():
     dense = _tiny()
     model = copy.deepcopy(dense)
     report = repair_model(model, dense, _batches(2), ridge=1e-2, progress=False)
-    assert all(r["rel_err_before"] < 1e-12 for r in report)
+    assert all(r["rel_err_before"] < 1e-6 for r in report)  # float32 Gram products: round-off only
     for (n, a), (_, b) in zip(model.state_dict().items(), dense.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=n)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=n)
 
 
 def test_refit_linear_solves_least_squares_exactly():
