@@ -20,6 +20,7 @@ lines of `torch.linalg.solve` on accumulated Gram matrices (never the activation
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ from torch import nn
 from prune.apply import attention_modules, ffn_layers
 
 IGNORE_INDEX = -100
+TARGETS = ("layer", "stream")
 
 
 @dataclass
@@ -38,8 +40,13 @@ class RepairConfig:
     decoder's input tokens."""
     ridge: float = 1e-2
     """Pull towards the kept weights, relative to the mean diagonal of X^T X (0: plain least squares)."""
+    target: Literal["layer", "stream"] = "layer"
+    """layer: match each dense consumer's output; stream: in the encoder, match the dense residual stream
+    after the consumer (also correcting the drift from the layers before)."""
 
     def __post_init__(self):
+        if self.target not in TARGETS:
+            raise ValueError(f"repair.target must be one of {TARGETS}, got {self.target!r}")
         if self.calibration_batches < 1:
             raise ValueError(f"repair.calibration_batches must be >= 1, got {self.calibration_batches}")
         if self.ridge < 0:
@@ -165,15 +172,21 @@ class _Gram:
 
 
 @torch.no_grad()
-def repair_model(model, dense, batches: list[dict], ridge: float = 1e-2, progress: bool = True) -> list[dict]:
+def repair_model(model, dense, batches: list[dict], ridge: float = 1e-2, target: str = "layer",
+                 progress: bool = True) -> list[dict]:
     """Refit every consumer of `model` (pruned) to the outputs of the same layer of `dense`, in place.
 
     `batches`: collated training batches (`input_features`, `labels`). Both models run in eval mode.
     The encoder is walked layer by layer on cached residual streams (one layer's forward per refit, not the
     whole model's); the decoder, whose sequences are short, reruns on the cached encoder outputs.
+    `target`: "layer" fits each consumer to the dense consumer's output; "stream" (encoder only) fits it to
+    the dense residual stream after the consumer minus the pruned stream before it, so each layer also
+    absorbs the drift that reaches it from the layers before.
     Returns one record per consumer: name, kept inputs, relative error before and after."""
     from tqdm.auto import tqdm
 
+    if target not in TARGETS:
+        raise ValueError(f"repair target {target!r} is not one of {TARGETS}")
     was = model.training, dense.training
     model.eval(), dense.eval()
     ours, theirs = consumers(model), dict(consumers(dense))
@@ -196,11 +209,22 @@ def repair_model(model, dense, batches: list[dict], ridge: float = 1e-2, progres
     hd = [_encoder_input(dense, b["input_features"]) for b in batches]
     enc, denc = model.model.encoder, dense.model.encoder
     for i, (layer, dlayer) in enumerate(zip(enc.layers, denc.layers)):
-        for part in ("self_attn.out_proj", "fc2"):
+        # the residual stream each consumer adds to: the layer input for out_proj, the stream after the
+        # attention block (final_layer_norm's input) for fc2
+        for part, base in (("self_attn.out_proj", None), ("fc2", "final_layer_norm")):
             lin, dlin = layer.get_submodule(part), dlayer.get_submodule(part)
-            refit(f"encoder.{i}.{part}", lin, (
-                (rows(_capture(lin, lambda: layer(x, None), "in")), rows(_capture(dlin, lambda: dlayer(xd, None), "out")))
-                for x, xd in zip(h, hd)))
+
+            def pair(x, xd):
+                y = _capture(dlin, lambda: dlayer(xd, None), "out")
+                if target == "stream":  # also make up for what the stream already lost upstream
+                    if base is None:
+                        y = y + (xd - x)
+                    else:
+                        y = y + (_capture(dlayer.get_submodule(base), lambda: dlayer(xd, None), "in")
+                                 - _capture(layer.get_submodule(base), lambda: layer(x, None), "in"))
+                return rows(_capture(lin, lambda: layer(x, None), "in")), rows(y)
+
+            refit(f"encoder.{i}.{part}", lin, (pair(x, xd) for x, xd in zip(h, hd)))
         h = [layer(x, None) for x in h]
         hd = [dlayer(x, None) for x in hd]
     enc_out = [enc.layer_norm(x) for x in h]

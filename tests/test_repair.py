@@ -80,6 +80,24 @@ def test_repair_lowers_every_consumers_error_and_the_logit_error():
     assert logit_err(pruned) < 0.8 * logit_err(unrepaired)
 
 
+def test_stream_target_brings_the_encoder_output_closer_to_dense():
+    dense = _tiny()
+    cal = _batches(3, seed=1)
+
+    def encoder_err(target):
+        m = apply_keep(copy.deepcopy(dense), KEEP)
+        if target:
+            repair_model(m, dense, cal, ridge=1e-3, target=target, progress=False)
+        with torch.no_grad():
+            return sum(float(((m.model.encoder(b["input_features"]).last_hidden_state
+                               - dense.model.encoder(b["input_features"]).last_hidden_state) ** 2).mean()) for b in cal)
+
+    none, layer, stream = encoder_err(None), encoder_err("layer"), encoder_err("stream")
+    assert stream < layer < none
+    with pytest.raises(ValueError, match="target"):
+        repair_model(copy.deepcopy(dense), dense, cal, target="nope", progress=False)
+
+
 def test_repair_of_an_unpruned_model_changes_nothing():
     dense = _tiny()
     model = copy.deepcopy(dense)
@@ -103,7 +121,7 @@ def test_refit_linear_solves_least_squares_exactly():
 
 
 @pytest.mark.parametrize("kwargs, match", [({"calibration_batches": 0}, "calibration_batches"),
-                                           ({"ridge": -1.0}, "ridge")])
+                                           ({"ridge": -1.0}, "ridge"), ({"target": "x"}, "target")])
 def test_repair_config_validation_names_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RepairConfig(**kwargs)

@@ -305,7 +305,8 @@ def _repair(ctx: RunContext, stage: StageConfig, model, reference, sdir: Path, e
 
     def fit():
         r = stage.prune.repair
-        report = repair_model(model, reference, _calibration_batches(ctx, r.calibration_batches), ridge=r.ridge)
+        report = repair_model(model, reference, _calibration_batches(ctx, r.calibration_batches), ridge=r.ridge,
+                              target=r.target)
         _atomic_json(sdir / "repair.json", report)
         worst = max(report, key=lambda x: x["rel_err_before"])
         _say(ctx.state, f"[repair] {len(report)} layers refit; worst {worst['layer']}: relative error "
