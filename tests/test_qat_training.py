@@ -44,11 +44,11 @@ class Stop(Exception):
 
 
 def _fit(monkeypatch, tmp_path, out, cfg, qcfg, resume=False, stop_at=None):
-    """The qat stage's training (train.stages._fit) on random speech; `stop_at`: abort right after that
+    """The qat stage's training (train.context.fit) on random speech; `stop_at`: abort right after that
     step's checkpoint, what a kill -9 there leaves behind."""
     import slim.data
+    import train.context as context
     import train.loop as loop
-    import train.stages as stages
     from train.recipe import StageConfig
 
     model = _qat_model(qcfg)
@@ -60,13 +60,13 @@ def _fit(monkeypatch, tmp_path, out, cfg, qcfg, resume=False, stop_at=None):
         return REAL_TRAIN(*args, on_step=on_step, **kw)
 
     monkeypatch.setattr(loop, "train", stopping_train)
-    monkeypatch.setattr(stages, "_train_dataset", lambda ctx, limit=None: (Speech(), None))
-    monkeypatch.setattr(stages, "_eval_fn", lambda ctx: None)
+    monkeypatch.setattr(context, "train_dataset", lambda ctx, limit=None: (Speech(), None))
+    monkeypatch.setattr(context, "eval_fn", lambda ctx: None)
     monkeypatch.setattr(slim.data, "make_collator", lambda processor: collate)
     stage = StageConfig(name="qat", kind="qat", teacher="none", quant=qcfg, train=cfg)
     ctx = _ctx(tmp_path, stage, resume)
     try:
-        stages._fit(ctx, stage, model, out, quant=qcfg)
+        context.fit(ctx, stage, model, out, quant=qcfg)
     except Stop:
         pass
     return model
@@ -103,7 +103,9 @@ def _ctx(tmp_path, stage, resume=False):
 def test_qat_stage_teacher_input_is_the_float_model(tmp_path, monkeypatch):
     """The qat stage with `teacher: input` hands the trainer a teacher without fake quantizers, equal to the
     stage's input model."""
+    import train.context as context
     import train.loop as loop
+    import train.quant_stage as quant_stage
     import train.stages as stages
     from slim.model import save_model
     from slim.sources import tiny_random_processor
@@ -120,8 +122,8 @@ def test_qat_stage_teacher_input_is_the_float_model(tmp_path, monkeypatch):
         seen["teacher"], seen["student"] = teacher, model
 
     monkeypatch.setattr(loop, "train", fake_train)
-    monkeypatch.setattr(stages, "_calibration_batches", lambda ctx, n, batch_size=4: [batch] * n)
-    monkeypatch.setattr(stages, "_train_dataset", lambda ctx, limit=None: (None, None))
+    monkeypatch.setattr(quant_stage, "calibration_batches", lambda ctx, n, batch_size=4: [batch] * n)
+    monkeypatch.setattr(context, "train_dataset", lambda ctx, limit=None: (None, None))
     stage = StageConfig(name="q", kind="qat", teacher="input", quant=QuantConfig(calibration_batches=1),
                         train=TrainConfig(max_steps=1))
     ctx = _ctx(tmp_path, stage)

@@ -150,15 +150,15 @@ CLONE_PARTS = ("train", "slim", "prune", "qat", "eval", "recipes", "data")
 LOCAL_RECIPES = ("recipes/quickstart.yaml", "recipes/smoke.yaml", "recipes/experiments/tiny_en_prune_qat.yaml")
 RESOLVE_PATHS = r"""
 import json, sys
-from train import stages
+from train import context, stages
 from train.recipe import load_recipe
 
-out = {"root": str(stages.ROOT)}
+out = {"root": str(context.ROOT)}
 for path in sys.argv[1:]:
     r = load_recipe(path)
     s = r.data.synth
-    out[path] = {"text": [stages._resolve(t) for t in s.train_text + s.eval_text],
-                 "synth_out": stages._resolve(s.out), "eval_sets": stages._extra_eval_sets(r.data)}
+    out[path] = {"text": [context.resolve(t) for t in s.train_text + s.eval_text],
+                 "synth_out": context.resolve(s.out), "eval_sets": stages._extra_eval_sets(r.data)}
 print(json.dumps(out))
 """
 
