@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from slim.io import atomic_write_text
+
 PLOT_FILE = "report.png"
 
 
@@ -145,11 +147,7 @@ def write_comparison(rows: list[dict], out_dir: str | Path, title: str, notes: l
     md.append("- WER/CER after Whisper's English normalizer; size = bytes a deployment ships (MB = 10^6 bytes); "
               f"s/utt = greedy decoding, {per}; speed-up relative to the first row.")
     md += ["", comparison_table(rows), "", f"![WER against size and latency]({PLOT_FILE})", ""]
-    path = out / "report.md"
-    tmp = out / ".report.md.tmp"
-    tmp.write_text("\n".join(md))
-    tmp.replace(path)
-    return path
+    return atomic_write_text(out / "report.md", "\n".join(md))
 
 
 # ---------------------------------------------------------------------------------------------

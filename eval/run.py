@@ -14,29 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 from eval.engines import ENGINES, SAMPLING_RATE, Engine, TorchEngine, load_engine
 from slim.audio import MAX_SECONDS
+from slim.io import atomic_write_json
 
 
 def write_json(path: str | Path, obj) -> Path:
-    """Write JSON atomically (temp file beside it, then rename): a reader never sees half a report."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """An eval report as JSON (non-ASCII text kept as is), written atomically."""
+    return atomic_write_json(path, obj, ensure_ascii=False)
 
 
 def _failure(hyp: str, ref: str) -> str | None:

@@ -45,9 +45,7 @@ import functools
 import hashlib
 import json
 import os
-import shutil
 import tempfile
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slim.attention import SlimAttention
+from slim.io import atomic_dir
 from slim.model import install_explicit_attention, structure_of
 
 MODES = ("float", "dynamic-int8", "qdq")
@@ -802,10 +801,7 @@ def export_model(src, out: str | Path, mode: str = "qdq", *, processor=None, pla
     decode = DecodeConfig.from_model(model, prompt=prompt, language=language, max_length=max_length)
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_dir(out) as tmp:
         io = _export_graphs(model, plan, tmp, opset)
         compacted = []
         for f in (ENCODER_FILE, DECODER_FILE):
@@ -831,12 +827,6 @@ def export_model(src, out: str | Path, mode: str = "qdq", *, processor=None, pla
             "files": files,
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

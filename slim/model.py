@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,6 +28,7 @@ from transformers import WhisperConfig, WhisperForConditionalGeneration
 from transformers.models.whisper.modeling_whisper import WhisperAttention
 
 from slim.attention import SlimAttention
+from slim.io import atomic_dir
 
 STRUCTURE_FILE = "slim_structure.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -185,30 +183,6 @@ def count_parameters(model: nn.Module) -> int:
 # saving and loading
 
 
-def _atomic_dir(out: Path):
-    """A temp dir beside `out`; `commit()` swaps it into place, `abort()` removes it."""
-
-    class _Tx:
-        def __init__(self):
-            out.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
-            self.tmp.mkdir()
-
-        def commit(self):
-            old = None
-            if out.exists():
-                old = out.parent / f".old-{out.name}-{uuid.uuid4().hex[:8]}"
-                os.replace(out, old)
-            os.replace(self.tmp, out)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-
-        def abort(self):
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
-    return _Tx()
-
-
 def save_model(model: WhisperForConditionalGeneration, out: str | Path, processor=None,
                quant: dict | None = None, extra_files: dict[str, str] | None = None) -> Path:
     """Write `model` (+ processor, generation config) to `out` atomically.
@@ -220,25 +194,20 @@ def save_model(model: WhisperForConditionalGeneration, out: str | Path, processo
     """
     out = Path(out)
     structure = structure_of(model, quant)
-    tx = _atomic_dir(out)
-    try:
+    with atomic_dir(out) as tmp:
         if structure.is_dense(model.config):
-            model.save_pretrained(tx.tmp, safe_serialization=True)
+            model.save_pretrained(tmp, safe_serialization=True)
         else:
-            model.config.save_pretrained(tx.tmp)
+            model.config.save_pretrained(tmp)
             if model.generation_config is not None:
-                model.generation_config.save_pretrained(tx.tmp)
+                model.generation_config.save_pretrained(tmp)
             # safetensors' save_model drops the tied proj_out alias instead of refusing shared storage.
-            st_save_model(model, str(tx.tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-            (tx.tmp / STRUCTURE_FILE).write_text(json.dumps(structure.to_dict(), indent=2) + "\n")
+            st_save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            (tmp / STRUCTURE_FILE).write_text(json.dumps(structure.to_dict(), indent=2) + "\n")
         if processor is not None:
-            processor.save_pretrained(tx.tmp)
+            processor.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
-            (tx.tmp / name).write_text(text)
-        tx.commit()
-    except BaseException:
-        tx.abort()
-        raise
+            (tmp / name).write_text(text)
     return out
 
 

@@ -29,7 +29,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import random
 import re
 import shutil
@@ -45,6 +44,7 @@ from pathlib import Path
 import soundfile as sf
 
 from slim.audio import MAX_SECONDS, SAMPLING_RATE, load_audio
+from slim.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -222,9 +222,7 @@ def _voice_split(plan: list[Utterance], split_dir: Path, workers: int, progress:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,9 +323,7 @@ def _build_locked(s: SynthSettings, out: Path, workers: int, progress: bool, for
                         "dropped_over_30s": dropped, "hours": round(sum(r["seconds"] for r in rows) / 3600, 3),
                         "voices": dict(Counter(r["voice"] for r in rows))}
     stats["build_seconds"] = round(time.perf_counter() - t0, 1)
-    tmp = meta.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"settings": s.to_json(), "stats": stats}, indent=2) + "\n")
-    os.replace(tmp, meta)
+    atomic_write_json(meta, {"settings": s.to_json(), "stats": stats})
     log.info("synth: built %s in %.0f s: %s", out, stats["build_seconds"], stats)
     return paths
 

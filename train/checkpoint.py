@@ -29,6 +29,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from slim.io import atomic_dir, replace_dir
+
 log = logging.getLogger("whisper_slim")
 
 MANIFEST = "COMPLETE"
@@ -217,11 +219,7 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, object_names: li
                 json.dump(manifest, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
-            if final.exists():  # a stale or corrupt folder of the same step: move it aside, then drop it
-                old = root / f".old-{uuid.uuid4().hex[:12]}"
-                os.replace(final, old)
-                shutil.rmtree(old, ignore_errors=True)
-            os.replace(tmp, final)
+            replace_dir(tmp, final)  # over a stale or corrupt folder of the same step, if any
             _fsync(root)
         except Exception as e:  # noqa: BLE001
             err = e
@@ -314,17 +312,6 @@ def load_latest(accelerator, root: Path, state: TrainState, object_names: list[s
 
 def save_model_atomic(save_fn: Callable[[Any, Path], None], model, out: Path) -> Path:
     """save_fn(model, tmp) then rename to `out` (replacing an older one): readers never see half a model."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_dir(out, create=False) as tmp:
         save_fn(model, tmp)
-        if out.exists():
-            old = out.parent / f".old-{out.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out)

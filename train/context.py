@@ -7,9 +7,7 @@ The stage kinds themselves live in `train/stages.py` (the table and the distribu
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,12 +58,6 @@ def load_float(path: Path, recipe: Recipe):
     if recipe.model.max_new_tokens is not None:
         model.generation_config.max_new_tokens = recipe.model.max_new_tokens
     return model
-
-
-def atomic_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def stage_dir(ctx: RunContext, stage: StageConfig) -> Path:

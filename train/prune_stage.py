@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from train.context import (RunContext, atomic_json, calibration_batches, fit, from_main, load_float, save_final,
+from slim.io import atomic_write_json
+from train.context import (RunContext, calibration_batches, fit, from_main, load_float, save_final,
                            say)
 from train.recipe import StageConfig
 
@@ -66,7 +67,7 @@ def repair(ctx: RunContext, stage: StageConfig, model, reference, sdir: Path, ev
         r = stage.prune.repair
         report = repair_model(model, reference, calibration_batches(ctx, r.calibration_batches), ridge=r.ridge,
                               target=r.target)
-        atomic_json(sdir / "repair.json", report)
+        atomic_write_json(sdir / "repair.json", report)
         worst = max(report, key=lambda x: x["rel_err_before"])
         say(ctx.state, f"[repair] {len(report)} layers refit; worst {worst['layer']}: relative error "
                        f"{worst['rel_err_before']:.4f} -> {worst['rel_err_after']:.4f}")

@@ -12,7 +12,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from train.context import (RunContext, RunError, atomic_json, calibration_batches, fit, input_teacher, load_float,
+from slim.io import atomic_write_json
+from train.context import (RunContext, RunError, calibration_batches, fit, input_teacher, load_float,
                            save_final, say, stage_dir)
 from train.recipe import StageConfig
 
@@ -55,7 +56,7 @@ def keep_sensitive_float(ctx: RunContext, quant, model, batches: list[dict], hel
     if ctx.state.is_main_process and not saved.exists():
         table = sensitivity_scan(model, quant, batches, eval_batches=held_out or batches, by=quant.sensitivity_by)
         (sdir / "sensitivity.md").write_text(to_markdown(table))
-        atomic_json(saved, table)
+        atomic_write_json(saved, table)
     ctx.state.wait_for_everyone()
     table = json.loads(saved.read_text())
     say(ctx.state, f"[sensitivity] kept in float: {', '.join(r['unit'] for r in ranked_units(table)[:quant.keep_float])}")

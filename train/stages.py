@@ -27,8 +27,9 @@ from typing import Callable
 import torch
 from accelerate import PartialState
 
+from slim.io import atomic_write_json
 from train import prune_stage, quant_stage
-from train.context import RunContext, RunError, atomic_json, fit, load_float, resolve, save_final, say, stage_dir
+from train.context import RunContext, RunError, fit, load_float, resolve, save_final, say, stage_dir
 from train.recipe import DataConfig, Recipe, StageConfig, recipe_to_yaml
 
 log = logging.getLogger("whisper_slim")
@@ -218,7 +219,7 @@ def run_recipe(recipe: Recipe, recipe_path: str | None = None, overrides=None, r
             entry = _evaluate(ctx, stage, model_dir) if stage.evaluate else \
                 {"stage": stage.name, "kind": stage.kind, "model_dir": str(model_dir)}
             entry["stage_seconds"] = round(time.time() - ts, 1)
-            atomic_json(done, entry)
+            atomic_write_json(done, entry)
             entries.append(entry)
             _write_reports(out, entries)
             say(state, _summary(entry))
@@ -241,7 +242,7 @@ def _summary(e: dict) -> str:
 def _write_reports(out: Path, entries: list[dict]) -> None:
     from eval.report import write_comparison
 
-    atomic_json(out / "report.json", entries)
+    atomic_write_json(out / "report.json", entries)
     rows = [dict(e, variant=e["stage"]) for e in entries if "wer" in e]
     if rows:
         write_comparison(rows, out, title=f"whisper-slim run: {out.name}")

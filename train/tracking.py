@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
+from slim.io import atomic_write_text
+
 log = logging.getLogger("whisper_slim")
 
 
@@ -130,9 +132,7 @@ class MetricsLog:
                 dropped += 1
             else:
                 keep.append(line)
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(k + "\n" for k in keep))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(k + "\n" for k in keep))
         return dropped
 
 
