@@ -42,10 +42,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from slim.audio import SAMPLING_RATE
+
 log = logging.getLogger(__name__)
 
 ENGINES = ("auto", "torch", "torch-dynamic-int8", "onnx", "onnx-dynamic-int8")
-SAMPLING_RATE = 16000
 EXPORT_CONFIG = "export_config.json"  # qat.onnx_export.CONFIG_FILE; not imported so torch dirs need no onnx
 # What a deployment of a model directory ships besides *.safetensors (training leftovers such as the
 # resolved recipe, logs or checkpoints do not count).

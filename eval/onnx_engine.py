@@ -20,8 +20,7 @@ import numpy as np
 
 from qat.onnx_export import (CONFIG_FILE, DECODER_FILE, ENCODER_FILE, DecodeConfig, file_digest, has_processor,
                              session_options)
-
-SAMPLING_RATE = 16000
+from slim.audio import SAMPLING_RATE
 
 
 class ExportDirError(ValueError):

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.engines import ENGINES, SAMPLING_RATE, Engine, TorchEngine, load_engine
-from slim.audio import MAX_SECONDS
+from eval.engines import ENGINES, Engine, TorchEngine, load_engine
+from slim.audio import MAX_SECONDS, SAMPLING_RATE
 from slim.io import atomic_write_json
 
 
