@@ -162,22 +162,6 @@ def structure_info(model_dir: str | Path) -> dict:
     return {"structure": d, "parameters": n}
 
 
-def _load_torch(model_dir: Path):
-    """(model, resolved engine name) of a torch model directory; the loader follows slim_structure.json."""
-    from slim.model import load_model, read_structure
-
-    s = read_structure(model_dir)
-    if s is None or s.quant is None:
-        return load_model(model_dir), "torch"
-    if s.quant.get("converted"):
-        from qat.convert import load_int8_model
-
-        return load_int8_model(model_dir), "torch-int8"
-    from qat.prepare import load_quantized_model
-
-    return load_quantized_model(model_dir), "torch-fake-quant"
-
-
 def _processor(model_dir: Path):
     from slim.model import load_processor
 
@@ -331,7 +315,10 @@ def load_engine(model_dir: str | Path, engine: str = "auto", threads: int | None
         return _torch_dynamic_int8(model_dir, max_new_tokens)
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"{model_dir}: not a model directory (no config.json, no {EXPORT_CONFIG})")
-    model, name = _load_torch(model_dir)
+    from qat.load import FLOAT, load_model_dir
+
+    model, kind = load_model_dir(model_dir)
+    name = "torch" if kind == FLOAT else f"torch-{kind}"
     files = shipped_files(model_dir)
     return TorchEngine(model.eval(), _processor(model_dir), name=name, model_bytes=dir_bytes(files),
                        files=[str(p) for p in files], info=structure_info(model_dir), max_new_tokens=max_new_tokens)

@@ -742,27 +742,14 @@ def file_digest(path: Path) -> dict:
 
 def load_source_model(src):
     """(model, processor or None): a model object as is; a directory through the loader its structure
-    file asks for (float -> slim.model.load_model, fake-quant -> qat.prepare.load_quantized_model,
-    converted INT8 -> qat.convert.load_int8_model)."""
+    file asks for (`qat.load.load_model_dir`)."""
     if isinstance(src, nn.Module):
         return src, None
-    from slim.model import load_processor, load_model, read_structure
+    from qat.load import load_model_dir
+    from slim.model import load_processor
 
-    src = Path(src)
-    s = read_structure(src) if (src / "config.json").exists() else None
-    if s is not None and s.quant is not None:
-        if s.quant.get("converted"):
-            from qat.convert import load_int8_model
-
-            model = load_int8_model(src)
-        else:
-            from qat.prepare import load_quantized_model
-
-            model = load_quantized_model(src)
-    else:
-        model = load_model(src)
-    processor = load_processor(src) if has_processor(src) else None
-    return model, processor
+    model, _ = load_model_dir(src)
+    return model, load_processor(src) if has_processor(src) else None
 
 
 def export_model(src, out: str | Path, mode: str = "qdq", *, processor=None, plan: QuantPlan | None = None,

@@ -250,7 +250,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> WhisperF
         return install_explicit_attention(model).eval()
     if structure.quant is not None:
         raise ValueError(f"{path} is a quantized model ({STRUCTURE_FILE} has quant settings); load it with "
-                         "qat.load_quantized_model or eval.engines.load_engine")
+                         "qat.load.load_model_dir or eval.engines.load_engine")
     config = WhisperConfig.from_pretrained(path)
     model = build_model(config, structure)
     load_weights(model, path)
