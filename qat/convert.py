@@ -229,11 +229,6 @@ class TiedInt8Logits(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, module)
-
-
 @torch.no_grad()
 def convert_to_int8(model: nn.Module, engine: str = "x86", inplace: bool = False, exact: bool = True,
                     matmuls: Literal["qdq", "float"] = "qdq", _check: bool = True) -> nn.Module:
@@ -266,9 +261,9 @@ def convert_to_int8(model: nn.Module, engine: str = "x86", inplace: bool = False
             if on == (True, True):
                 if _check and not m.input_quant.calibrated:
                     raise ValueError(f"{name}: input quantizer was never calibrated (run qat.prepare.calibrate)")
-                _set(model, name, (Int8Conv1d if conv else Int8Linear).from_qat(m, engine, exact))
+                model.set_submodule(name, (Int8Conv1d if conv else Int8Linear).from_qat(m, engine, exact))
             elif on == (False, False):
-                _set(model, name, m.to_conv() if conv else m.to_linear())
+                model.set_submodule(name, m.to_conv() if conv else m.to_linear())
             else:
                 raise ValueError(f"{name}: input and weight quantizers must be both on or both off to convert")
         elif isinstance(m, QuantMatMul):
@@ -276,9 +271,9 @@ def convert_to_int8(model: nn.Module, engine: str = "x86", inplace: bool = False
             if on == (True, True) and matmuls == "qdq":
                 if _check and not (m.a_quant.calibrated and m.b_quant.calibrated):
                     raise ValueError(f"{name}: matmul quantizers were never calibrated (run qat.prepare.calibrate)")
-                _set(model, name, QDQMatMul.from_qat(m))
+                model.set_submodule(name, QDQMatMul.from_qat(m))
             elif on == (False, False) or matmuls == "float":
-                _set(model, name, MatMul())
+                model.set_submodule(name, MatMul())
             else:
                 raise ValueError(f"{name}: both matmul input quantizers must be on or off to convert")
     emb = model.model.decoder.embed_tokens

@@ -250,11 +250,6 @@ class QuantMatMul(MatMul):
 # prepare
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, module)
-
-
 def quantizable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every Linear inside the encoder/decoder layers and every attention MatMul that
     has something to quantize (layers with all heads or all FFN neurons pruned are skipped)."""
@@ -294,14 +289,16 @@ def prepare_qat(model: nn.Module, cfg: QuantConfig) -> nn.Module:
         if not cfg.selects(name):
             continue
         if isinstance(m, nn.Linear):
-            _set(model, name, QATLinear.from_linear(m, weight_quantizer(m.out_features, cfg.weight_bits, cfg.lsq), act()))
+            wq = weight_quantizer(m.out_features, cfg.weight_bits, cfg.lsq)
+            model.set_submodule(name, QATLinear.from_linear(m, wq, act()))
         elif cfg.quantize_matmuls:
-            _set(model, name, QuantMatMul(act(), act()).train(m.training))
+            model.set_submodule(name, QuantMatMul(act(), act()).train(m.training))
     if cfg.conv:
         for name in CONV_FRONT_END:
             if cfg.selects(name):
                 m = model.get_submodule(name)
-                _set(model, name, QATConv1d.from_conv(m, weight_quantizer(m.out_channels, cfg.weight_bits, cfg.lsq), act()))
+                wq = weight_quantizer(m.out_channels, cfg.weight_bits, cfg.lsq)
+                model.set_submodule(name, QATConv1d.from_conv(m, wq, act()))
     if cfg.embeddings:
         emb = model.model.decoder.embed_tokens
         model.model.decoder.embed_tokens = QATEmbedding.from_embedding(
