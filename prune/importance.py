@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 import torch
 
 from prune.apply import FFN_KINDS, HEAD_KINDS, attention_modules, ffn_layers
+from slim.model import model_inputs
 
 NORMALIZATIONS = ("none", "layer_l2")
-MODEL_INPUTS = ("input_features", "labels", "decoder_input_ids", "decoder_attention_mask", "attention_mask")
 
 
 @dataclass
@@ -109,7 +109,7 @@ def l1_scores(model, include_out_proj: bool = False) -> Scores:
 
 
 def _default_loss(model, batch: dict) -> torch.Tensor:
-    return model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS}).loss
+    return model(**model_inputs(batch)).loss
 
 
 def _split(batch: dict) -> list[dict]:

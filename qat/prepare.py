@@ -33,6 +33,7 @@ from torch import nn
 
 from qat.quantizers import FakeQuantizer, activation_quantizer, quantize, weight_quantizer
 from slim.attention import MatMul, SlimAttention
+from slim.model import model_inputs
 
 LAYER_PREFIXES = ("model.encoder.layers.", "model.decoder.layers.")
 CONV_FRONT_END = ("model.encoder.conv1", "model.encoder.conv2")
@@ -320,8 +321,7 @@ def quantizers(model: nn.Module, pattern: str | None = None) -> Iterable[tuple[s
 
 
 def _batch_kwargs(batch: dict) -> dict:
-    keys = ("input_features", "labels", "decoder_input_ids", "decoder_attention_mask")
-    kw = {k: batch[k] for k in keys if k in batch and batch[k] is not None}
+    kw = model_inputs(batch)
     if "input_features" not in kw:
         raise ValueError(f"a calibration batch needs 'input_features', got keys {sorted(batch)}")
     if "labels" not in kw and "decoder_input_ids" not in kw:

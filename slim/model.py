@@ -180,6 +180,25 @@ def count_parameters(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# calling
+
+
+MODEL_INPUTS = ("input_features", "labels", "decoder_input_ids", "decoder_attention_mask", "attention_mask")
+"""The batch entries that WhisperForConditionalGeneration's forward takes."""
+
+
+def model_inputs(batch: dict, decoder_input_ids: torch.Tensor | None = None) -> dict:
+    """The keyword arguments of a teacher-forced forward on `batch`: its MODEL_INPUTS entries that are not
+    None. Given `decoder_input_ids`, those replace the batch's and `labels` is left out, so the model
+    computes no loss (a caller that computes its own loss need not pay for it)."""
+    kw = {k: v for k, v in batch.items() if k in MODEL_INPUTS and v is not None}
+    if decoder_input_ids is not None:
+        kw.pop("labels", None)
+        kw["decoder_input_ids"] = decoder_input_ids
+    return kw
+
+
+# ---------------------------------------------------------------------------------------------
 # saving and loading
 
 

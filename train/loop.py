@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from slim.model import model_inputs
 from train.checkpoint import (CheckpointError, TrainState, clean_temp, list_checkpoints, load_latest,
                               save_checkpoint, save_model_atomic)
 from train.losses import IGNORE_INDEX, distill_loss, hidden_l2
@@ -213,8 +214,7 @@ def forward_logits(model, batch: dict, dec: torch.Tensor) -> torch.Tensor:
 
 def forward(model, batch: dict, dec: torch.Tensor, hidden: bool = False):
     """The teacher-forced forward; `hidden=True` also returns every layer's hidden states."""
-    return model(input_features=batch["input_features"], decoder_input_ids=dec, use_cache=False,
-                 output_hidden_states=hidden)
+    return model(**model_inputs(batch, dec), use_cache=False, output_hidden_states=hidden)
 
 
 def hidden_states_loss(student_out, teacher_out, labels: torch.Tensor) -> torch.Tensor:
