@@ -96,7 +96,7 @@ def test_save_is_atomic_with_manifest_and_keeps_last(tmp_path):
     assert set(files) == {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl",
                           "custom_checkpoint_1.pkl"}
     saved = torch.load(ck / "custom_checkpoint_0.pkl", weights_only=True)  # plain data, no pickled objects
-    assert (saved["step"], saved["batches_seen"], len(saved["rng"])) == (4, 4, 1)
+    assert (saved["step"], saved["batches_seen"]) == (4, 4) and "rng" not in saved  # Accelerate keeps the RNG
 
 
 def test_resume_restores_weights_optimizer_scheduler_rng_and_reads_step_from_state(tmp_path):

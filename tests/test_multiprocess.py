@@ -52,12 +52,12 @@ def test_two_cpu_processes_match_one_process_with_grad_accum_2(tmp_path):
     assert max(diffs) < 1e-5, (one.losses, two["losses"])
     assert len(set(one.losses)) == STEPS  # the loss moves: a real trajectory, not one repeated number
 
-    # the checkpoint knows it was written by 2 processes and holds both processes' RNG
+    # the checkpoint knows it was written by 2 processes and holds both processes' RNG (Accelerate's files)
     ck = out2 / "checkpoints" / f"step-{STEPS:08d}"
     m = json.loads((ck / MANIFEST).read_text())
     assert m["num_processes"] == 2 and {"random_states_0.pkl", "random_states_1.pkl"} <= set(m["files"])
     state = torch.load(ck / "custom_checkpoint_0.pkl", weights_only=True)
-    assert state["step"] == STEPS and len(state["rng"]) == 2
+    assert state["step"] == STEPS
     # each process drew STEPS batches of its shard: together 2 * STEPS, as many as the single process
     assert state["batches_seen"] == STEPS
     one_state = torch.load(tmp_path / "one" / "checkpoints" / f"step-{STEPS:08d}" / "custom_checkpoint_0.pkl",

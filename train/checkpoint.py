@@ -18,16 +18,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import shutil
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
-
-import numpy as np
-import torch
 
 from slim.io import atomic_dir, replace_dir
 
@@ -43,29 +39,6 @@ class CheckpointError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------
 # the train state
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's RNG states, as plain lists/tensors (loadable with torch.load(weights_only=True))."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @dataclass
@@ -84,30 +57,15 @@ class TrainState:
     """Lowest evaluation metric seen so far (see TrainConfig.best_metric)."""
     best_step: int | None = None
     """The step at which best_metric was measured."""
-    rng: list | None = None
-    """RNG states of every process, captured just before saving (index = process index)."""
-    process_index: int = 0
-    """This process (not saved)."""
-
-    def capture_rng(self, accelerator) -> None:
-        """Collect every process's RNG state (a collective: call on all processes before save_state)."""
-        from accelerate.utils import gather_object
-
-        self.rng = gather_object([rng_state()]) if accelerator.num_processes > 1 else [rng_state()]
-        self.process_index = accelerator.process_index
-
     def state_dict(self) -> dict[str, Any]:
         return {"stage": self.stage, "step": self.step, "epoch": self.epoch, "batches_seen": self.batches_seen,
-                "best_metric": self.best_metric, "best_step": self.best_step, "rng": self.rng}
+                "best_metric": self.best_metric, "best_step": self.best_step}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         if d["stage"] != self.stage:
             raise CheckpointError(f"checkpoint belongs to stage '{d['stage']}', not '{self.stage}'")
         self.step, self.epoch, self.batches_seen = int(d["step"]), int(d["epoch"]), int(d["batches_seen"])
         self.best_metric, self.best_step = d["best_metric"], d["best_step"]
-        self.rng = d["rng"]
-        if self.rng is not None and self.process_index < len(self.rng):
-            set_rng_state(self.rng[self.process_index])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +153,6 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, object_names: li
     if accelerator.num_processes > 1:
         broadcast_object_list(name)
     tmp = root / name[0]
-    state.capture_rng(accelerator)  # collective, so before anything can fail on one process only
 
     err: BaseException | None = None
     try:

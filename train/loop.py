@@ -12,7 +12,6 @@ run on CPU, and N processes with batch B equal one process with batch B and grad
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import time
@@ -118,7 +117,8 @@ class TrainConfig:
     keep_last: int = 2
     """Checkpoints kept on disk (older ones are deleted once a newer one is complete)."""
     best_metric: str = "wer"
-    """Evaluation metric to minimise for the `best` model (falls back to eval_loss when absent)."""
+    """Evaluation metric whose lowest value and step the run reports (TrainResult.best_metric / best_step;
+    falls back to eval_loss when absent)."""
     distill: DistillConfig = field(default_factory=DistillConfig)
     """Loss weights and temperature (CE on labels + KL to the teacher)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -159,8 +159,6 @@ class TrainResult:
     resumed_from: Path | None
     best_metric: float | None
     best_step: int | None
-    best_dir: Path | None
-    """The best model (lowest eval metric), saved with save_fn; None without evaluation."""
     last_dir: Path | None
     """The final model (LoRA merged), saved with save_fn."""
     evals: list[dict] = field(default_factory=list)
@@ -327,11 +325,6 @@ def _apply_lora(model, lc: LoraSettings):
                                             target_modules=list(lc.target_modules)))
 
 
-def _merged(model, lora: bool):
-    """The plain model to save: LoRA merged (on a copy, so training can go on) or the model itself."""
-    return copy.deepcopy(model).merge_and_unload() if lora else model
-
-
 def _default_save(model, out: Path) -> None:
     model.save_pretrained(out)
 
@@ -371,7 +364,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
         returning .logits). Trained in place; with LoRA the adapters are merged into it at the end.
     train_dataset / collate_fn: items collated into {"input_features": (B, 80, 3000), "labels": (B, T)}
         with -100 on label padding.
-    out_dir: gets checkpoints/, metrics.jsonl, best/ and last/ (models written with save_fn), wandb/.
+    out_dir: gets checkpoints/, metrics.jsonl, last/ (the final model, written with save_fn), wandb/.
     teacher: a frozen model for distillation (cfg.distill), run under no_grad in eval mode.
     eval_fn: eval_fn(model) -> {"wer": ...}, called on the main process every cfg.eval_every steps and at
         the end; its result is shared with all processes. eval_dataset adds `eval_loss` (all processes).
@@ -380,7 +373,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
     on_step: on_step(step, record) on every process after each step (and after its checkpoint).
     on_step_state: on_step_state(step) on every process after each step, before its checkpoint: a change to
         the model's state made here (e.g. freezing QAT observers) is what that checkpoint holds.
-    save_fn: save_fn(model, dir) for the best/last models (default: model.save_pretrained(dir)).
+    save_fn: save_fn(model, dir) for the final model (default: model.save_pretrained(dir)).
     extra_state: objects with state_dict()/load_state_dict() saved in every checkpoint (e.g. QAT observers).
     metrics_path: the JSONL log (default out_dir/metrics.jsonl); stages may share one file, since every
         record names its stage.
@@ -436,7 +429,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
         teacher.to(accelerator.device).eval()
         teacher.requires_grad_(False)
 
-    state = TrainState(stage=stage_name, process_index=accelerator.process_index)
+    state = TrainState(stage=stage_name)
     objects = {"train_state": state, "scheduler": scheduler,
                **{f"extra.{k}": v for k, v in sorted((extra_state or {}).items())}}
     accelerator.register_for_checkpointing(*objects.values())
@@ -453,7 +446,6 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
                      stage_name, resumed_from, state.step, state.epoch, state.batches_seen, dropped)
     start_step = state.step
     last_ckpt = resumed_from
-    best_dir = out_dir / "best" if state.best_step is not None and (out_dir / "best").exists() else None
 
     def evaluate() -> dict:
         net.eval()
@@ -559,10 +551,6 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
                     value = result.get(key)
                     if value is not None and (state.best_metric is None or value < state.best_metric):
                         state.best_metric, state.best_step = float(value), state.step
-                        if main:
-                            save_model_atomic(save_fn, _merged(accelerator.unwrap_model(net), lora), out_dir / "best")
-                        best_dir = out_dir / "best"
-                        accelerator.wait_for_everyone()
                     record.update({f"eval/{k}": v for k, v in result.items()})
                 if on_step_state is not None:
                     on_step_state(state.step)
@@ -596,5 +584,5 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
     accelerator.free_memory()
     return TrainResult(start_step=start_step, final_step=state.step, steps_run=state.step - start_step,
                        losses=losses, resumed_from=resumed_from, best_metric=state.best_metric,
-                       best_step=state.best_step, best_dir=best_dir, last_dir=out_dir / "last", evals=evals,
+                       best_step=state.best_step, last_dir=out_dir / "last", evals=evals,
                        seconds=round(time.time() - t_start, 3))
