@@ -21,10 +21,9 @@ from pathlib import Path
 
 import torch
 
-from prune.apply import prune_model
 from prune.importance import compute_scores
 from prune.report import pruning_report
-from prune.select import PruneSelection
+from prune.select import PruneSelection, prune_model
 from slim.model import count_parameters, install_explicit_attention, save_model, structure_of
 
 

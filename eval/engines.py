@@ -13,12 +13,7 @@
 Every engine decodes greedily with the model's generation config (English, no timestamps) and
 transcribes `batch_size` clips per call (1 by default, as latency is reported).
 
-Token budget: each call may generate at most `token_budget(clips)` tokens, TOKENS_PER_SECOND per second
-of its longest clip plus TOKEN_SLACK (and never more than `max_new_tokens` when that is set). Speech
-tops out near 6 tokens/s (the densest transcript in our synthetic and real sets: 5.7 tokens/s), so a
-correct transcript is never cut; what the budget stops is a broken model (a freshly pruned one, say)
-looping until the decoder's 448 positions, which makes evaluating it several times slower than evaluating
-the dense model (docs/results.md) while adding nothing to its WER but more insertions.
+Each call generates at most `eval.decoding.token_budget(clips)` tokens (see there).
 
 Why model_bytes of torch-dynamic-int8 is computed rather than read off a file: PyTorch has no
 deployment format for dynamically quantized modules except pickle, which this project never writes.
@@ -42,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from eval.decoding import token_budget
 from slim.audio import SAMPLING_RATE
 
 log = logging.getLogger(__name__)
@@ -56,8 +52,6 @@ SHIPPED_FILES = {
     "vocab.json", "merges.txt", "normalizer.json", "processor_config.json", "preprocessor_config.json",
 }
 CACHE_SOURCE_FILE = "eval_source.json"
-TOKENS_PER_SECOND = 8
-TOKEN_SLACK = 16
 
 
 class _BudgetOverridesMaxLength(logging.Filter):
@@ -69,13 +63,6 @@ class _BudgetOverridesMaxLength(logging.Filter):
 
 
 logging.getLogger("transformers.generation.utils").addFilter(_BudgetOverridesMaxLength())
-
-
-def token_budget(audios: list[np.ndarray], max_new_tokens: int | None = None) -> int:
-    """Most tokens to generate for these clips (see the module docstring)."""
-    longest = max((len(a) for a in audios), default=0) / SAMPLING_RATE
-    budget = int(np.ceil(longest * TOKENS_PER_SECOND)) + TOKEN_SLACK
-    return min(budget, max_new_tokens) if max_new_tokens else budget
 
 
 class Engine:

@@ -20,6 +20,7 @@ import numpy as np
 
 from qat.onnx_export import (CONFIG_FILE, DECODER_FILE, ENCODER_FILE, DecodeConfig, file_digest, has_processor,
                              session_options)
+from eval.decoding import token_budget
 from slim.audio import SAMPLING_RATE
 
 
@@ -223,9 +224,7 @@ class OnnxEngine:
 
     def transcribe(self, audios: list[np.ndarray], batch_size: int = 1, max_new_tokens: int | None = None) -> list[str]:
         """Text for each 16 kHz mono clip (at most 30 s), greedy, `batch_size` clips per run, at most
-        `eval.engines.token_budget` tokens per run (so a broken model cannot loop to 448 positions)."""
-        from eval.engines import token_budget
-
+        `eval.decoding.token_budget` tokens per run (so a broken model cannot loop to 448 positions)."""
         texts: list[str] = []
         for i in range(0, len(audios), batch_size):
             chunk = [np.asarray(a, np.float32) for a in audios[i:i + batch_size]]
@@ -388,7 +387,6 @@ def parity_report(torch_models: dict, export_dir: str | Path, data, limit: int |
     Also reports the engine's agreement with itself on inputs nudged by NUDGE (its noise floor), and with
     `torch_floor` each torch model's agreement with itself nudged (two more torch decodes per utterance).
     """
-    from eval.engines import token_budget
     from eval.metrics import word_error_rate
     from slim.data import iter_examples
 

@@ -159,17 +159,3 @@ def mask_model(model, keep):
             drop[_index(keep.ffn[kind][i], layer.fc1.out_features, "mask_model")] = False
             layer.fc2.weight[:, drop.to(layer.fc2.weight.device)] = 0
     return model
-
-
-def prune_model(model, scores, selection):
-    """Score-driven pruning in one call: `select` against the dense base shape, then `apply_keep`.
-
-    Ratios and counts in `selection` refer to the base model of `model.config` (not to what is left),
-    so calling this repeatedly with growing ratios (gradual pruning) reaches the cumulative target.
-    Returns `(model, keep)`.
-    """
-    from prune.select import select
-    from slim.model import Structure
-
-    keep = select(scores, Structure.dense(model.config), selection)
-    return apply_keep(model, keep), keep

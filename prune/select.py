@@ -1,7 +1,7 @@
 """Selection: from importance scores to the heads and neurons to keep. A pure function of its inputs.
 
-`select(scores, base, cfg)` returns a `Keep` (sorted indices to keep, per layer, per kind); nothing
-here touches a model. Ratios and counts refer to `base`, the dense base model's shape, not to what is
+`select(scores, base, cfg)` returns a `Keep` (sorted indices to keep, per layer, per kind) and touches
+no model; `prune_model` is `select` then `prune.apply.apply_keep` in one call. Ratios and counts refer to `base`, the dense base model's shape, not to what is
 left: pruning an already-pruned model to `head_ratio=0.3` removes only what it takes to reach 30% of
 the base model's heads in total, which is what makes gradual schedules (`PruneSelection.scaled`)
 reach the target they name. Ratios are rounded up (at least that fraction goes).
@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-from prune.apply import FFN_KINDS, HEAD_KINDS
+from prune.apply import FFN_KINDS, HEAD_KINDS, apply_keep
 from prune.importance import NORMALIZATIONS, Scores
 
 SCOPES = ("global", "per_layer")
@@ -232,3 +232,16 @@ def select(scores: Scores, base, cfg: PruneSelection) -> Keep:
     ffn = {k: _select_kind(scores.ffn[k], ref[f"{k}_ffn"], cfg.ffn_ratios()[k], ffn_counts.get(k), cfg.scope,
                            cfg.min_ffn, cfg.ffn_multiple) for k in FFN_KINDS}
     return Keep(heads=heads, ffn=ffn)
+
+
+def prune_model(model, scores, selection):
+    """Score-driven pruning in one call: `select` against the dense base shape, then `apply_keep`.
+
+    Ratios and counts in `selection` refer to the base model of `model.config` (not to what is left),
+    so calling this repeatedly with growing ratios (gradual pruning) reaches the cumulative target.
+    Returns `(model, keep)`.
+    """
+    from slim.model import Structure
+
+    keep = select(scores, Structure.dense(model.config), selection)
+    return apply_keep(model, keep), keep

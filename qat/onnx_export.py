@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qat.quantizers import ActQuant, QuantPlan, WeightQuant
 from slim.attention import SlimAttention
 from slim.io import atomic_dir
 from slim.model import install_explicit_attention, structure_of
@@ -72,58 +73,6 @@ PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 def has_processor(d: Path) -> bool:
     return any((Path(d) / f).exists() for f in PROCESSOR_FILES)
 _NEG = torch.finfo(torch.float32).min
-
-
-# ---------------------------------------------------------------------------------------------
-# what a QDQ graph carries
-
-
-@dataclass
-class ActQuant:
-    """Per-tensor affine activation quantizer on the uint8 grid: q = clamp(round(x / scale) + zero_point, 0, 255).
-
-    A signed int8 quantizer with zero point z is the same grid shifted by 128 (zero_point = z + 128).
-    """
-
-    scale: float
-    zero_point: int
-
-    def __post_init__(self):
-        if not self.scale > 0:
-            raise ValueError(f"activation scale must be positive, got {self.scale}")
-        if not 0 <= self.zero_point <= 255:
-            raise ValueError(f"activation zero_point must be in [0, 255] (uint8 grid), got {self.zero_point}")
-
-
-@dataclass
-class WeightQuant:
-    """Symmetric int8 weight, one scale per output channel: w ≈ q * scale[:, None]."""
-
-    q: torch.Tensor  # int8 (out, in)
-    scale: torch.Tensor  # float32 (out,)
-
-    def __post_init__(self):
-        if self.q.dtype != torch.int8 or self.q.dim() != 2:
-            raise ValueError(f"weight must be a 2-D int8 tensor, got {self.q.dtype} {tuple(self.q.shape)}")
-        if self.scale.shape != (self.q.shape[0],):
-            raise ValueError(f"weight scale must have shape ({self.q.shape[0]},), got {tuple(self.scale.shape)}")
-
-
-@dataclass
-class QuantPlan:
-    """The QAT state the QDQ graph carries, keyed by `model.named_modules()` names.
-
-    `linears[name]` = (input quantizer, weight) of a quantized nn.Linear, or of a quantized conv of the
-    front end as the Linear over its kernel windows (`qat.prepare.conv_windows`, weight (out, kernel * in));
-    a module absent here stays float. `matmuls[name]` = (quantizer of input a, quantizer of input b) of an attention `qk`/`pv`.
-    `embedding` is the tied token embedding / output projection (int8 per token row), and
-    `logits_act` an optional static quantizer for the output projection's input (dynamic if None).
-    """
-
-    linears: dict[str, tuple[ActQuant, WeightQuant]] = field(default_factory=dict)
-    matmuls: dict[str, tuple[ActQuant, ActQuant]] = field(default_factory=dict)
-    embedding: WeightQuant | None = None
-    logits_act: ActQuant | None = None
 
 
 def quantize_weight_per_row(w: torch.Tensor, bits: int = 8) -> WeightQuant:

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qat.quantizers import FakeQuantizer, activation_quantizer, quantize, weight_quantizer
+from qat.quantizers import (ActQuant, FakeQuantizer, QuantPlan, WeightQuant, activation_quantizer, quantize,
+                            weight_quantizer)
 from slim.attention import MatMul, SlimAttention
 from slim.model import model_inputs
 
@@ -486,12 +487,10 @@ def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.float32) -
 
 
 def export_quant_plan(model: nn.Module):
-    """The QAT state as `qat.onnx_export.QuantPlan`: per quantized Linear (input ActQuant on the uint8
+    """The QAT state as `qat.quantizers.QuantPlan`: per quantized Linear (input ActQuant on the uint8
     grid, int8 per-channel weight; a quantized conv as the Linear over its windows, `window_weight`), per
     quantized matmul (ActQuant of a, ActQuant of b), and the int8 embedding when `embeddings` was on. Disabled quantizers are left out (those modules stay float);
     an enabled activation quantizer that never saw data is an error."""
-    from qat.onnx_export import ActQuant, QuantPlan, WeightQuant
-
     def act(name: str, q: FakeQuantizer) -> ActQuant:
         if not q.calibrated and q.is_observing:
             raise ValueError(f"{name}: activation quantizer was never calibrated (run qat.prepare.calibrate)")

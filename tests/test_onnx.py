@@ -405,7 +405,7 @@ def test_parity_command_reports_agreement_wer_and_the_noise_floor(exports, tmp_p
     assert json.loads(capsys.readouterr().out) == r
     assert r["utterances"] == 2 and r["mode"] == "qdq"
     # the same figures, recomputed here from the engine: plain and nudged tokens within the token budget
-    from eval.engines import token_budget
+    from eval.decoding import token_budget
     from eval.metrics import word_error_rate
     from eval.onnx_engine import NUDGE, agreement
 
@@ -571,9 +571,9 @@ def test_tiny_en_exports_transcribe_real_speech(tmp_path):
 
 
 def test_transcribe_stops_at_the_token_budget(exports):
-    """Without max_new_tokens, decoding still stops at eval.engines.token_budget (random weights never
+    """Without max_new_tokens, decoding still stops at eval.decoding.token_budget (random weights never
     emit end-of-text, so they would otherwise run to the decoder's 448 positions)."""
-    from eval.engines import token_budget
+    from eval.decoding import token_budget
 
     e = OnnxEngine(exports["float"], threads=1)
     seen = []

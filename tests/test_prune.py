@@ -11,10 +11,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import GenerationConfig  # noqa: E402
 
-from prune.apply import apply_keep, head_rows, mask_model, prune_heads, prune_model, slice_linear_in, slice_linear_out
+from prune.apply import apply_keep, head_rows, mask_model, prune_heads, slice_linear_in, slice_linear_out
 from prune.importance import Scores, compute_scores, l1_scores, random_scores, taylor_scores
 from prune.report import pruning_report
-from prune.select import Keep, PruneSelection, select
+from prune.select import Keep, PruneSelection, prune_model, select
 from slim.model import (STRUCTURE_FILE, Structure, count_parameters, install_explicit_attention, load_model,
                         save_model, structure_of)
 from slim.sources import tiny_random_whisper

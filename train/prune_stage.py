@@ -28,7 +28,7 @@ def on_every_process(stage: StageConfig) -> bool:
 
 def run(ctx: RunContext, stage: StageConfig, prev: Path, model_out: Path) -> None:
     from prune.importance import compute_scores
-    from prune.apply import prune_model
+    from prune.select import prune_model
     from slim.model import save_model
 
     p = stage.prune
@@ -91,7 +91,7 @@ def gradual_prune(ctx: RunContext, stage: StageConfig, model, batches, sdir: Pat
     applies the same selection to its copy of the same model. `batches` are needed on the main process only.
     """
     from prune.importance import compute_scores
-    from prune.apply import prune_model
+    from prune.select import prune_model
     from train.loop import TrainConfig
 
     p = stage.prune
