@@ -57,6 +57,7 @@ class TrainState:
     """Lowest evaluation metric seen so far (see TrainConfig.best_metric)."""
     best_step: int | None = None
     """The step at which best_metric was measured."""
+
     def state_dict(self) -> dict[str, Any]:
         return {"stage": self.stage, "step": self.step, "epoch": self.epoch, "batches_seen": self.batches_seen,
                 "best_metric": self.best_metric, "best_step": self.best_step}

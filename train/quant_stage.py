@@ -1,9 +1,8 @@
 """The quantization stages: qat (fake quant + training), ptq (fake quant, calibration only), convert
 (true INT8 torch) and export (ONNX), each from the previous stage's model directory.
 
-qat and ptq are called by every process (qat trains collectively; ptq takes the same path so that its
-sensitivity scan is shared the same way); convert and export by the main process alone.
-`train/stages.py` decides which.
+qat and ptq are called by every process (qat trains collectively, and ptq runs the same function);
+convert and export by the main process alone. `train/stages.py` decides which.
 """
 
 from __future__ import annotations
