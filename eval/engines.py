@@ -39,6 +39,7 @@ from torch import nn
 
 from eval.decoding import token_budget
 from slim.audio import SAMPLING_RATE
+from slim.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +259,7 @@ def dynamic_int8_export(model_dir: str | Path, cache_dir: str | Path | None = No
             return out
     log.info("exporting %s to ONNX (dynamic-int8) in %s", model_dir, out)
     export_model(model_dir, out, mode="dynamic-int8")
-    src.write_text(json.dumps(want, indent=2) + "\n")
+    atomic_write_json(src, want)
     return out
 
 
