@@ -16,7 +16,7 @@ ensure_voices() {
     # The synthetic speech builder needs Debian's espeak-ng and flite.
     if command -v espeak-ng >/dev/null && command -v flite >/dev/null; then return; fi
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "[launch] installing espeak-ng and flite" >&2
+        echo "[launch] installing the Debian packages espeak-ng and flite (apt-get, for the synthetic speech builder)" >&2
         (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng flite >/dev/null) \
             || echo "[launch] warning: could not install espeak-ng/flite; synthetic speech will be unavailable" >&2
     else
@@ -24,21 +24,40 @@ ensure_voices() {
     fi
 }
 
+extras_for() {
+    # What each command needs on top of the core (inference: import, transcribe, eval, compare, synth).
+    case "$1" in
+        test) echo "train,weights,bench,dev" ;;
+        run) echo "train,weights" ;;
+        *) echo "weights" ;;
+    esac
+}
+
 ensure_venv() {
-    local stamp="$VENV/.installed"
-    local want
-    want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
-    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return; fi
+    # .venv/.installed holds the pyproject hash and the extras installed for it; a command whose extras are
+    # already there installs nothing, one that needs more adds them (never removes any).
+    local stamp="$VENV/.installed" want have="" need extras
+    want="$(sha256sum < "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+    need="$(extras_for "$1")"
+    if [ -f "$stamp" ] && [ "$(cut -d' ' -f1 "$stamp")" = "$want" ]; then
+        have="$(cut -s -d' ' -f2 "$stamp")"
+        local missing=""
+        for e in ${need//,/ }; do
+            case ",$have," in *",$e,"*) ;; *) missing=1 ;; esac
+        done
+        [ -z "$missing" ] && return
+    fi
+    extras="$(echo "${have:+$have,}$need" | tr ',' '\n' | sort -u | paste -sd, -)"
     if [ ! -x "$VENV/bin/python" ]; then
         echo "[launch] creating $VENV" >&2
         "$PY" -m venv "$VENV"
     fi
-    echo "[launch] installing whisper-slim and its dependencies (first use only)" >&2
+    echo "[launch] installing whisper-slim[$extras] and its dependencies (pinned by constraints.txt)" >&2
     "$VENV/bin/python" -m pip install -q --upgrade pip >&2
     # torch first and alone, pinned: the CPU wheel; letting a resolver pick it can pull a CUDA build.
     "$VENV/bin/python" -m pip install -q "torch==2.13.0" >&2
-    "$VENV/bin/python" -m pip install -q -e "$ROOT[weights,bench,dev]" >&2
-    echo "$want" > "$stamp"
+    "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT[$extras]" >&2
+    echo "$want $extras" > "$stamp"
 }
 
 cmd="${1:-}"
@@ -47,7 +66,7 @@ if [ -z "$cmd" ] || [ "$cmd" = "-h" ] || [ "$cmd" = "--help" ]; then
     exit 0
 fi
 shift
-ensure_venv
+ensure_venv "$cmd"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 case "$cmd" in
     test)
