@@ -112,7 +112,8 @@ def plot_comparison(rows: list[dict], path: str | Path, title: str = "") -> Path
         ax.grid(alpha=0.3)
         ax.margins(x=0.15)
         ax.set_xlim(left=0)  # sizes and latencies compare as ratios: keep the origin
-    axes[0].legend(fontsize=8, loc="upper right")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower right", ncol=len(labels))  # below the panels: no point hidden
     names = "   ".join(f"{i} {r.get('variant') or r.get('engine')}" for i, r in enumerate(rows, 1))
     fig.text(0.01, 0.01, names, fontsize=8, wrap=True)
     if title:
