@@ -150,6 +150,16 @@ def test_report_has_every_stage_with_eval_keys(smoke_run):
             assert key in e, (e["stage"], key)
         assert e["utterances"] == 3 and e["skipped"] == 0
         assert e["model_bytes"] > 0
+    # each stage's WER is the corpus WER of its own hypotheses, and report.md prints that number in its row
+    from eval.metrics import word_error_rate
+
+    md_rows = {line.split(" | ")[0].lstrip("| "): line for line in (out / "report.md").read_text().splitlines()
+               if line.startswith("| ")}
+    for e in report:
+        hyps = e["hypotheses"]
+        assert len(hyps) == 3
+        assert e["wer"] == word_error_rate([h["ref"] for h in hyps], [h["hyp"] for h in hyps])
+        assert f" | {e['wer'] * 100:.2f} | " in md_rows[e["stage"]], (e["stage"], md_rows[e["stage"]])
     by = {e["stage"]: e for e in report}
     assert by["qat"]["engine"] == "torch-fake-quant"
     assert by["convert"]["engine"] == "torch-int8"
