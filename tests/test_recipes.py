@@ -165,7 +165,7 @@ print(json.dumps(out))
 
 def test_offline_recipes_find_their_data_in_a_clone_without_shared(tmp_path):
     """The quickstart, smoke and experiment recipes read only files inside the repository, resolved by the
-    stage runner from a copy of it with nothing beside it; the optional real-prompts set is skipped."""
+    stage runner from a copy of it with nothing beside it."""
     import json
     import os
     import shutil
@@ -194,11 +194,12 @@ def test_offline_recipes_find_their_data_in_a_clone_without_shared(tmp_path):
         assert r["eval_sets"] == ({} if path.endswith("smoke.yaml") else {"real": str(real)})
     clips = [json.loads(line)["audio"] for line in real.read_text().splitlines() if line.strip()]
     assert len(clips) == 11 and all((real.parent / c).is_file() for c in clips)
-    # the quickstart names the real-prompts dev set as optional: absent here, so it is skipped, not an error
+    # the quickstart reads nothing outside the repository, not even optionally (a dev set is an override)
     quick = load_recipe(src / "recipes" / "quickstart.yaml")
-    assert quick.data.optional_eval == {"real_prompts": "../shared/data/real-prompts/manifest.jsonl"}
-    assert proc.stderr.count("data.optional_eval.real_prompts:") == 1
-    assert f"{tmp_path / 'shared' / 'data' / 'real-prompts' / 'manifest.jsonl'} is not present" in proc.stderr
+    assert quick.data.optional_eval == {} and "../" not in (src / "recipes" / "quickstart.yaml").read_text()
+    assert "data.optional_eval" not in proc.stderr
+    extra = load_recipe(src / "recipes" / "quickstart.yaml", ["data.extra_eval.real_prompts=p.jsonl"])
+    assert extra.data.extra_eval == {"real": "data/real-speech/manifest.jsonl", "real_prompts": "p.jsonl"}
 
 
 @pytest.mark.parametrize("fails", [False, True], ids=["finishes", "fails"])
