@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from prune.apply import attention_modules, ffn_layers
+from slim.data import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 TARGETS = ("layer", "stream")
 
 
@@ -85,15 +85,14 @@ def _run(model, batch: dict, encoder_out: torch.Tensor | None = None):
     return model(**kw, use_cache=False)
 
 
-def _capture(module: nn.Module, run, what: str, stop: bool = True):
+def _capture(module: nn.Module, run, what: str):
     """The input (`what="in"`) or output (`"out"`) of `module` during `run()`; the rest of `run` is cut short
-    once the hook has fired (`stop`)."""
+    once the hook has fired."""
     box = []
 
     def hook(mod, args, output):
         box.append((args[0] if what == "in" else output).detach())
-        if stop:
-            raise _Stop
+        raise _Stop
 
     h = module.register_forward_hook(hook)
     try:
@@ -131,9 +130,10 @@ def refit_linear(linear: nn.Linear, xtx: torch.Tensor, xty: torch.Tensor, yty: t
 
     xtx: (k+1, k+1) = [X,1]^T [X,1]; xty: (k+1, d) = [X,1]^T Y; yty: scalar sum of Y^2.
     Returns the relative squared error ||[X,1]W - Y||^2 / ||Y||^2 before and after."""
-    w0 = torch.cat([linear.weight.detach().double().T, linear.bias.detach().double()[None]]
-                   if linear.bias is not None else [linear.weight.detach().double().T], 0)
-    if linear.bias is None:  # no bias column to fit: drop the ones column's row/column
+    w0 = linear.weight.detach().double().T
+    if linear.bias is not None:
+        w0 = torch.cat([w0, linear.bias.detach().double()[None]], 0)
+    else:  # no bias to fit: drop the ones column's row and column
         xtx, xty = xtx[:-1, :-1], xty[:-1]
 
     def err(w):

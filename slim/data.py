@@ -35,6 +35,8 @@ from slim.audio import MAX_SECONDS, SAMPLING_RATE, AudioError, decode_audio, loa
 log = logging.getLogger(__name__)
 
 MAX_LABEL_LENGTH = 448
+IGNORE_INDEX = -100
+"""Label padding: the positions the losses (and the repair's decoder rows) skip."""
 """Whisper's decoder positions (`max_target_positions`): a longer label sequence cannot be trained on."""
 SILENCE_PEAK = 1e-4
 """Peak amplitude (-80 dBFS, about 3 LSB of 16-bit PCM) below which a clip counts as silent."""
@@ -344,7 +346,8 @@ class SpeechCollator:
 
     def __call__(self, batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         feats = torch.stack([b["input_features"] for b in batch])
-        labels = torch.nn.utils.rnn.pad_sequence([b["labels"] for b in batch], batch_first=True, padding_value=-100)
+        labels = torch.nn.utils.rnn.pad_sequence([b["labels"] for b in batch], batch_first=True,
+                                             padding_value=IGNORE_INDEX)
         if labels.shape[1] and bool((labels[:, 0] == self.decoder_start_token_id).all()):
             labels = labels[:, 1:]
         return {"input_features": feats, "labels": labels}
