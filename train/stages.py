@@ -65,6 +65,7 @@ def _prepare_data(recipe: Recipe, state: PartialState) -> tuple[str | None, dict
                 train_text=[resolve(t) for t in s.train_text], eval_text=[resolve(t) for t in s.eval_text],
                 out_dir=resolve(s.out), train_voices=s.train_voices, eval_voices=s.eval_voices,
                 train_limit=s.train_limit, eval_limit=s.eval_limit, seed=s.seed,
+                short_fraction=s.short_fraction, long_fraction=s.long_fraction,
             )
         train = train or str(paths["train"])
         main_eval = main_eval or str(paths["eval"])
