@@ -8,7 +8,7 @@ The stage kinds themselves live in `train/stages.py` (the table and the distribu
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +34,8 @@ class RunContext:
     eval_sets: dict[str, str]
     base_dir: Path
     processor: object = None
+    outputs: dict[str, Path] = field(default_factory=dict)
+    """Stage name -> its output model directory, for the stages finished so far (`input:`, `interpolate.base`)."""
     _teacher: object = None
 
     def teacher(self):

@@ -129,12 +129,30 @@ class PruneStage:
 
 
 @dataclass
+class InterpolateConfig:
+    """kind=interpolate: WiSE-FT between an earlier stage's model (alpha 0) and the input (alpha 1)."""
+
+    base: str
+    """Name of an earlier stage whose model has the input's shapes (e.g. the prune stage before a recovery)."""
+    alphas: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+    """Weights of the input model to try, each in [0, 1]."""
+    select_on: str = "eval"
+    """Eval set that picks alpha: `eval` or a name in data.extra_eval / data.optional_eval (a real-speech dev
+    set: selection, never training). An optional set that is absent falls back to eval."""
+
+    def __post_init__(self):
+        if not self.alphas or any(not 0 <= a <= 1 for a in self.alphas):
+            raise ValueError(f"alphas must be a non-empty list of numbers in [0, 1], got {self.alphas}")
+
+
+@dataclass
 class StageConfig:
     name: str
     """Stage name; its output is OUTPUT_DIR/<index>-<name>."""
-    kind: Literal["eval", "prune", "recover", "qat", "ptq", "convert", "export"]
+    kind: Literal["eval", "prune", "recover", "interpolate", "qat", "ptq", "convert", "export"]
     """What the stage does: eval (measure the input model), prune, recover (fine-tune with distillation),
-    qat (fake-quant training), ptq (calibrate only), convert (true INT8 PyTorch), export (ONNX Runtime)."""
+    interpolate (WiSE-FT between two stages' weights, picked on an eval set), qat (fake-quant training),
+    ptq (calibrate only), convert (true INT8 PyTorch), export (ONNX Runtime)."""
     prune: PruneStage | None = None
     """Settings for kind=prune."""
     train: TrainConfig | None = None
@@ -143,6 +161,8 @@ class StageConfig:
     """Distillation teacher: the dense base model, this stage's input model, or none (CE only)."""
     quant: QuantConfig | None = None
     """Quantization settings for kind=qat / ptq (and the export that follows)."""
+    interpolate: InterpolateConfig | None = None
+    """Settings for kind=interpolate (required there)."""
     export_mode: Literal["qdq", "float", "dynamic-int8"] = "qdq"
     """kind=export: QDQ INT8 with the QAT scales, plain float, or ORT dynamic INT8."""
     evaluate: bool = True
@@ -165,6 +185,8 @@ class StageConfig:
                 self.quant = QuantConfig()
         if self.kind == "qat" and self.train is None:
             self.train = TrainConfig()
+        if self.kind == "interpolate" and self.interpolate is None:
+            raise ValueError("kind interpolate needs interpolate: {base: STAGE}")
 
 
 @dataclass
@@ -190,6 +212,16 @@ class Recipe:
             if s.input is not None and s.input not in names[:i]:
                 raise ConfigError(f"stages.{s.name}.input: {s.input!r} is not an earlier stage "
                                   f"(earlier: {names[:i] or 'none'})")
+        eval_names = {"eval", *self.data.extra_eval, *self.data.optional_eval}
+        for i, s in enumerate(self.stages):
+            if s.kind != "interpolate":
+                continue
+            if s.interpolate.base not in names[:i]:
+                raise ConfigError(f"stages.{s.name}.interpolate.base: {s.interpolate.base!r} is not an earlier stage "
+                                  f"(earlier: {names[:i] or 'none'})")
+            if s.interpolate.select_on not in eval_names:
+                raise ConfigError(f"stages.{s.name}.interpolate.select_on: {s.interpolate.select_on!r} is not an "
+                                  f"eval set (sets: {sorted(eval_names)})")
         for i, s in enumerate(self.stages):
             before = [self.stages[j].kind for j in self.lineage(i)]
             if s.kind == "convert" and not any(k in ("qat", "ptq") for k in before):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -104,10 +105,50 @@ def _recover(ctx: RunContext, stage: StageConfig, prev: Path, model_out: Path) -
     save_final(ctx, model, model_out)
 
 
+def _interpolate(ctx: RunContext, stage: StageConfig, prev: Path, model_out: Path) -> None:
+    """WiSE-FT (Wortsman et al. 2022): the weights (1 - alpha) * base + alpha * input for each alpha, each
+    evaluated on the `select_on` set; the lowest WER is the stage's model (ties go to the larger alpha, the
+    trained end). Every candidate's WER goes to interpolate.json."""
+    from eval.run import evaluate_model
+    from slim.model import save_model
+
+    cfg = stage.interpolate
+    name = cfg.select_on if cfg.select_on in ctx.eval_sets else "eval"
+    if name != cfg.select_on:
+        log.warning("stages.%s.interpolate.select_on: %s is not present here; selecting on eval", stage.name,
+                    cfg.select_on)
+    trained, base = load_float(prev, ctx.recipe), load_float(ctx.outputs[cfg.base], ctx.recipe)
+    # copies: loading each blend into `trained` writes through its own state_dict's tensors
+    theta0, theta1 = base.state_dict(), {k: v.detach().clone() for k, v in trained.state_dict().items()}
+    if {k: v.shape for k, v in theta0.items()} != {k: v.shape for k, v in theta1.items()}:
+        raise RunError(f"stages.{stage.name}.interpolate.base: {cfg.base}'s model has other shapes than the input "
+                       "(interpolate between models of one structure, e.g. a pruned model and its recovery)")
+    tried, best = [], None
+    sdir = model_out.parent
+    for alpha in sorted(cfg.alphas):
+        trained.load_state_dict({k: torch.lerp(theta0[k].float(), v.float(), alpha).to(v.dtype) if v.is_floating_point()
+                                 else v for k, v in theta1.items()})
+        cand = sdir / "candidates" / f"alpha-{alpha:g}"
+        save_model(trained, cand, processor=ctx.processor)
+        r = evaluate_model(cand, ctx.eval_sets[name], limit=ctx.recipe.data.max_eval, threads=ctx.recipe.eval.threads,
+                           batch_size=ctx.recipe.eval.batch_size, max_new_tokens=ctx.recipe.model.max_new_tokens)
+        tried.append({"alpha": alpha, "wer": r["wer"]})
+        say(ctx.state, f"[{stage.name}] alpha {alpha:g}: {name} WER {r['wer']:.4f}")
+        if best is None or r["wer"] <= best[1]:
+            best = (cand, r["wer"], alpha)
+    atomic_write_json(sdir / "interpolate.json", {"select_on": name, "base": cfg.base, "tried": tried,
+                                                  "alpha": best[2]})
+    if model_out.exists():
+        shutil.rmtree(model_out)
+    best[0].rename(model_out)
+    shutil.rmtree(sdir / "candidates")
+
+
 STAGE_KINDS: dict[str, Callable[[RunContext, StageConfig, Path, Path], None] | None] = {
     "eval": None,  # evaluates its input model and writes none
     "prune": prune_stage.run,
     "recover": _recover,
+    "interpolate": _interpolate,
     "qat": quant_stage.run_qat,
     "ptq": quant_stage.run_qat,
     "convert": quant_stage.run_convert,
@@ -200,7 +241,7 @@ def run_recipe(recipe: Recipe, recipe_path: str | None = None, overrides=None, r
 
     entries: list[dict] = []
     prev = base
-    outputs: dict[str, Path] = {}  # stage name -> its output model, for `input:`
+    outputs = ctx.outputs  # stage name -> its output model, for `input:`
     for stage in recipe.stages:
         if stage.input is not None:
             prev = outputs[stage.input]
