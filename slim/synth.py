@@ -126,8 +126,7 @@ _piper_local = threading.local()
 
 
 def _piper_voice(name: str):
-    """One loaded Piper voice per thread and name (an ONNX Runtime session with one intra-op thread: the
-    builder's own thread pool is the parallelism)."""
+    """One loaded Piper voice (an ONNX Runtime session) per builder thread and name."""
     cache = _piper_local.__dict__.setdefault("voices", {})
     if name not in cache:
         try:
