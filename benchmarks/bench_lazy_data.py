@@ -92,14 +92,15 @@ def measure(mode: str, manifest: Path, args) -> dict:
            str(args.threads), "--out", str(out)]
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.Popen(cmd, env=env)
-    peak, done = [0], threading.Event()
+    peak, done = [0, 0], threading.Event()  # the tree's summed RSS, the trainer's own
 
     def sample():
         p = psutil.Process(proc.pid)
         while not done.is_set():
             try:
-                rss = p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True))
-                peak[0] = max(peak[0], rss)
+                own = p.memory_info().rss
+                peak[0] = max(peak[0], own + sum(c.memory_info().rss for c in p.children(recursive=True)))
+                peak[1] = max(peak[1], own)
             except psutil.Error:
                 pass
             time.sleep(0.1)
@@ -112,7 +113,8 @@ def measure(mode: str, manifest: Path, args) -> dict:
     if rc != 0:
         raise SystemExit(f"{mode} failed with exit code {rc}")
     timing = json.loads((out / "timing.json").read_text())
-    return {"mode": mode, "peak_rss_mb": round(peak[0] / 2**20, 1), **timing}
+    return {"mode": mode, "peak_rss_mb": round(peak[0] / 2**20, 1), "trainer_peak_rss_mb": round(peak[1] / 2**20, 1),
+            **timing}
 
 
 def main() -> None:
@@ -147,10 +149,10 @@ def main() -> None:
         "rss_growth_large_vs_small": round(by["lazy-large"]["peak_rss_mb"] / by["lazy-small"]["peak_rss_mb"] - 1, 4),
         "lazy_vs_cached_steps_per_s": round(by["lazy-small"]["steps_per_s"] / by["cached-small"]["steps_per_s"], 4),
     }
-    print(f"{'run':<14}{'items':>8}{'workers':>9}{'peak RSS MB':>13}{'steps/s':>10}{'setup s':>9}")
+    print(f"{'run':<14}{'items':>8}{'workers':>9}{'peak RSS MB':>13}{'trainer MB':>12}{'steps/s':>10}{'setup s':>9}")
     for r in rows:
-        print(f"{r['mode']:<14}{r['items']:>8}{r['num_workers']:>9}{r['peak_rss_mb']:>13}{r['steps_per_s']:>10}"
-              f"{r['setup_s']:>9}")
+        print(f"{r['mode']:<14}{r['items']:>8}{r['num_workers']:>9}{r['peak_rss_mb']:>13}"
+              f"{r['trainer_peak_rss_mb']:>12}{r['steps_per_s']:>10}{r['setup_s']:>9}")
     print(json.dumps(summary))
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "runs": rows, **summary}, indent=2) + "\n")

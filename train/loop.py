@@ -4,9 +4,10 @@
 (forward, distillation loss, backward under `accelerator.accumulate`, clip, step) with logging, evaluation
 and checkpoints → merge LoRA, save the last model → return a TrainResult.
 
-Exactness is a feature here: the data order is a function of (seed, epoch) only and the position in it
-is part of the checkpointed train state, every RNG is restored, and the DataLoader never draws from the
-global RNG; so a run killed at any step and resumed ends with weights bit-identical to an uninterrupted
+Exactness is a feature here: the data order is a function of (seed, epoch) only (a stream's: its stored
+order) and the position in it is part of the checkpointed train state (a stream's: every DataLoader
+worker's position, from torchdata's StatefulDataLoader), every RNG is restored, and the DataLoader never
+draws from the global RNG; so a run killed at any step and resumed ends with weights bit-identical to an uninterrupted
 run on CPU, and N processes with batch B equal one process with batch B and gradient accumulation N.
 """
 
@@ -472,6 +473,8 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
                                     num_workers=cfg.num_workers, drop_last=True, generator=data_rng)
         net, optimizer = accelerator.prepare(net, optimizer)
     else:
+        if cfg.length_buckets and not hasattr(train_dataset, "lengths"):
+            raise ValueError("length_buckets: the training dataset has no lengths() (slim.data's lazy datasets do)")
         lengths = train_dataset.lengths() if cfg.length_buckets else None
         sampler = EpochSampler(len(train_dataset), cfg.seed, lengths, cfg.batch_size, cfg.length_buckets)
         loader = DataLoader(train_dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate_fn,
