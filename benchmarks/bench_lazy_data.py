@@ -142,8 +142,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-lazy-data-"))
     small = write_manifest(wavs, args.small, tmp / "small.jsonl")
     large = write_manifest(wavs, args.large, tmp / "large.jsonl")
-    rows = [measure("lazy-small", small, args), measure("lazy-large", large, args),
-            measure("cached-small", small, args)]
+    # the two runs whose speed is compared go one after the other (on a shared machine the load drifts)
+    rows = [measure("lazy-small", small, args), measure("cached-small", small, args),
+            measure("lazy-large", large, args)]
     by = {r["mode"]: r for r in rows}
     summary = {
         "rss_growth_large_vs_small": round(by["lazy-large"]["peak_rss_mb"] / by["lazy-small"]["peak_rss_mb"] - 1, 4),

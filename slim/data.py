@@ -13,6 +13,10 @@ Every source yields examples `{"id", "audio": float32 mono 16 kHz, "text"}`. Bad
 unreadable audio, empty, silent, over 30 s, empty transcript, transcript over the decoder's 448 tokens)
 are skipped with one warning line each and counted in a `SkipStats`, which callers put into reports:
 a bad file never stops a run.
+
+Training reads DATA lazily (`open_train_source`): only the index (ids, transcripts, paths or row numbers)
+is held; an item is decoded and featurized in the DataLoader worker that draws it, and a bad one travels
+to the training process as a count in its batch (`SpeechCollator`), so nothing holds a corpus in memory.
 """
 
 from __future__ import annotations

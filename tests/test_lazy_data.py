@@ -205,6 +205,19 @@ def test_recipe_refuses_length_buckets_on_a_stream_and_too_many_workers():
 # training: skips, exact resume with workers, streaming
 
 
+def test_a_micro_batch_of_only_bad_items_is_a_zero_loss_step(tmp_path):
+    """Batch 1 over 3 items, the middle one corrupt: that step trains on nothing (loss exactly 0, counted),
+    the others on their item; the run neither crashes nor leaves the step out."""
+    m = write_manifest(tmp_path / "d", 3, corrupt=(1,))
+    seen: list[list[str]] = []
+    _, r = run_lazy(m, tmp_path / "run", steps=3, save_every=0, num_workers=0, batch_size=1,
+                    on_batch=lambda b: seen.append(b["ids"]))
+    bad = [i for i, ids in enumerate(seen) if not ids]
+    assert len(bad) == 1 and sorted(sum(seen, [])) == ["u00", "u02"]
+    assert r.losses[bad[0]] == 0.0 and all(x > 0 for i, x in enumerate(r.losses) if i != bad[0])
+    assert r.skipped == {"unreadable": 1}
+
+
 N_MAP = 10  # 9 good tones and one corrupt file; batch 2: 5 batches an epoch, 10 steps = 2 epochs
 
 
