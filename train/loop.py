@@ -473,6 +473,11 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
                                     num_workers=cfg.num_workers, drop_last=True, generator=data_rng)
         net, optimizer = accelerator.prepare(net, optimizer)
     else:
+        # A plain DataLoader, not a StatefulDataLoader: the order is a function of (seed, epoch), so the
+        # position is one number (TrainState.batches_seen) and Accelerate's skip_first_batches resumes by
+        # skipping sampler indices, loading nothing. (Accelerate's own stateful-loader checkpointing writes
+        # one dl_state_dict file name from every process, which per-process stream states would overwrite;
+        # hence TrainState.processes for the streamed case.)
         if cfg.length_buckets and not hasattr(train_dataset, "lengths"):
             raise ValueError("length_buckets: the training dataset has no lengths() (slim.data's lazy datasets do)")
         lengths = train_dataset.lengths() if cfg.length_buckets else None
