@@ -13,6 +13,10 @@ Every source yields examples `{"id", "audio": float32 mono 16 kHz, "text"}`. Bad
 unreadable audio, empty, silent, over 30 s, empty transcript, transcript over the decoder's 448 tokens)
 are skipped with one warning line each and counted in a `SkipStats`, which callers put into reports:
 a bad file never stops a run.
+
+Training reads DATA lazily (`open_train_source`): only the index (ids, transcripts, paths or row numbers)
+is held; an item is decoded and featurized in the DataLoader worker that draws it, and a bad one travels
+to the training process as a count in its batch (`SpeechCollator`), so nothing holds a corpus in memory.
 """
 
 from __future__ import annotations
@@ -176,11 +180,11 @@ def _folder_items(folder: Path, stats: SkipStats) -> tuple[Iterator[Item], int]:
     return gen(), len(rows)
 
 
-def _hf_items(spec: HFSpec) -> tuple[Iterator[Item], int | None]:
-    """The real `load_dataset` path, with `Audio(decode=False)`: datasets 5.x decodes (and, for folder
-    and webdataset builders, even encodes) audio only through torchcodec, which we do not ship. Parquet
-    datasets (most audio sets on the hub, LibriSpeech included) never touch it; the first row is read
-    here so that a dataset that needs it fails now, with a clear message, not mid-run."""
+def _load_hf(spec: HFSpec):
+    """(the `load_dataset` result with `Audio(decode=False)`, its transcript column). datasets 5.x decodes
+    (and, for folder and webdataset builders, even encodes) audio only through torchcodec, which we do not
+    ship. Parquet datasets (most audio sets on the hub, LibriSpeech included) never touch it; the first row
+    is read here so that a dataset that needs it fails now, with a clear message, not mid-run."""
     import datasets
 
     try:
@@ -195,22 +199,28 @@ def _hf_items(spec: HFSpec) -> tuple[Iterator[Item], int | None]:
         if text_column not in columns:
             raise ValueError(f"{spec.path}: no transcript column {spec.text_column or list(TEXT_COLUMNS)} "
                              f"(columns: {columns}); set text_column")
-        rows = iter(ds.cast_column(spec.audio_column, datasets.Audio(decode=False)))
-        first = next(rows, None)
+        ds = ds.cast_column(spec.audio_column, datasets.Audio(decode=False))
+        next(iter(ds), None)
     except (ImportError, datasets.exceptions.DatasetGenerationError) as e:
         if "torchcodec" not in repr(e) + repr(e.__cause__):
             raise
         raise RuntimeError(f"{spec.path}: this datasets builder needs torchcodec to read audio; use a parquet "
                            "dataset, a JSONL manifest or an audio folder path (read without datasets)") from e
+    return ds, text_column
 
-    def gen() -> Iterator[Item]:
-        for i, row in enumerate(itertools.chain([first] if first is not None else [], rows)):
-            audio = row[spec.audio_column] or {}
-            name = audio.get("path") or f"{spec.path}/{spec.split}/{i}"
-            path = Path(audio["path"]) if audio.get("path") and not audio.get("bytes") else None
-            yield Item(id=str(row.get("id", name)), text=row[text_column], path=path, data=audio.get("bytes"))
 
-    return gen(), None if spec.streaming else len(ds)
+def _hf_item(row: dict, i: int, spec: HFSpec, text_column: str) -> Item:
+    """Row `i` of a `datasets` split (audio not decoded) as an Item."""
+    audio = row[spec.audio_column] or {}
+    name = audio.get("path") or f"{spec.path}/{spec.split}/{i}"
+    path = Path(audio["path"]) if audio.get("path") and not audio.get("bytes") else None
+    return Item(id=str(row.get("id", name)), text=row[text_column], path=path, data=audio.get("bytes"))
+
+
+def _hf_items(spec: HFSpec) -> tuple[Iterator[Item], int | None]:
+    ds, text_column = _load_hf(spec)
+    items = (_hf_item(row, i, spec, text_column) for i, row in enumerate(ds))
+    return items, None if spec.streaming else len(ds)
 
 
 def open_items(data: str | Path | dict, stats: SkipStats) -> tuple[Iterator[Item], int | None]:
@@ -308,13 +318,25 @@ def load_examples(data: str | Path | dict, tokenizer=None, limit: int | None = N
 # training: features, labels, collation
 
 
+def features_and_labels(audio: np.ndarray, text: str, processor, features: bool = True) -> dict[str, torch.Tensor]:
+    """One training example: `input_features` (n_mels, 3000) log-mel (or, with `features=False`, the raw
+    `audio`, for `DeviceFeatures` to featurize on the training device) and `labels`, the tokenizer's ids."""
+    out = {"labels": torch.tensor(processor.tokenizer(text).input_ids, dtype=torch.long)}
+    if features:
+        feats = processor.feature_extractor(audio, sampling_rate=SAMPLING_RATE, return_tensors="np").input_features[0]
+        out["input_features"] = torch.from_numpy(np.asarray(feats, dtype=np.float32))
+    else:
+        out["audio"] = torch.from_numpy(audio)
+    return out
+
+
 class SpeechDataset(torch.utils.data.Dataset):
-    """Examples -> `{"input_features": (n_mels, 3000) float, "labels": LongTensor}` for Whisper training.
+    """Examples held in memory -> `{"input_features": (n_mels, 3000) float, "labels": LongTensor}`
+    (calibration batches and benchmarks; training reads `LazySpeechDataset` / `StreamingSpeechDataset`).
 
     Labels are `tokenizer(text).input_ids`, as in HF's Whisper fine-tuning: the tokenizer's prefix
     (`<|startoftranscript|>` [+ `<|en|><|transcribe|>`] + `<|notimestamps|>`), the text, `<|endoftext|>`.
-    The log-mel features cost most of a CPU step's data time, so each example's are computed once and,
-    with `cache=True`, kept (about 1 MB each at 80 mels; per worker process with num_workers > 0).
+    With `cache=True` each example's features are computed once and kept (about 1 MB each at 80 mels).
     """
 
     def __init__(self, examples: list[dict], processor, cache: bool = True):
@@ -328,29 +350,164 @@ class SpeechDataset(torch.utils.data.Dataset):
         if i in self._cached:
             return self._cached[i]
         ex = self.examples[i]
-        feats = self.processor.feature_extractor(ex["audio"], sampling_rate=SAMPLING_RATE,
-                                                 return_tensors="np").input_features[0]
-        out = {"input_features": torch.from_numpy(np.asarray(feats, dtype=np.float32)),
-               "labels": torch.tensor(self.processor.tokenizer(ex["text"]).input_ids, dtype=torch.long)}
+        out = features_and_labels(ex["audio"], ex["text"], self.processor)
         if self.cache:
             self._cached[i] = out
         return out
 
 
+def _train_example(item: Item, processor, features: bool, max_seconds: float) -> dict:
+    """Decode, check and featurize one item in a DataLoader worker: the example, or `{"skip": reason}`
+    (logged there; `SpeechCollator` drops it and counts it in the batch, so the count reaches the
+    training process whichever worker saw the item)."""
+    stats = SkipStats()
+    ex = check_item(item, stats, processor.tokenizer, max_seconds)
+    if ex is None:
+        return {"skip": next(iter(stats.by_reason))}
+    return {"id": ex["id"], **features_and_labels(ex["audio"], ex["text"], processor, features)}
+
+
+class LazySpeechDataset(torch.utils.data.Dataset):
+    """A map-style training set that holds only its items (ids, transcripts, paths or row numbers); each
+    `__getitem__` decodes and featurizes in the DataLoader worker that asks for it. The sampler shards it
+    across processes (`train.loop`). `lengths()` (transcript characters) feeds the length bucketing."""
+
+    def __init__(self, items, processor, features: bool = True, max_seconds: float = MAX_SECONDS,
+                 texts: list[str | None] | None = None):
+        self.items, self.processor, self.features, self.max_seconds = items, processor, features, max_seconds
+        self._texts = texts
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return _train_example(self.items[i], self.processor, self.features, self.max_seconds)
+
+    def lengths(self) -> list[int]:
+        texts = self._texts if self._texts is not None else [it.text for it in self.items]
+        return [len(str(t or "")) for t in texts]
+
+
+class _HFRows:
+    """Rows of a (memory-mapped) `datasets.Dataset` as Items, read only when asked for."""
+
+    def __init__(self, ds, spec: HFSpec, text_column: str):
+        self.ds, self.spec, self.text_column = ds, spec, text_column
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> Item:
+        return _hf_item(self.ds[int(i)], int(i), self.spec, self.text_column)
+
+
+class StreamingSpeechDataset(torch.utils.data.IterableDataset):
+    """A streamed `datasets` split, decoded and featurized row by row in the DataLoader workers.
+
+    `for_process(rank, world)` keeps this process's part (`datasets.distributed.split_dataset_by_node`:
+    whole shards when their number divides by the world size, else every world-th row); `datasets` then
+    splits the shards among the DataLoader workers. `state_dict()` is the stream's own position, which
+    torchdata's StatefulDataLoader collects from each worker, so a resumed run continues at the next row.
+    The stream is read in its stored order: a `datasets` shuffle buffer is not part of that state (it is
+    refilled on resume), so shuffling would make resumed runs differ; shuffle the corpus when writing it.
+    Every row yields one output (a bad one `{"skip": reason}`), so the position counts rows, good or bad.
+    """
+
+    def __init__(self, ds, spec: HFSpec, text_column: str, processor, features: bool = True,
+                 max_seconds: float = MAX_SECONDS):
+        self.ds, self.spec, self.text_column = ds, spec, text_column
+        self.processor, self.features, self.max_seconds = processor, features, max_seconds
+
+    def for_process(self, rank: int, world: int) -> StreamingSpeechDataset:
+        from datasets.distributed import split_dataset_by_node
+
+        ds = split_dataset_by_node(self.ds, rank=rank, world_size=world) if world > 1 else self.ds
+        return StreamingSpeechDataset(ds, self.spec, self.text_column, self.processor, self.features,
+                                      self.max_seconds)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.ds.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[dict]:
+        for i, row in enumerate(self.ds):
+            yield _train_example(_hf_item(row, i, self.spec, self.text_column), self.processor, self.features,
+                                 self.max_seconds)
+
+    def state_dict(self) -> dict:
+        return self.ds.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ds.load_state_dict(state)
+
+
+def open_train_source(data: str | Path | dict, processor, limit: int | None = None, features: bool = True,
+                      max_seconds: float = MAX_SECONDS
+                      ) -> tuple[LazySpeechDataset | StreamingSpeechDataset, SkipStats]:
+    """DATA as a lazy training set, and the SkipStats of what was dropped while indexing it (manifest lines
+    that are not entries). Nothing is decoded here; `limit` keeps the first LIMIT items (good or bad)."""
+    stats = SkipStats()
+    if isinstance(data, dict) or (isinstance(data, str) and data.startswith("hf:")):
+        spec = HFSpec.parse(data)
+        if not (spec.path == "audiofolder" and spec.data_dir):
+            ds, text_column = _load_hf(spec)
+            if spec.streaming:
+                ds = ds.take(limit) if limit is not None else ds
+                return StreamingSpeechDataset(ds, spec, text_column, processor, features, max_seconds), stats
+            if limit is not None:
+                ds = ds.select(range(min(limit, len(ds))))
+            return LazySpeechDataset(_HFRows(ds, spec, text_column), processor, features, max_seconds,
+                                     texts=ds[text_column]), stats
+    items, _ = open_items(data, stats)
+    items = list(itertools.islice(items, limit))
+    return LazySpeechDataset(items, processor, features, max_seconds), stats
+
+
 @dataclass
 class SpeechCollator:
-    """Stack features; pad labels with -100 (ignored by the loss); drop a leading decoder-start token,
-    which the model prepends itself when it shifts labels right (HF's DataCollatorSpeechSeq2SeqWithPadding)."""
+    """Stack features (or raw audio, zero-padded to the longest: see `DeviceFeatures`); pad labels with -100
+    (ignored by the loss); drop a leading decoder-start token, which the model prepends itself when it
+    shifts labels right (HF's DataCollatorSpeechSeq2SeqWithPadding). Items a lazy dataset could not use
+    (`{"skip": reason}`) are left out and counted in `skipped`, one entry per REASONS; `ids` names the rest."""
 
     decoder_start_token_id: int
 
-    def __call__(self, batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        feats = torch.stack([b["input_features"] for b in batch])
+    def __call__(self, batch: list[dict]) -> dict:
+        skipped = torch.zeros(len(REASONS), dtype=torch.long)
+        for b in batch:
+            if "skip" in b:
+                skipped[REASONS.index(b["skip"])] += 1
+        batch = [b for b in batch if "skip" not in b]
         labels = torch.nn.utils.rnn.pad_sequence([b["labels"] for b in batch], batch_first=True,
-                                             padding_value=IGNORE_INDEX)
+                                             padding_value=IGNORE_INDEX) if batch else \
+            torch.zeros(0, 0, dtype=torch.long)
         if labels.shape[1] and bool((labels[:, 0] == self.decoder_start_token_id).all()):
             labels = labels[:, 1:]
-        return {"input_features": feats, "labels": labels}
+        out = {"labels": labels}
+        if batch and "audio" in batch[0]:
+            out["audio"] = torch.nn.utils.rnn.pad_sequence([b["audio"] for b in batch], batch_first=True)
+        else:
+            out["input_features"] = torch.stack([b["input_features"] for b in batch]) if batch else \
+                torch.zeros(0, 0, 0)
+        if batch and "id" in batch[0] or skipped.any():  # a lazy dataset's batch
+            out["ids"] = [b["id"] for b in batch]
+            out["skipped"] = skipped
+        return out
+
+
+class DeviceFeatures:
+    """Log-mel features of a batch of raw audio on the training device, through the feature extractor's
+    torch path (`device=`): for GPU training, where the workers then only decode. The extractor pads every
+    clip with zeros to 30 s itself, so the collator's padding to the longest clip changes nothing."""
+
+    def __init__(self, processor):
+        self.fe = processor.feature_extractor
+
+    def __call__(self, audio: torch.Tensor, device) -> torch.Tensor:
+        clips = list(audio.float().cpu().numpy())
+        if not clips:
+            return torch.zeros(0, self.fe.feature_size, self.fe.nb_max_frames, device=device)
+        feats = self.fe(clips, sampling_rate=SAMPLING_RATE, return_tensors="pt", device=str(device)).input_features
+        return feats.to(device)
 
 
 def make_collator(processor, decoder_start_token_id: int | None = None) -> Callable[[list[dict]], dict]:

@@ -57,16 +57,22 @@ class TrainState:
     """Lowest evaluation metric seen so far (see TrainConfig.best_metric)."""
     best_step: int | None = None
     """The step at which best_metric was measured."""
+    processes: list[dict] | None = None
+    """Per process (by index), what differs between processes: its epoch and batches drawn (a streamed
+    shard's length is its own), its count of skipped items, and its streaming loader's state (torchdata
+    `StatefulDataLoader.state_dict()`, which holds each worker's position in the stream). Gathered onto
+    the main process before each checkpoint, since only the main process writes this object."""
 
     def state_dict(self) -> dict[str, Any]:
         return {"stage": self.stage, "step": self.step, "epoch": self.epoch, "batches_seen": self.batches_seen,
-                "best_metric": self.best_metric, "best_step": self.best_step}
+                "best_metric": self.best_metric, "best_step": self.best_step, "processes": self.processes}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         if d["stage"] != self.stage:
             raise CheckpointError(f"checkpoint belongs to stage '{d['stage']}', not '{self.stage}'")
         self.step, self.epoch, self.batches_seen = int(d["step"]), int(d["epoch"]), int(d["batches_seen"])
         self.best_metric, self.best_step = d["best_metric"], d["best_step"]
+        self.processes = d.get("processes")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ The stage kinds themselves live in `train/stages.py` (the table and the distribu
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,25 +96,36 @@ def save_final(ctx: RunContext, model, model_out: Path, quant=None) -> None:
 # data and training
 
 
-def train_dataset(ctx: RunContext, limit: int | None = None):
-    from slim.data import SpeechDataset, load_examples
+def train_dataset(ctx: RunContext, limit: int | None = None, features: bool = True):
+    """The recipe's training data, read lazily (slim.data.open_train_source): decoded and featurized in the
+    DataLoader workers as batches are drawn; `features=False` leaves the features to the training device."""
+    from slim.data import open_train_source
 
     if ctx.train_data is None:
         raise RunError("this stage trains but the recipe has no training data (data.train or data.synth)")
-    examples, skipped = load_examples(ctx.train_data, tokenizer=ctx.processor.tokenizer,
-                                      limit=limit or ctx.recipe.data.max_train)
+    ds, skipped = open_train_source(ctx.train_data, ctx.processor, limit=limit or ctx.recipe.data.max_train,
+                                    features=features)
     if skipped.total:
-        log.warning("training data: skipped %d bad items (%s)", skipped.total, skipped.as_dict())
-    return SpeechDataset(examples, ctx.processor), skipped
+        log.warning("training data: skipped %d bad entries while indexing (%s)", skipped.total, skipped.as_dict())
+    return ds, skipped
 
 
 def calibration_batches(ctx: RunContext, n_batches: int, batch_size: int = 4):
+    """The first n_batches x batch_size good training examples, collated (bad items are skipped and
+    counted, as in training)."""
     from slim.data import make_collator
 
-    ds, _ = train_dataset(ctx, limit=n_batches * batch_size)
     collate = make_collator(ctx.processor)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    return [b for _, b in zip(range(n_batches), loader)]
+    ds, _ = train_dataset(ctx)
+    items = iter(ds) if isinstance(ds, torch.utils.data.IterableDataset) else (ds[i] for i in range(len(ds)))
+    good = (x for x in items if "skip" not in x)
+    batches = []
+    for _ in range(n_batches):
+        chunk = list(itertools.islice(good, batch_size))
+        if not chunk:
+            break
+        batches.append({k: v for k, v in collate(chunk).items() if k in ("input_features", "labels")})
+    return batches
 
 
 def eval_fn(ctx: RunContext):
@@ -145,11 +157,12 @@ def input_teacher(stage: StageConfig, model):
 def fit(ctx: RunContext, stage: StageConfig, model, sdir: Path, quant=None, teacher=None):
     """Train `model` in place with `stage.train`; called by every process (the training is collective).
     `teacher`: the `teacher: input` copy when the caller took it before changing the model."""
-    from slim.data import make_collator
+    from slim.data import DeviceFeatures, make_collator
     from slim.model import save_model
     from train.loop import train
 
-    ds, _ = train_dataset(ctx)
+    on_device = stage.train.features == "device"
+    ds, _ = train_dataset(ctx, features=not on_device)
     if stage.teacher == "input":
         teacher_model = teacher if teacher is not None else input_teacher(stage, model)
     else:
@@ -167,5 +180,6 @@ def fit(ctx: RunContext, stage: StageConfig, model, sdir: Path, quant=None, teac
 
     result = train(model, stage.train, ds, make_collator(ctx.processor), out_dir=sdir,
                    teacher=teacher_model, eval_fn=eval_fn(ctx), resume=ctx.resume, stage_name=stage.name,
-                   tracker_config=ctx.recipe.tracking, save_fn=save_fn, on_step_state=on_step_state)
+                   tracker_config=ctx.recipe.tracking, save_fn=save_fn, on_step_state=on_step_state,
+                   device_features=DeviceFeatures(ctx.processor) if on_device else None)
     return result

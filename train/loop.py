@@ -4,9 +4,10 @@
 (forward, distillation loss, backward under `accelerator.accumulate`, clip, step) with logging, evaluation
 and checkpoints → merge LoRA, save the last model → return a TrainResult.
 
-Exactness is a feature here: the data order is a function of (seed, epoch) only and the position in it
-is part of the checkpointed train state, every RNG is restored, and the DataLoader never draws from the
-global RNG; so a run killed at any step and resumed ends with weights bit-identical to an uninterrupted
+Exactness is a feature here: the data order is a function of (seed, epoch) only (a stream's: its stored
+order) and the position in it is part of the checkpointed train state (a stream's: every DataLoader
+worker's position, from torchdata's StatefulDataLoader), every RNG is restored, and the DataLoader never
+draws from the global RNG; so a run killed at any step and resumed ends with weights bit-identical to an uninterrupted
 run on CPU, and N processes with batch B equal one process with batch B and gradient accumulation N.
 """
 
@@ -21,8 +22,9 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
+from slim.data import REASONS
 from slim.model import model_inputs
 from train.checkpoint import (CheckpointError, TrainState, clean_temp, list_checkpoints, load_latest,
                               save_checkpoint, save_model_atomic)
@@ -126,7 +128,15 @@ class TrainConfig:
     seed: int = 0
     """Seeds the data order, dropout and LoRA initialisation."""
     num_workers: int = 0
-    """DataLoader worker processes per training process."""
+    """DataLoader worker processes per training process: they decode and featurize the audio (0: the
+    training process does it between steps). Each holds a copy of the data index, not the audio."""
+    length_buckets: int = 0
+    """Length bucketing: each window of this many batches of the shuffled order is sorted by transcript
+    length and cut into batches, whose order is then shuffled, so a batch pads its labels less (0: off).
+    Map-style data only (manifests, audio folders, non-streaming `datasets`)."""
+    features: Literal["workers", "device"] = "workers"
+    """Where the log-mel features are computed: in the DataLoader workers, or on the training device from
+    the raw audio the workers decode (the feature extractor's torch path; worth it on GPUs)."""
     log_every: int = 10
     """Write metrics.jsonl (and wandb) every N steps; the first and last steps are always logged."""
 
@@ -134,7 +144,7 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "keep_last", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "save_every", "num_workers"):
+        for name in ("warmup_steps", "eval_every", "save_every", "num_workers", "length_buckets"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -145,6 +155,10 @@ class TrainConfig:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) is larger than max_steps ({self.max_steps})")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
+        cpus = os.cpu_count() or 1
+        if self.num_workers > 4 * cpus:
+            raise ValueError(f"num_workers ({self.num_workers}) is more than 4 per CPU core ({cpus} here): each "
+                             "worker is a process with its own copy of the data index; use at most the cores")
 
 
 @dataclass
@@ -164,6 +178,9 @@ class TrainResult:
     evals: list[dict] = field(default_factory=list)
     """Evaluation results of this call, each with its step."""
     seconds: float = 0.0
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Training items the data loader dropped (by slim.data reason), summed over workers and processes,
+    counted from the start of the stage (a resumed run includes the killed run's counts)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,11 +189,17 @@ class TrainResult:
 
 class EpochSampler(Sampler[int]):
     """A seeded permutation per epoch. The order depends on (seed, epoch) only, not on any global RNG,
-    so every process draws the same order (Accelerate then shards the batches) and a resumed run, told
-    the epoch and the batches already seen, continues with exactly the batches that come next."""
+    so every process draws the same order (Accelerate then deals its batches out, batch i to process
+    i % N: each example is seen once per epoch across processes) and a resumed run, told the epoch and
+    the batches already seen, continues with exactly the batches that come next.
 
-    def __init__(self, n: int, seed: int):
+    With `lengths` and `buckets`, each window of `buckets` batches is sorted by length, cut into batches
+    of `batch_size` and the batches reordered by the same generator; a short last batch stays last."""
+
+    def __init__(self, n: int, seed: int, lengths: list[int] | None = None, batch_size: int = 1,
+                 buckets: int = 0):
         self.n, self.seed, self.epoch = n, seed, 0
+        self.lengths, self.batch_size, self.buckets = lengths, batch_size, buckets
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -187,7 +210,19 @@ class EpochSampler(Sampler[int]):
     def __iter__(self):
         g = torch.Generator()
         g.manual_seed(epoch_seed(self.seed, self.epoch))
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        order = torch.randperm(self.n, generator=g).tolist()
+        if not self.buckets or self.lengths is None:
+            return iter(order)
+        B, w = self.batch_size, self.buckets * self.batch_size
+        out: list[int] = []
+        for start in range(0, self.n, w):
+            window = sorted(order[start:start + w], key=self.lengths.__getitem__)
+            batches = [window[i:i + B] for i in range(0, len(window), B)]
+            tail = batches.pop() if len(batches[-1]) < B else []
+            for j in torch.randperm(len(batches), generator=g).tolist():
+                out += batches[j]
+            out += tail
+        return iter(out)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -357,13 +392,19 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
           on_step_state: Callable[[int], None] | None = None,
           save_fn: Callable[[torch.nn.Module, Path], None] | None = None,
           eval_dataset: Dataset | None = None, extra_state: dict[str, Any] | None = None,
-          metrics_path: str | Path | None = None) -> TrainResult:
+          metrics_path: str | Path | None = None,
+          device_features: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+          on_batch: Callable[[dict], None] | None = None) -> TrainResult:
     """Fine-tune `model` in place for cfg.max_steps optimizer steps; see the module docstring.
 
     model: a WhisperForConditionalGeneration (or any module taking input_features/decoder_input_ids and
         returning .logits). Trained in place; with LoRA the adapters are merged into it at the end.
     train_dataset / collate_fn: items collated into {"input_features": (B, 80, 3000), "labels": (B, T)}
-        with -100 on label padding.
+        with -100 on label padding (optionally "skipped": counts per slim.data REASONS of the items the
+        collator dropped, and "ids"). A map-style dataset is shuffled per epoch and its batches dealt out
+        to the processes (EpochSampler); an IterableDataset with `for_process(rank, world)` (slim.data's
+        StreamingSpeechDataset) is read in stream order, each process its own part, through torchdata's
+        StatefulDataLoader, whose state (every worker's position) goes into the checkpoint.
     out_dir: gets checkpoints/, metrics.jsonl, last/ (the final model, written with save_fn), wandb/.
     teacher: a frozen model for distillation (cfg.distill), run under no_grad in eval mode.
     eval_fn: eval_fn(model) -> {"wer": ...}, called on the main process every cfg.eval_every steps and at
@@ -377,11 +418,14 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
     extra_state: objects with state_dict()/load_state_dict() saved in every checkpoint (e.g. QAT observers).
     metrics_path: the JSONL log (default out_dir/metrics.jsonl); stages may share one file, since every
         record names its stage.
+    device_features: device_features(audio, device) -> input_features, for batches that carry raw "audio"
+        (TrainConfig.features = "device"; slim.data.DeviceFeatures).
+    on_batch: on_batch(batch) on every process with each micro-batch it trains on (tests check shards).
     """
     t_start = time.time()
     out_dir = Path(out_dir)
     save_fn = save_fn or _default_save
-    from accelerate.utils import broadcast_object_list, set_seed
+    from accelerate.utils import broadcast_object_list, gather_object, send_to_device, set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
@@ -396,8 +440,10 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
     if not resume and list_checkpoints(ckpt_root)[0]:
         raise CheckpointError(f"{ckpt_root} already holds checkpoints; pass resume=True (--resume) to continue "
                               "that run, or use a new output folder")
-    n_shard_batches = len(train_dataset) // (cfg.batch_size * accelerator.num_processes)
-    if n_shard_batches < 1:
+    streaming = isinstance(train_dataset, IterableDataset)
+    if streaming and cfg.length_buckets:
+        raise ValueError("length_buckets: a streamed dataset has no lengths up front; set it to 0")
+    if not streaming and len(train_dataset) // (cfg.batch_size * accelerator.num_processes) < 1:
         raise ValueError(f"train_dataset has {len(train_dataset)} items, fewer than one batch of "
                          f"batch_size {cfg.batch_size} x {accelerator.num_processes} processes")
     set_seed(cfg.seed)
@@ -412,14 +458,33 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
     # each real optimizer step and checkpointed as a registered object instead.
     scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=cfg.max_steps)
-    sampler = EpochSampler(len(train_dataset), cfg.seed)
     # generator=: without it every new iterator draws its worker base seed from the global torch RNG,
     # which would shift dropout after a resume (the resumed run creates its iterator at another point).
     # It is reseeded per epoch, so workers are seeded the same whether the epoch was resumed or not.
     data_rng = torch.Generator()
-    loader = DataLoader(train_dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate_fn,
-                        num_workers=cfg.num_workers, drop_last=True, generator=data_rng)
-    net, optimizer, loader = accelerator.prepare(net, optimizer, loader)
+    if streaming:
+        # Not through prepare(): Accelerate would read one stream on the main process and dispatch it, or
+        # give every process the whole stream; each process reads its own part instead (for_process), and
+        # the StatefulDataLoader's state is per process (TrainState.processes).
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        shard = train_dataset.for_process(accelerator.process_index, accelerator.num_processes)
+        loader = StatefulDataLoader(shard, batch_size=cfg.batch_size, collate_fn=collate_fn,
+                                    num_workers=cfg.num_workers, drop_last=True, generator=data_rng)
+        net, optimizer = accelerator.prepare(net, optimizer)
+    else:
+        # A plain DataLoader, not a StatefulDataLoader: the order is a function of (seed, epoch), so the
+        # position is one number (TrainState.batches_seen) and Accelerate's skip_first_batches resumes by
+        # skipping sampler indices, loading nothing. (Accelerate's own stateful-loader checkpointing writes
+        # one dl_state_dict file name from every process, which per-process stream states would overwrite;
+        # hence TrainState.processes for the streamed case.)
+        if cfg.length_buckets and not hasattr(train_dataset, "lengths"):
+            raise ValueError("length_buckets: the training dataset has no lengths() (slim.data's lazy datasets do)")
+        lengths = train_dataset.lengths() if cfg.length_buckets else None
+        sampler = EpochSampler(len(train_dataset), cfg.seed, lengths, cfg.batch_size, cfg.length_buckets)
+        loader = DataLoader(train_dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate_fn,
+                            num_workers=cfg.num_workers, drop_last=True, generator=data_rng)
+        net, optimizer, loader = accelerator.prepare(net, optimizer, loader)
     eval_loader = None
     if eval_dataset is not None:
         eval_loader = accelerator.prepare(DataLoader(eval_dataset, batch_size=cfg.batch_size, shuffle=False,
@@ -438,7 +503,15 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
     run_config = {"stage": stage_name, "num_processes": accelerator.num_processes, **asdict(cfg)}
     init_trackers(accelerator, tracker_config, run_config, out_dir, stage_name)
 
+    # this process's skipped items by reason (slim.data REASONS, as the collator counts them)
+    skipped = torch.zeros(len(REASONS), dtype=torch.long)
     resumed_from = load_latest(accelerator, ckpt_root, state, names) if resume else None
+    if resumed_from is not None and state.processes is not None:
+        mine = state.processes[accelerator.process_index]
+        state.epoch, state.batches_seen = mine["epoch"], mine["batches_seen"]
+        skipped = torch.tensor(mine["skipped"], dtype=torch.long)
+        if streaming and mine["loader"] is not None:
+            loader.load_state_dict(mine["loader"])
     if resumed_from is not None:
         dropped = metrics.rewind(state.step)
         if main:
@@ -446,6 +519,15 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
                      stage_name, resumed_from, state.step, state.epoch, state.batches_seen, dropped)
     start_step = state.step
     last_ckpt = resumed_from
+
+    def gather_positions() -> None:
+        """Every process's data position into the main process's TrainState (a collective)."""
+        mine = {"epoch": state.epoch, "batches_seen": state.batches_seen, "skipped": skipped.tolist(),
+                "loader": loader.state_dict() if streaming else None}
+        state.processes = gather_object([mine])
+
+    def skipped_total() -> torch.Tensor:
+        return accelerator.reduce(skipped.to(accelerator.device), reduction="sum").cpu()
 
     def evaluate() -> dict:
         net.eval()
@@ -478,23 +560,42 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc=stage_name, disable=not main, dynamic_ncols=True)
     try:
         while state.step < cfg.max_steps:
-            loader.set_epoch(state.epoch)
+            (shard if streaming else loader).set_epoch(state.epoch)
             data_rng.manual_seed(epoch_seed(cfg.seed, state.epoch))
-            batches = accelerator.skip_first_batches(loader, state.batches_seen) if state.batches_seen else loader
+            if streaming:  # a resumed loader continues from its loaded state by itself
+                batches = loader
+            else:
+                batches = accelerator.skip_first_batches(loader, state.batches_seen) if state.batches_seen else loader
+            n_epoch_batches = 0
             for batch in batches:
+                n_epoch_batches += 1
+                if streaming:
+                    batch = send_to_device(batch, accelerator.device)
+                if "skipped" in batch:
+                    skipped += batch.pop("skipped").cpu()
+                if "audio" in batch:
+                    batch["input_features"] = device_features(batch.pop("audio"), accelerator.device)
+                if on_batch is not None:
+                    on_batch(batch)
                 with accelerator.accumulate(net):
-                    dec = decoder_inputs(batch, config)
-                    out = forward(net, batch, dec, hidden=want_hidden)
-                    t_out = None
-                    if teacher is not None:  # no_grad, not inference_mode: the KL term keeps these for backward
-                        with torch.no_grad(), accelerator.autocast():
-                            t_out = forward(teacher, batch, dec, hidden=want_hidden)
-                    loss, parts = distill_loss(out.logits, None if t_out is None else t_out.logits,
-                                               batch["labels"], d.ce_weight, d.kl_weight, d.temperature)
-                    if want_hidden:
-                        h = hidden_states_loss(out, t_out, batch["labels"])
-                        loss = loss + d.hidden_weight * h
-                        parts["hidden"] = h.detach()
+                    if batch["labels"].shape[0] == 0:
+                        # every item of this micro-batch was bad: a zero loss over every weight keeps this
+                        # process's backward (and DDP's gradient all-reduce) in step with the others
+                        loss = sum(p.sum() for p in net.parameters() if p.requires_grad) * 0.0
+                        parts = {"ce": loss.detach()}
+                    else:
+                        dec = decoder_inputs(batch, config)
+                        out = forward(net, batch, dec, hidden=want_hidden)
+                        t_out = None
+                        if teacher is not None:  # no_grad, not inference_mode: the KL term keeps these for backward
+                            with torch.no_grad(), accelerator.autocast():
+                                t_out = forward(teacher, batch, dec, hidden=want_hidden)
+                        loss, parts = distill_loss(out.logits, None if t_out is None else t_out.logits,
+                                                   batch["labels"], d.ce_weight, d.kl_weight, d.temperature)
+                        if want_hidden:
+                            h = hidden_states_loss(out, t_out, batch["labels"])
+                            loss = loss + d.hidden_weight * h
+                            parts["hidden"] = h.detach()
                     accelerator.backward(loss)
                     zero = torch.zeros((), device=part_sum.device)
                     part_sum += torch.stack([loss.detach().float(), parts["ce"].float(),
@@ -540,6 +641,9 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
                         record["hidden"] = w[3].item()
                     if grad_norm is not None:
                         record["grad_norm"] = float(grad_norm)
+                    n_skipped = int(skipped_total().sum())
+                    if n_skipped:
+                        record["skipped"] = n_skipped
                     metrics.log(state.step, record)
                     window, t_log = [], time.time()
                 if (eval_fn is not None or eval_loader is not None) and (
@@ -555,6 +659,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
                 if on_step_state is not None:
                     on_step_state(state.step)
                 if last or (cfg.save_every and state.step % cfg.save_every == 0):
+                    gather_positions()
                     last_ckpt = save_checkpoint(accelerator, ckpt_root, state, names, cfg.keep_last)
                 if on_step is not None:
                     on_step(state.step, record)
@@ -563,6 +668,9 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
                 if last:
                     break
             else:
+                if n_epoch_batches == 0 and not state.batches_seen:
+                    raise ValueError(f"the training data gave no batch of {cfg.batch_size} in epoch {state.epoch}"
+                                     f" on process {accelerator.process_index}")
                 state.epoch += 1
                 state.batches_seen = 0
 
@@ -581,8 +689,13 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
         # (and their collectives) still need; the group belongs to the caller (see distributed_state()).
         for tracker in accelerator.trackers:
             tracker.finish()
+    total = skipped_total()
+    if main and total.sum():
+        log.warning("%s: the data loader skipped %d bad training items (%s)", stage_name, int(total.sum()),
+                    {r: int(n) for r, n in zip(REASONS, total.tolist()) if n})
     accelerator.free_memory()
     return TrainResult(start_step=start_step, final_step=state.step, steps_run=state.step - start_step,
                        losses=losses, resumed_from=resumed_from, best_metric=state.best_metric,
                        best_step=state.best_step, last_dir=out_dir / "last", evals=evals,
-                       seconds=round(time.time() - t_start, 3))
+                       seconds=round(time.time() - t_start, 3),
+                       skipped={r: int(n) for r, n in zip(REASONS, total.tolist()) if n})

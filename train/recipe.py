@@ -82,7 +82,8 @@ class DataConfig:
     Names must differ from `extra_eval`'s and from `eval`; `hf:` specs are not allowed (their presence
     cannot be checked before the run)."""
     max_train: int | None = None
-    """Use at most this many training utterances."""
+    """Use at most the first this many training items (None: all; training data is read lazily, so a
+    corpus of any size needs no cap)."""
     max_eval: int | None = None
     """Evaluate on at most this many utterances of each eval set (None: all)."""
 
@@ -229,6 +230,11 @@ class Recipe:
             if s.kind == "export" and s.export_mode == "qdq" and not any(k in ("qat", "ptq") for k in before):
                 raise ConfigError(f"stages.{s.name}: export_mode=qdq needs a qat or ptq stage before it "
                                   "(or set export_mode: float / dynamic-int8)")
+        if self.data.train is not None and _is_streamed(self.data.train):
+            for s in self.stages:
+                if s.train is not None and s.train.length_buckets:
+                    raise ConfigError(f"stages.{s.name}.train.length_buckets: data.train is streamed "
+                                      f"({self.data.train}), which has no lengths up front; set it to 0")
         if self.data.synth is None and (self.data.train is None or self.data.eval is None):
             needs_train = any(s.kind in ("recover", "qat", "ptq") or
                               (s.kind == "prune" and s.prune.criterion == "taylor") for s in self.stages)
@@ -246,6 +252,12 @@ class Recipe:
             if i < 0:
                 return chain
             chain.append(i)
+
+
+def _is_streamed(data: str) -> bool:
+    from slim.data import HFSpec
+
+    return data.startswith("hf:") and HFSpec.parse(data).streaming
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
