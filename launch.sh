@@ -25,11 +25,12 @@ ensure_voices() {
 }
 
 extras_for() {
-    # What each command needs on top of the core (inference: import, transcribe, eval, compare, synth).
+    # What each command needs on top of the core (the torch-free runtime): torch for import, transcribe, eval,
+    # export, compare, synth.
     case "$1" in
-        test) echo "train,weights,bench,dev" ;;
-        run) echo "train,weights" ;;
-        *) echo "weights" ;;
+        test) echo "torch,train,weights,bench,dev" ;;
+        run) echo "torch,train,weights" ;;
+        *) echo "torch,weights" ;;
     esac
 }
 

@@ -40,7 +40,7 @@ DEFAULT_CLIPS = ROOT / "data" / "real-speech" / "manifest.jsonl"
 
 
 def _options(threads: int, **entries: str):
-    from qat.onnx_export import session_options
+    from slim.export_format import session_options
 
     so = session_options(threads)
     for k, v in entries.items():
@@ -198,7 +198,7 @@ def spinning(export: Path, clips: list[np.ndarray], threads: int, repeats: int) 
     """The engine with workers that stop spinning after each run (shipped) and with ORT's default."""
     import onnxruntime as ort
 
-    from eval.onnx_engine import OnnxEngine
+    from slim.runtime import OnnxEngine
 
     engine = OnnxEngine(export, threads=threads, verify="size")
     feats = [engine.features([c]) for c in clips]
@@ -244,7 +244,7 @@ def main(argv=None) -> int:
     import onnxruntime as ort
 
     ort.set_default_logger_severity(3)  # the overridden session entries would each log a warning
-    from eval.onnx_engine import load_export_config
+    from slim.export_format import load_export_config
     from slim.audio import load_audio
 
     export = Path(args.export)

@@ -13,7 +13,7 @@
 Every engine decodes greedily with the model's generation config (English, no timestamps) and
 transcribes `batch_size` clips per call (1 by default, as latency is reported).
 
-Each call generates at most `eval.decoding.token_budget(clips)` tokens (see there).
+Each call generates at most `slim.decoding.token_budget(clips)` tokens (see there).
 
 Why model_bytes of torch-dynamic-int8 is computed rather than read off a file: PyTorch has no
 deployment format for dynamically quantized modules except pickle, which this project never writes.
@@ -37,14 +37,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from eval.decoding import token_budget
+from slim.decoding import token_budget
 from slim.audio import SAMPLING_RATE
+from slim.export_format import CONFIG_FILE as EXPORT_CONFIG
 from slim.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
 ENGINES = ("auto", "torch", "torch-dynamic-int8", "onnx", "onnx-dynamic-int8")
-EXPORT_CONFIG = "export_config.json"  # qat.onnx_export.CONFIG_FILE; not imported so torch dirs need no onnx
 # What a deployment of a model directory ships besides *.safetensors (training leftovers such as the
 # resolved recipe, logs or checkpoints do not count).
 SHIPPED_FILES = {
@@ -216,10 +216,10 @@ def _torch_dynamic_int8(model_dir: Path, max_new_tokens):
 
 
 class OnnxRuntimeEngine(Engine):
-    """`eval.onnx_engine.OnnxEngine` behind the `Engine` interface."""
+    """`slim.runtime.OnnxEngine` behind the `Engine` interface."""
 
     def __init__(self, export_dir: str | Path, threads: int, max_new_tokens: int | None = None):
-        from eval.onnx_engine import OnnxEngine
+        from slim.runtime import OnnxEngine
 
         self.ort = OnnxEngine(export_dir, threads=threads)
         self.name = f"onnx-{self.ort.mode or 'float'}"
@@ -228,7 +228,8 @@ class OnnxRuntimeEngine(Engine):
         self.files = [str(d / n) for n in self.ort.config["files"]] + [str(d / EXPORT_CONFIG)]
         self.info = {"structure": self.ort.config.get("structure")}
         self.max_new_tokens = max_new_tokens
-        self.tokenizer = self.ort.processor.tokenizer if self.ort.processor is not None else None
+        # transformers' tokenizer (the data loader counts transcript tokens with it); the engine decodes with its own
+        self.tokenizer = _processor(d).tokenizer if self.ort.tokenizer is not None else None
 
     def transcribe(self, audios: list[np.ndarray], batch_size: int = 1) -> list[str]:
         return self.ort.transcribe(audios, batch_size=batch_size, max_new_tokens=self.max_new_tokens)

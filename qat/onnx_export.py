@@ -41,13 +41,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
-import hashlib
 import json
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -56,22 +53,13 @@ from torch import nn
 
 from qat.quantizers import ActQuant, QuantPlan, WeightQuant
 from slim.attention import SlimAttention
+from slim.export_format import (CONFIG_FILE, DECODER_FILE, ENCODER_FILE, EXPORT_FORMAT, DecodeConfig, file_digest,
+                                 has_processor, session_options)
 from slim.io import atomic_dir
 from slim.model import install_explicit_attention, structure_of
 
 MODES = ("float", "dynamic-int8", "qdq")
-CONFIG_FILE = "export_config.json"
-ENCODER_FILE = "encoder.onnx"
-DECODER_FILE = "decoder.onnx"
-EXPORT_FORMAT = 1
 OPSET = 17
-# A saved WhisperProcessor (transformers 5 writes processor_config.json, older ones preprocessor_config.json);
-# the engine loads it with `WhisperProcessor.from_pretrained`, and it counts in the deployment size.
-PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
-
-
-def has_processor(d: Path) -> bool:
-    return any((Path(d) / f).exists() for f in PROCESSOR_FILES)
 _NEG = torch.finfo(torch.float32).min
 
 
@@ -533,45 +521,6 @@ class _DecoderGraph(_Graph):
 # decoding rules shipped with the graphs
 
 
-@dataclass
-class DecodeConfig:
-    """What greedy decoding needs besides the graphs; the torch reference and the ONNX engine share it."""
-
-    prompt: list[int]
-    eos_token_id: int
-    suppress_tokens: list[int] = field(default_factory=list)
-    begin_suppress_tokens: list[int] = field(default_factory=list)
-    max_length: int = 448
-    """Prompt plus generated tokens, at most the decoder's `max_target_positions`."""
-
-    @classmethod
-    def from_model(cls, model, prompt: list[int] | None = None, language: str = "en",
-                   max_length: int | None = None) -> "DecodeConfig":
-        """Whisper's English transcription prompt without timestamps, from the generation config."""
-        cfg, gc = model.config, getattr(model, "generation_config", None)
-        get = lambda k, default=None: getattr(gc, k, None) if gc is not None and getattr(gc, k, None) is not None \
-            else getattr(cfg, k, default)
-        if prompt is None:
-            prompt = [get("decoder_start_token_id")]
-            if get("is_multilingual") and get("lang_to_id"):
-                lang = f"<|{language}|>"
-                if lang not in gc.lang_to_id:
-                    raise ValueError(f"language {language!r} is not in the model's lang_to_id")
-                prompt += [gc.lang_to_id[lang], gc.task_to_id["transcribe"]]
-            if get("no_timestamps_token_id") is not None:
-                prompt.append(get("no_timestamps_token_id"))
-        eos = get("eos_token_id")
-        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
-        limit = cfg.max_target_positions
-        max_length = min(max_length or limit, limit)
-        if len(prompt) >= max_length:
-            raise ValueError(f"prompt of {len(prompt)} tokens leaves no room under max_length={max_length}")
-        return cls(prompt=[int(t) for t in prompt], eos_token_id=int(eos),
-                   suppress_tokens=[int(t) for t in (get("suppress_tokens") or [])],
-                   begin_suppress_tokens=[int(t) for t in (get("begin_suppress_tokens") or [])],
-                   max_length=int(max_length))
-
-
 # ---------------------------------------------------------------------------------------------
 # exporting
 
@@ -681,14 +630,6 @@ def _quantize_dynamic(path: Path) -> None:
     tmp.unlink()
 
 
-def file_digest(path: Path) -> dict:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
-
-
 def load_source_model(src):
     """(model, processor or None): a model object as is; a directory through the loader its structure
     file asks for (`qat.load.load_model_dir`)."""
@@ -764,43 +705,6 @@ def export_model(src, out: str | Path, mode: str = "qdq", *, processor=None, pla
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return out
-
-
-@functools.cache
-def cpu_has_vnni() -> bool:
-    """x86 with AVX-512 VNNI or AVX-VNNI (Linux's /proc/cpuinfo flags; False where it cannot tell)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_vnni" in flags or " avx_vnni" in flags
-
-
-def session_options(threads: int = 2):
-    """ORT session options for an export's graphs: all graph optimizations, `threads` intra-op threads.
-
-    On x86 ORT rewrites int8 Q/DQ activations to uint8 by default ("session.qdqisint8allowed" = 0): there
-    u8 x s8 runs on AVX2's VPMADDUBSW, whose 16-bit sums can saturate when both sides are activations.
-    With VNNI (VPDPBUSD, 32-bit sums) u8 x s8 is exact and faster than the u8 x u8 it would become
-    (docs/results.md), so on such CPUs the signed keys/values stay signed. Elsewhere ORT's default stands (ARM
-    already allows int8).
-    """
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.log_severity_level = 3
-    # an engine holds two sessions, each with its own pool; a pool's workers spin-wait for a while after
-    # its run, and on a small machine the spinning workers take a core from the other session's run
-    # (slowing the decoder's first steps and the next encoder run: docs/results.md,
-    # benchmarks/bench_onnx_graphs.py). Stop spinning when a run ends.
-    so.add_session_config_entry("session.force_spinning_stop", "1")
-    if cpu_has_vnni():
-        so.add_session_config_entry("session.qdqisint8allowed", "1")
-    return so
 
 
 def optimized_graph(onnx_path: str | Path, threads: int = 1):
