@@ -4,6 +4,7 @@
 #   ./launch.sh import SRC OUT
 #   ./launch.sh transcribe MODEL AUDIO... [--engine torch|onnx]
 #   ./launch.sh eval MODEL --data DATA --out REPORT.json [--engine ...]
+#   ./launch.sh export MODEL OUT [--format slim|sherpa-onnx] [--mode qdq|float|dynamic-int8]
 #   ./launch.sh compare BASE.json OTHER.json ...
 #   ./launch.sh synth --text FILE --out DIR [--voices ...] [--limit N]
 #   ./launch.sh test [pytest args]
@@ -63,7 +64,7 @@ ensure_venv() {
 
 cmd="${1:-}"
 if [ -z "$cmd" ] || [ "$cmd" = "-h" ] || [ "$cmd" = "--help" ]; then
-    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
 fi
 shift

@@ -53,8 +53,8 @@ from torch import nn
 
 from qat.quantizers import ActQuant, QuantPlan, WeightQuant
 from slim.attention import SlimAttention
-from slim.export_format import (CONFIG_FILE, DECODER_FILE, ENCODER_FILE, EXPORT_FORMAT, DecodeConfig, file_digest,
-                                 has_processor, session_options)
+from slim.export_format import (CONFIG_FILE, DECODER_FILE, ENCODER_FILE, EXPORT_FORMAT, LAYOUTS, TOKENIZER_FILE,
+                                DecodeConfig, file_digest, has_processor, session_options)
 from slim.io import atomic_dir
 from slim.model import install_explicit_attention, structure_of
 
@@ -418,16 +418,20 @@ class _EncoderGraph(_Graph):
         self.encoder = model.model.encoder
         self.cross = nn.ModuleList([l.encoder_attn for l in model.model.decoder.layers if l.encoder_attn.num_heads])
 
-    def forward(self, input_features):
+    def hidden(self, input_features):
+        """The encoder's output (B, frames / 2, d_model); the positions follow the frames given."""
         e = self.encoder
         x = F.gelu(self.conv(F.gelu(self.conv(input_features, e.conv1, True)), e.conv2, False))
-        x = x + e.embed_positions.weight
+        x = x + e.embed_positions.weight[: x.shape[1]]
         for layer in e.layers:
             attn = layer.self_attn
             h = layer.self_attn_layer_norm(x)
             x = x + (self.self_attention(attn, h, per_head=True)[0] if attn.num_heads else _no_heads(attn, h))
             x = x + self.mlp(layer, layer.final_layer_norm(x))
-        x = e.layer_norm(x)
+        return e.layer_norm(x)
+
+    def forward(self, input_features):
+        x = self.hidden(input_features)
         outs = [x]
         kv = self.linears(x, [p for a in self.cross for p in (a.k_proj, a.v_proj)])
         for i, attn in enumerate(self.cross):
@@ -619,6 +623,18 @@ def _compact_float_initializers(path: Path, min_elements: int | None = None) -> 
     return done
 
 
+def set_metadata(path: Path, meta: dict[str, str]) -> None:
+    """Replace an ONNX file's metadata (key/value strings, what runtimes read the model's settings from)."""
+    import onnx
+
+    m = onnx.load(str(path))
+    del m.metadata_props[:]
+    for k, v in meta.items():
+        p = m.metadata_props.add()
+        p.key, p.value = k, str(v)
+    onnx.save(m, str(path))
+
+
 def _quantize_dynamic(path: Path) -> None:
     """ORT's post-training dynamic INT8 (int8 weights, activations quantized per call), in place."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -644,14 +660,17 @@ def load_source_model(src):
 
 def export_model(src, out: str | Path, mode: str = "qdq", *, processor=None, plan: QuantPlan | None = None,
                  prompt: list[int] | None = None, language: str = "en", max_length: int | None = None,
-                 opset: int = OPSET) -> Path:
-    """Export `src` (a model or a model directory) to `out` for `eval.onnx_engine.OnnxEngine`.
+                 opset: int = OPSET, layout: str = "slim") -> Path:
+    """Export `src` (a model or a model directory) to `out` in `layout` (`slim.export_format.LAYOUTS`):
+    "slim" for `slim.runtime.OnnxEngine`, "sherpa-onnx" for sherpa-onnx's recognizer (`qat.export_sherpa`).
 
     mode: "float" (fp32), "dynamic-int8" (ORT quantize_dynamic of the float export) or "qdq" (static INT8
     with the QAT scales of a fake-quant model, or of `plan` when given). Writes atomically.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"format must be one of {LAYOUTS}, got {layout!r}")
     if opset < 17:
         raise ValueError(f"opset must be >= 17 (LayerNormalization), got {opset}")
     if not isinstance(src, nn.Module):
@@ -677,29 +696,47 @@ def export_model(src, out: str | Path, mode: str = "qdq", *, processor=None, pla
         plan = None
     decode = DecodeConfig.from_model(model, prompt=prompt, language=language, max_length=max_length)
 
+    if layout != "slim" and processor is None:
+        raise ValueError(f"{src if not isinstance(src, nn.Module) else 'the model'}: has no tokenizer "
+                         f"(tokenizer.json), which the {layout} layout ships; pass a processor")
+
     out = Path(out)
     with atomic_dir(out) as tmp:
-        io = _export_graphs(model, plan, tmp, opset)
+        extra = {}
+        if layout == "slim":
+            extra["io"] = _export_graphs(model, plan, tmp, opset)
+            graphs = [ENCODER_FILE, DECODER_FILE]
+            if processor is not None:
+                processor.save_pretrained(tmp)
+        else:
+            from qat import export_sherpa
+
+            with tempfile.TemporaryDirectory() as t:
+                processor.save_pretrained(t)
+                info = export_sherpa.export_graphs(model, plan, decode, Path(t) / TOKENIZER_FILE, tmp, opset, mode)
+            graphs = [info["encoder"], info["decoder"]]
+            extra[layout] = {**info, "required": graphs + [export_sherpa.TOKENS]}
         compacted = []
-        for f in (ENCODER_FILE, DECODER_FILE):
+        for f in graphs:
             if mode == "dynamic-int8":
                 _quantize_dynamic(tmp / f)
             elif mode == "qdq":
                 compacted += _compact_float_initializers(tmp / f)
-        if processor is not None:
-            processor.save_pretrained(tmp)
+        for f, meta in extra.get(layout, {}).get("metadata", {}).items():  # last: the rewrites above keep none
+            set_metadata(tmp / f, meta)
         structure = structure_of(model)
         cfg = model.config
-        files = {p.name: file_digest(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = {str(p.relative_to(tmp)): file_digest(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         config = {
             "format": EXPORT_FORMAT,
+            "layout": layout,
             "mode": mode,
             "opset": opset,
             "decode": dataclasses.asdict(decode),
             "model": {"d_model": cfg.d_model, "vocab_size": cfg.vocab_size, "num_mel_bins": cfg.num_mel_bins,
                       "n_frames": 2 * cfg.max_source_positions, "head_dim": structure.head_dim},
             "structure": {k: v for k, v in structure.to_dict().items() if k != "quant"},
-            "io": io,
+            **extra,
             "fp16_stored": compacted,
             "files": files,
         }

@@ -122,24 +122,52 @@ class ExportDirError(ValueError):
     """A missing, incomplete or corrupt export directory; the message names the file."""
 
 
-def load_export_config(export_dir: str | Path, verify: str = "sha256") -> dict:
+LAYOUTS = ("slim", "sherpa-onnx")
+"""Export layouts (`./launch.sh export --format`): the slim runtime's and sherpa-onnx's."""
+
+
+def export_layout(model_dir: str | Path) -> str | None:
+    """The layout of an export directory (None when it is not one)."""
+    f = Path(model_dir) / CONFIG_FILE
+    if not f.exists():
+        return None
+    try:
+        return json.loads(f.read_text()).get("layout", "slim")
+    except ValueError:
+        return "slim"  # load_export_config reports the corrupt file
+
+
+def required_files(config: dict, layout: str) -> list[str]:
+    """The files an export of `layout` cannot run without (besides export_config.json)."""
+    if layout == "slim":
+        return [ENCODER_FILE, DECODER_FILE]
+    return list(config[layout]["required"])
+
+
+def load_export_config(export_dir: str | Path, verify: str = "sha256", layout: str = "slim") -> dict:
     """Read `export_config.json` and check every file it lists: present, right size, right sha256.
 
-    verify: "sha256" (default), "size" (cheaper: existence and sizes only).
+    verify: "sha256" (default), "size" (cheaper: existence and sizes only). layout: the layout the caller
+    runs; an export of another layout is an error that names it.
     """
     d = Path(export_dir)
     if not d.is_dir():
         raise ExportDirError(f"{d}: export directory does not exist")
     f = d / CONFIG_FILE
     if not f.exists():
-        raise ExportDirError(f"{f}: missing (not a slim export directory; make one with ./launch.sh export MODEL OUT)")
+        raise ExportDirError(f"{f}: missing (not an export directory; make one with ./launch.sh export MODEL OUT)")
     try:
         config = json.loads(f.read_text())
-        files, decode = config["files"], config["decode"]
-        DecodeConfig(**decode)
+        files = config["files"]
+        have = config.get("layout", "slim")
+        if have == layout == "slim":
+            DecodeConfig(**config["decode"])
+        need = required_files(config, layout) if have == layout else []
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ExportDirError(f"{f}: corrupt export config ({type(e).__name__}: {e})") from None
-    for name in (ENCODER_FILE, DECODER_FILE):
+    if have != layout:
+        raise ExportDirError(f"{f}: is a {have!r} export, not {layout!r} (export with --format {layout})")
+    for name in need:
         if name not in files:
             raise ExportDirError(f"{f}: does not list {name}")
     for name, want in files.items():

@@ -1,0 +1,172 @@
+"""The same exported model in each runtime, on the same clips: seconds per utterance, WER, token agreement.
+
+    .venv/bin/python benchmarks/bench_runtimes.py MODEL [MODEL ...] [--data MANIFEST ...] [--threads 2]
+        [--work DIR] [--out report.json]
+
+MODEL: a fake-quant (QAT/PTQ) or float model directory; each is exported once into --work in every layout
+(`./launch.sh export --format ...`, mode qdq for a fake-quant model, float otherwise) and run by:
+  slim-hf-features   our engine (`slim.runtime.OnnxEngine`) fed transformers' WhisperFeatureExtractor and
+                     decoded by transformers' tokenizer: the reference every other row is compared with
+  slim-runtime       the same engine as shipped, torch-free (numpy log-mel, `tokenizers`)
+  sherpa-onnx        sherpa-onnx's OfflineRecognizer.from_whisper (its own features and greedy search,
+                     tail_paddings=3000: the 30 s window the other rows see) on the sherpa-onnx layout
+Greedy, batch 1. s/utt is wall clock around each call (features included), after one warm-up call; the
+runtimes take turns clip by clip. WER after Whisper's English normalizer; token agreement with the
+reference: 1 - token edit distance / longer length, and the share of utterances with identical tokens
+(sherpa-onnx reports token strings, mapped back to ids through tokens.txt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DEFAULT_DATA = [ROOT / "data" / "real-speech" / "manifest.jsonl"]
+
+
+def exports_of(model: Path, work: Path) -> dict[str, Path]:
+    from qat.onnx_export import export_model
+    from slim.export_format import CONFIG_FILE, LAYOUTS
+    from slim.model import read_structure
+
+    s = read_structure(model)
+    mode = "qdq" if s is not None and s.quant is not None else "float"
+    out = {}
+    for layout in LAYOUTS:
+        d = work / f"{model.name if model.name != 'model' else model.parent.name}-{layout}-{mode}"
+        if not (d / CONFIG_FILE).exists():
+            export_model(model, d, mode=mode, layout=layout)
+        out[layout] = d
+    return out
+
+
+class HfFeatures:
+    """The slim engine with transformers' feature extractor and tokenizer (the engine as it ran before)."""
+
+    name = "slim-hf-features"
+
+    def __init__(self, d: Path, threads: int):
+        from slim.model import load_processor
+        from slim.runtime import OnnxEngine
+
+        self.engine, self.processor = OnnxEngine(d, threads=threads), load_processor(d)
+
+    def run(self, audio):
+        from slim.decoding import token_budget
+
+        f = self.processor.feature_extractor([audio], sampling_rate=16000, return_tensors="np").input_features
+        ids = self.engine.generate_tokens(f, token_budget([audio]))[0]
+        return ids, self.processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+class Runtime:
+    name = "slim-runtime"
+
+    def __init__(self, d: Path, threads: int):
+        from slim.runtime import OnnxEngine
+
+        self.engine = OnnxEngine(d, threads=threads)
+
+    def run(self, audio):
+        from slim.decoding import token_budget
+
+        ids = self.engine.generate_tokens(self.engine.features([audio]), token_budget([audio]))[0]
+        return ids, self.engine.decode_text([ids])[0]
+
+
+class Sherpa:
+    name = "sherpa-onnx"
+
+    def __init__(self, d: Path, threads: int):
+        from eval.runtimes import SherpaOnnxEngine
+        from qat.export_sherpa import tokens_of
+
+        self.engine = SherpaOnnxEngine(d, threads=threads)
+        self.ids = {b.decode("utf-8", errors="replace"): i for i, b in sorted(tokens_of(d).items(), reverse=True)}
+
+    def run(self, audio):
+        text = self.engine.transcribe([audio])[0]
+        return [self.ids.get(t, -1) for t in self.engine.last_tokens[0]], text
+
+
+def load_set(manifest: Path) -> list[dict]:
+    from slim.audio import load_audio
+
+    rows = [json.loads(l) for l in manifest.read_text().splitlines() if l.strip()]
+    return [{"audio": load_audio(manifest.parent / r["audio"]), "text": r["text"]} for r in rows]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("models", nargs="+")
+    p.add_argument("--data", nargs="+", default=[str(d) for d in DEFAULT_DATA])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--work", default=str(ROOT / "runs" / "bench-runtimes"))
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    from tqdm.auto import tqdm
+
+    from eval.metrics import word_error_rate
+    from eval.onnx_engine import agreement
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    sets = {str(m): load_set(Path(m)) for m in args.data}
+    report = {"machine": {"cpu": _cpu(), "threads": args.threads, "python": platform.python_version()},
+              "command": " ".join(["benchmarks/bench_runtimes.py"] + (argv or sys.argv[1:])), "results": []}
+    for model in map(Path, args.models):
+        ex = exports_of(model, work)
+        runtimes = [HfFeatures(ex["slim"], args.threads), Runtime(ex["slim"], args.threads),
+                    Sherpa(ex["sherpa-onnx"], args.threads)]
+        for name, clips in sets.items():
+            for r in runtimes:
+                r.run(clips[0]["audio"])  # warm-up
+            out = {r.name: {"ids": [], "texts": [], "seconds": 0.0} for r in runtimes}
+            for i, c in enumerate(tqdm(clips, desc=f"{model.parent.name}/{Path(name).parent.name}", unit="utt")):
+                for r in runtimes[i % len(runtimes):] + runtimes[:i % len(runtimes)]:
+                    t = time.perf_counter()
+                    ids, text = r.run(c["audio"])
+                    out[r.name]["seconds"] += time.perf_counter() - t
+                    out[r.name]["ids"].append(ids)
+                    out[r.name]["texts"].append(text)
+            refs = [c["text"] for c in clips]
+            ref_ids = out[runtimes[0].name]["ids"]
+            for r in runtimes:
+                o = out[r.name]
+                a = agreement(ref_ids, o["ids"])
+                row = {"model": str(model), "export": str(ex["sherpa-onnx" if r.name == "sherpa-onnx" else "slim"]),
+                       "data": name, "runtime": r.name, "utterances": len(clips),
+                       "seconds_per_utterance": o["seconds"] / len(clips),
+                       "wer": word_error_rate(refs, o["texts"]), **a}
+                report["results"].append(row)
+                print(f"{model.parent.name:>10} {Path(name).parent.name:>13} {r.name:>17}  {row['seconds_per_utterance']:.3f} s/utt  "
+                      f"WER {100 * row['wer']:.2f}%  tokens {row['token_agreement']:.4f}  exact {row['exact_match']:.3f}",
+                      flush=True)
+    if args.out:
+        from slim.io import atomic_write_json
+
+        atomic_write_json(args.out, report)
+    return 0
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
