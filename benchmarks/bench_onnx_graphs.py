@@ -5,7 +5,7 @@
 EXPORT is a QDQ export (`qat.onnx_export.export_model(..., mode="qdq")`) with quantized attention matmuls.
 Three measurements, each against the setting it replaced (min over repeats; run it alone on the machine):
   1. signed keys/values: the encoder's attention kernels (ORT profiler) with the sessions of
-     `qat.onnx_export.session_options`, and with ORT's default int8 -> uint8 rewrite
+     `slim.export_format.session_options`, and with ORT's default int8 -> uint8 rewrite
      (`session.qdqisint8allowed` = 0), which turns u8 x s8 into u8 x u8;
   2. one attention chain per head: one encoder layer's QK -> softmax -> quantize -> PV on the export's
      shapes (heads, head_dim, 1500 frames), all heads in one chain vs one chain per head (the

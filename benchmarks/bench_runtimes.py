@@ -7,6 +7,8 @@ MODEL: a fake-quant (QAT/PTQ) or float model directory; each is exported once in
 (`./launch.sh export --format ...`, mode qdq for a fake-quant model, float otherwise) and run by:
   slim-hf-features   our engine (`slim.runtime.OnnxEngine`) fed transformers' WhisperFeatureExtractor and
                      decoded by transformers' tokenizer: the reference every other row is compared with
+  slim-hf-nudged-1e-6  the reference on features times (1 + 1e-6): the model's own noise floor (what any
+                     arithmetic that is not bit-identical to the reference can be expected to reach)
   slim-runtime       the same engine as shipped, torch-free (numpy log-mel, `tokenizers`)
   sherpa-onnx        sherpa-onnx's OfflineRecognizer.from_whisper (its own features and greedy search,
                      tail_paddings=3000: the 30 s window the other rows see) on the sherpa-onnx layout
@@ -33,6 +35,11 @@ sys.path.insert(0, str(ROOT))
 DEFAULT_DATA = [ROOT / "data" / "real-speech" / "manifest.jsonl"]
 
 
+def label(model: Path) -> str:
+    """A model directory's name (a stage's `NN-<stage>/model` by its stage folder)."""
+    return model.parent.name if model.name == "model" else model.name
+
+
 def exports_of(model: Path, work: Path) -> dict[str, Path]:
     from qat.onnx_export import export_model
     from slim.export_format import CONFIG_FILE, LAYOUTS
@@ -42,7 +49,7 @@ def exports_of(model: Path, work: Path) -> dict[str, Path]:
     mode = "qdq" if s is not None and s.quant is not None else "float"
     out = {}
     for layout in LAYOUTS:
-        d = work / f"{model.name if model.name != 'model' else model.parent.name}-{layout}-{mode}"
+        d = work / f"{label(model)}-{layout}-{mode}"
         if not (d / CONFIG_FILE).exists():
             export_model(model, d, mode=mode, layout=layout)
         out[layout] = d
@@ -53,6 +60,7 @@ class HfFeatures:
     """The slim engine with transformers' feature extractor and tokenizer (the engine as it ran before)."""
 
     name = "slim-hf-features"
+    scale = np.float32(1.0)
 
     def __init__(self, d: Path, threads: int):
         from slim.model import load_processor
@@ -64,8 +72,16 @@ class HfFeatures:
         from slim.decoding import token_budget
 
         f = self.processor.feature_extractor([audio], sampling_rate=16000, return_tensors="np").input_features
-        ids = self.engine.generate_tokens(f, token_budget([audio]))[0]
+        ids = self.engine.generate_tokens(f * self.scale, token_budget([audio]))[0]
         return ids, self.processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+class Nudged(HfFeatures):
+    """The reference on its features times (1 + 1e-6): how far a quantized model's greedy tokens move under
+    any change of arithmetic this small (its noise floor, as `eval.onnx_engine.parity_report` measures it)."""
+
+    name = "slim-hf-nudged-1e-6"
+    scale = np.float32(1 + 1e-6)
 
 
 class Runtime:
@@ -99,10 +115,10 @@ class Sherpa:
 
 
 def load_set(manifest: Path) -> list[dict]:
-    from slim.audio import load_audio
+    """The usable clips of a manifest, as `./launch.sh eval` reads them (bad audio skipped: `slim.data`)."""
+    from slim.data import iter_examples
 
-    rows = [json.loads(l) for l in manifest.read_text().splitlines() if l.strip()]
-    return [{"audio": load_audio(manifest.parent / r["audio"]), "text": r["text"]} for r in rows]
+    return [{"audio": ex["audio"], "text": ex["text"]} for ex in iter_examples(str(manifest))]
 
 
 def main(argv=None) -> int:
@@ -125,13 +141,13 @@ def main(argv=None) -> int:
               "command": " ".join(["benchmarks/bench_runtimes.py"] + (argv or sys.argv[1:])), "results": []}
     for model in map(Path, args.models):
         ex = exports_of(model, work)
-        runtimes = [HfFeatures(ex["slim"], args.threads), Runtime(ex["slim"], args.threads),
-                    Sherpa(ex["sherpa-onnx"], args.threads)]
+        runtimes = [HfFeatures(ex["slim"], args.threads), Nudged(ex["slim"], args.threads),
+                    Runtime(ex["slim"], args.threads), Sherpa(ex["sherpa-onnx"], args.threads)]
         for name, clips in sets.items():
             for r in runtimes:
                 r.run(clips[0]["audio"])  # warm-up
             out = {r.name: {"ids": [], "texts": [], "seconds": 0.0} for r in runtimes}
-            for i, c in enumerate(tqdm(clips, desc=f"{model.parent.name}/{Path(name).parent.name}", unit="utt")):
+            for i, c in enumerate(tqdm(clips, desc=f"{label(model)}/{Path(name).parent.name}", unit="utt")):
                 for r in runtimes[i % len(runtimes):] + runtimes[:i % len(runtimes)]:
                     t = time.perf_counter()
                     ids, text = r.run(c["audio"])
@@ -148,13 +164,13 @@ def main(argv=None) -> int:
                        "seconds_per_utterance": o["seconds"] / len(clips),
                        "wer": word_error_rate(refs, o["texts"]), **a}
                 report["results"].append(row)
-                print(f"{model.parent.name:>10} {Path(name).parent.name:>13} {r.name:>17}  {row['seconds_per_utterance']:.3f} s/utt  "
+                print(f"{label(model):>12} {Path(name).parent.name:>13} {r.name:>17}  {row['seconds_per_utterance']:.3f} s/utt  "
                       f"WER {100 * row['wer']:.2f}%  tokens {row['token_agreement']:.4f}  exact {row['exact_match']:.3f}",
                       flush=True)
-    if args.out:
-        from slim.io import atomic_write_json
+            if args.out:  # after every set: a long run that is stopped keeps what it measured
+                from slim.io import atomic_write_json
 
-        atomic_write_json(args.out, report)
+                atomic_write_json(args.out, report)
     return 0
 
 

@@ -176,7 +176,7 @@ def test_sherpa_onnx_recognizer_transcribes_like_the_slim_engine(exports):
     assert compared > 2 * len(clips)
 
 
-def test_wrong_format_and_partial_folders_fail_naming_the_file(models, exports, tmp_path):
+def test_wrong_format_and_partial_folders_fail_naming_the_file(models, exports, tmp_path, capsys):
     from eval.engines import load_engine
     from train.cli import main
     from train.recipe import ConfigError, load_recipe
@@ -186,13 +186,20 @@ def test_wrong_format_and_partial_folders_fail_naming_the_file(models, exports, 
     assert not (tmp_path / "x").exists()
     with pytest.raises(ConfigError, match=r"export_format: 'bogus' is not one of \['slim', 'sherpa-onnx'\]"):
         load_recipe(ROOT / "recipes" / "smoke.yaml", ["stages.export.export_format=bogus"])
-    assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "y")]) == 1  # "config.json: missing"
+    assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "y")]) == 1
+    assert f"{tmp_path / 'nothing' / 'config.json'}: missing" in capsys.readouterr().err
 
     partial = tmp_path / "partial"
     shutil.copytree(exports["qdq", "sherpa-onnx"], partial)
     (partial / "tokens.txt").unlink()
     with pytest.raises(ExportDirError, match=r"partial/tokens.txt: missing file listed in export_config.json"):
         load_engine(partial, threads=1)
+    wav = str(_clips(1)[0])
+    assert main(["transcribe", str(partial), wav]) == 1
+    assert f"{partial / 'tokens.txt'}: missing" in capsys.readouterr().err
+    (partial / "tokens.txt").write_text("")  # present, but not the file the export wrote
+    assert main(["transcribe", str(partial), wav]) == 1
+    assert f"{partial / 'tokens.txt'}: has 0 bytes" in capsys.readouterr().err
     with pytest.raises(ExportDirError, match=r"export_config.json: is a 'sherpa-onnx' export, not 'slim'"):
         OnnxEngine(exports["qdq", "sherpa-onnx"])
     with pytest.raises(ValueError, match=r"is a sherpa-onnx export .* only --engine sherpa-onnx"):
