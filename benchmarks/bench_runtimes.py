@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_runtimes.py MODEL [MODEL ...] [--data MANIFEST ...] [--threads 2]
         [--work DIR] [--out report.json]
+    .venv/bin/python benchmarks/bench_runtimes.py MODEL --out report.json --table   # its markdown table
 
 MODEL: a fake-quant (QAT/PTQ) or float model directory; each is exported once into --work in every layout
 (`./launch.sh export --format ...`, mode qdq for a fake-quant model, float otherwise) and run by:
@@ -128,7 +129,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default=str(ROOT / "runs" / "bench-runtimes"))
     p.add_argument("--out")
+    p.add_argument("--table", action="store_true", help="print the markdown table of the report at --out and stop")
     args = p.parse_args(argv)
+    if args.table:
+        print(markdown(json.loads(Path(args.out).read_text())))
+        return 0
     from tqdm.auto import tqdm
 
     from eval.metrics import word_error_rate
@@ -172,6 +177,17 @@ def main(argv=None) -> int:
 
                 atomic_write_json(args.out, report)
     return 0
+
+
+def markdown(report: dict) -> str:
+    """The results as a markdown table (one row per model, data set and runtime)."""
+    lines = ["| model | data | runtime | utts | s/utt | WER % | token agreement | identical utts |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in report["results"]:
+        lines.append(f"| {label(Path(r['model']))} | {Path(r['data']).parent.name} | {r['runtime']} | {r['utterances']} | "
+                     f"{r['seconds_per_utterance']:.3f} | {100 * r['wer']:.2f} | {r['token_agreement']:.4f} | "
+                     f"{100 * r['exact_match']:.1f}% |")
+    return "\n".join(lines)
 
 
 def _cpu() -> str:

@@ -17,7 +17,6 @@ import numpy as np
 
 from eval.engines import Engine
 from slim.audio import SAMPLING_RATE
-from slim.export_format import CONFIG_FILE
 
 FULL_WINDOW = 3000
 

@@ -48,8 +48,8 @@ def graph_files(mode: str) -> tuple[str, str]:
     return f"encoder{tag}.onnx", f"decoder{tag}.onnx"
 
 
-def _pad_heads(x, heads: int, width: int):
-    """(N, S, heads*D) -> (N, S, width): zero columns for the missing heads (width = the widest layer)."""
+def _pad_heads(x, width: int):
+    """(N, S, H*D) -> (N, S, width): zero columns for the heads this layer lacks (width = the widest layer's)."""
     return F.pad(x, (0, width - x.shape[-1])) if x.shape[-1] < width else x
 
 
@@ -67,8 +67,8 @@ class _SherpaEncoder(_EncoderGraph):
             a = layer.encoder_attn
             if a.num_heads:
                 k, v = self.kv_grid(a, next(kv), next(kv))  # per tensor: the (N, S, H*D) layout is as good
-                ks.append(_pad_heads(k, a.num_heads, self.width))
-                vs.append(_pad_heads(v, a.num_heads, self.width))
+                ks.append(_pad_heads(k, self.width))
+                vs.append(_pad_heads(v, self.width))
             else:
                 z = torch.zeros_like(x[..., :1]).expand(-1, -1, self.width)
                 ks.append(z)
@@ -77,9 +77,9 @@ class _SherpaEncoder(_EncoderGraph):
 
 
 class _SherpaDecoder(_DecoderGraph):
-    def __init__(self, model, plan, self_width: int, cross_width: int, suppress, begin_suppress):
+    def __init__(self, model, plan, self_width: int, suppress, begin_suppress):
         super().__init__(model, plan)
-        self.self_width, self.cross_width = self_width, cross_width
+        self.self_width = self_width
         vocab = model.config.vocab_size
         bias = torch.zeros(vocab)
         bias[list(suppress)] = float("-inf")
@@ -112,8 +112,8 @@ class _SherpaDecoder(_DecoderGraph):
             else:
                 q, k, v = self.linears(h, [attn.q_proj, attn.k_proj, attn.v_proj])
                 k, v = self.kv_grid(attn, k, v)
-                kc = torch.cat([kc[:, :start], _pad_heads(k, attn.num_heads, self.self_width), kc[:, end:]], 1)
-                vc = torch.cat([vc[:, :start], _pad_heads(v, attn.num_heads, self.self_width), vc[:, end:]], 1)
+                kc = torch.cat([kc[:, :start], _pad_heads(k, self.self_width), kc[:, end:]], 1)
+                vc = torch.cat([vc[:, :start], _pad_heads(v, self.self_width), vc[:, end:]], 1)
                 keys = self._heads(attn, kc[:, :end]).transpose(2, 3)
                 vals = self._heads(attn, vc[:, :end])
                 keys, vals = self.kv_grid(attn, keys, vals)  # on-grid already: the DQ the int8 matmul needs
@@ -212,7 +212,7 @@ def export_graphs(model, plan, decode, tokenizer_json: Path, tmp: Path, opset: i
     w_self, w_cross = widths(model)
     cfg = model.config
     enc = _SherpaEncoder(model, plan, w_cross).eval()
-    dec = _SherpaDecoder(model, plan, w_self, w_cross, decode.suppress_tokens, decode.begin_suppress_tokens).eval()
+    dec = _SherpaDecoder(model, plan, w_self, decode.suppress_tokens, decode.begin_suppress_tokens).eval()
     L, frames = cfg.decoder_layers, 2 * cfg.max_source_positions
     mel = torch.zeros(1, cfg.num_mel_bins, frames)
     _onnx_export(enc, (mel,), tmp / ENCODER, ["mel"], ["n_layer_cross_k", "n_layer_cross_v"],
@@ -234,8 +234,8 @@ def export_graphs(model, plan, decode, tokenizer_json: Path, tmp: Path, opset: i
     n_tokens = write_tokens(tokenizer_json, tmp / TOKENS)
     heads = lambda kind: [getattr(l, kind).num_heads for l in model.model.decoder.layers]
     D = model.model.decoder.layers[0].self_attn.head_dim
-    return {"encoder": ENCODER, "decoder": DECODER, "metadata": {ENCODER: metadata(model, tokenizer_json, decode, w_self)}, "self_width": w_self, "cross_width": w_cross,
-            "tokens": n_tokens, "padding": padding_cost(heads("self_attn"), heads("encoder_attn"), D, ctx, S)}
+    return {"encoder": ENCODER, "decoder": DECODER, "self_width": w_self, "cross_width": w_cross,
+            "metadata": {ENCODER: metadata(model, tokenizer_json, decode, w_self)}, "tokens": n_tokens, "padding": padding_cost(heads("self_attn"), heads("encoder_attn"), D, ctx, S)}
 
 
 def padding_cost(self_heads: list[int], cross_heads: list[int], head_dim: int, n_text_ctx: int,
