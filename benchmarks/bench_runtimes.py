@@ -46,6 +46,9 @@ def exports_of(model: Path, work: Path) -> dict[str, Path]:
     from slim.export_format import CONFIG_FILE, LAYOUTS
     from slim.model import read_structure
 
+    made = {layout: sorted(work.glob(f"{label(model)}-{layout}-*")) for layout in LAYOUTS}
+    if not (model / "config.json").exists() and all(made.values()):  # exported before, the model since removed
+        return {layout: dirs[0] for layout, dirs in made.items()}
     s = read_structure(model)
     mode = "qdq" if s is not None and s.quant is not None else "float"
     out = {}
