@@ -6,7 +6,8 @@
 
 Each is the registry package as users install it; nothing here reimplements them. sherpa-onnx pads a clip
 with `tail_paddings` feature frames (its default: 1000, at most to 30 s); we pass 3000, the full window
-our engines and the training see, unless told otherwise.
+our engines and the training see, unless told otherwise. sherpa-onnx has no per-call token budget
+(`slim.decoding.token_budget`): it decodes to eot or to n_text_ctx.
 """
 
 from __future__ import annotations

@@ -176,6 +176,15 @@ def test_sherpa_onnx_recognizer_transcribes_like_the_slim_engine(exports):
     assert compared > 2 * len(clips)
 
 
+def test_eval_runs_a_sherpa_export_in_sherpa_onnx(exports):
+    from eval.run import evaluate_model
+
+    d = exports["qdq", "sherpa-onnx"]
+    r = evaluate_model(d, REAL_SPEECH / "manifest.jsonl", limit=2, threads=1, progress=False)
+    assert r["engine"] == "sherpa-onnx-qdq" and r["utterances"] == 2
+    assert r["model_bytes"] == sum(p.stat().st_size for p in d.iterdir() if p.name != "export_config.json")
+
+
 def test_wrong_format_and_partial_folders_fail_naming_the_file(models, exports, tmp_path, capsys):
     from eval.engines import load_engine
     from train.cli import main
