@@ -4,6 +4,7 @@
 #   ./launch.sh import SRC OUT
 #   ./launch.sh transcribe MODEL AUDIO... [--engine torch|onnx]
 #   ./launch.sh eval MODEL --data DATA --out REPORT.json [--engine ...]
+#   ./launch.sh export MODEL OUT [--format slim|sherpa-onnx] [--mode qdq|float|dynamic-int8]
 #   ./launch.sh compare BASE.json OTHER.json ...
 #   ./launch.sh synth --text FILE --out DIR [--voices ...] [--limit N]
 #   ./launch.sh test [pytest args]
@@ -25,12 +26,13 @@ ensure_voices() {
 }
 
 extras_for() {
-    # What each command needs on top of the core (inference: import, transcribe, eval, compare, synth).
+    # What each command needs on top of the core (the torch-free runtime): torch for import, transcribe, eval,
+    # export, compare, synth.
     case "$1" in
-        test) echo "train,weights,voices,bench,dev" ;;
-        run) echo "train,weights,voices" ;;
-        synth) echo "voices" ;;
-        *) echo "weights" ;;
+        test) echo "torch,train,weights,voices,bench,dev" ;;
+        run) echo "torch,train,weights,voices" ;;
+        synth) echo "torch,voices" ;;
+        *) echo "torch,weights" ;;
     esac
 }
 
@@ -63,7 +65,7 @@ ensure_venv() {
 
 cmd="${1:-}"
 if [ -z "$cmd" ] || [ "$cmd" = "-h" ] || [ "$cmd" = "--help" ]; then
-    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
 fi
 shift

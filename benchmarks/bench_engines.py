@@ -202,7 +202,7 @@ class HFEngine:
 
 class OrtEngine:
     def __init__(self, name: str, export_dir: Path, threads: int):
-        from eval.onnx_engine import OnnxEngine
+        from slim.runtime import OnnxEngine
 
         self.name, self.engine = name, OnnxEngine(export_dir, threads=threads)
         self.engine.clock = CLOCK
@@ -278,7 +278,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from eval.metrics import word_error_rate
-    from qat.onnx_export import DecodeConfig
+    from slim.export_format import DecodeConfig
     from slim.model import load_processor
 
     torch.set_num_threads(args.threads)

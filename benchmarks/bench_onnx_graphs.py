@@ -5,7 +5,7 @@
 EXPORT is a QDQ export (`qat.onnx_export.export_model(..., mode="qdq")`) with quantized attention matmuls.
 Three measurements, each against the setting it replaced (min over repeats; run it alone on the machine):
   1. signed keys/values: the encoder's attention kernels (ORT profiler) with the sessions of
-     `qat.onnx_export.session_options`, and with ORT's default int8 -> uint8 rewrite
+     `slim.export_format.session_options`, and with ORT's default int8 -> uint8 rewrite
      (`session.qdqisint8allowed` = 0), which turns u8 x s8 into u8 x u8;
   2. one attention chain per head: one encoder layer's QK -> softmax -> quantize -> PV on the export's
      shapes (heads, head_dim, 1500 frames), all heads in one chain vs one chain per head (the
@@ -40,7 +40,7 @@ DEFAULT_CLIPS = ROOT / "data" / "real-speech" / "manifest.jsonl"
 
 
 def _options(threads: int, **entries: str):
-    from qat.onnx_export import session_options
+    from slim.export_format import session_options
 
     so = session_options(threads)
     for k, v in entries.items():
@@ -198,7 +198,7 @@ def spinning(export: Path, clips: list[np.ndarray], threads: int, repeats: int) 
     """The engine with workers that stop spinning after each run (shipped) and with ORT's default."""
     import onnxruntime as ort
 
-    from eval.onnx_engine import OnnxEngine
+    from slim.runtime import OnnxEngine
 
     engine = OnnxEngine(export, threads=threads, verify="size")
     feats = [engine.features([c]) for c in clips]
@@ -244,7 +244,7 @@ def main(argv=None) -> int:
     import onnxruntime as ort
 
     ort.set_default_logger_severity(3)  # the overridden session entries would each log a warning
-    from eval.onnx_engine import load_export_config
+    from slim.export_format import load_export_config
     from slim.audio import load_audio
 
     export = Path(args.export)

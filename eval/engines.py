@@ -13,7 +13,7 @@
 Every engine decodes greedily with the model's generation config (English, no timestamps) and
 transcribes `batch_size` clips per call (1 by default, as latency is reported).
 
-Each call generates at most `eval.decoding.token_budget(clips)` tokens (see there).
+Each call generates at most `slim.decoding.token_budget(clips)` tokens (see there).
 
 Why model_bytes of torch-dynamic-int8 is computed rather than read off a file: PyTorch has no
 deployment format for dynamically quantized modules except pickle, which this project never writes.
@@ -37,14 +37,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from eval.decoding import token_budget
+from slim.decoding import token_budget
 from slim.audio import SAMPLING_RATE
+from slim.export_format import CONFIG_FILE as EXPORT_CONFIG
+from slim.export_format import export_layout
 from slim.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("auto", "torch", "torch-dynamic-int8", "onnx", "onnx-dynamic-int8")
-EXPORT_CONFIG = "export_config.json"  # qat.onnx_export.CONFIG_FILE; not imported so torch dirs need no onnx
+ENGINES = ("auto", "torch", "torch-dynamic-int8", "onnx", "onnx-dynamic-int8", "sherpa-onnx")
+LAYOUT_ENGINES = {"slim": "onnx", "sherpa-onnx": "sherpa-onnx"}  # the engine `auto` picks for an export layout
 # What a deployment of a model directory ships besides *.safetensors (training leftovers such as the
 # resolved recipe, logs or checkpoints do not count).
 SHIPPED_FILES = {
@@ -216,10 +218,10 @@ def _torch_dynamic_int8(model_dir: Path, max_new_tokens):
 
 
 class OnnxRuntimeEngine(Engine):
-    """`eval.onnx_engine.OnnxEngine` behind the `Engine` interface."""
+    """`slim.runtime.OnnxEngine` behind the `Engine` interface."""
 
     def __init__(self, export_dir: str | Path, threads: int, max_new_tokens: int | None = None):
-        from eval.onnx_engine import OnnxEngine
+        from slim.runtime import OnnxEngine
 
         self.ort = OnnxEngine(export_dir, threads=threads)
         self.name = f"onnx-{self.ort.mode or 'float'}"
@@ -228,7 +230,8 @@ class OnnxRuntimeEngine(Engine):
         self.files = [str(d / n) for n in self.ort.config["files"]] + [str(d / EXPORT_CONFIG)]
         self.info = {"structure": self.ort.config.get("structure")}
         self.max_new_tokens = max_new_tokens
-        self.tokenizer = self.ort.processor.tokenizer if self.ort.processor is not None else None
+        # transformers' tokenizer (the data loader counts transcript tokens with it); the engine decodes with its own
+        self.tokenizer = _processor(d).tokenizer if self.ort.tokenizer is not None else None
 
     def transcribe(self, audios: list[np.ndarray], batch_size: int = 1) -> list[str]:
         return self.ort.transcribe(audios, batch_size=batch_size, max_new_tokens=self.max_new_tokens)
@@ -267,14 +270,23 @@ def dynamic_int8_export(model_dir: str | Path, cache_dir: str | Path | None = No
 
 
 def resolve_engine(model_dir: str | Path, engine: str = "auto") -> str:
-    """`auto` -> `onnx` for an export dir (export_config.json), else `torch`; others checked and kept."""
+    """`auto` -> the runtime of an export dir's layout (export_config.json: `onnx` for slim, `sherpa-onnx`),
+    else `torch`; others checked and kept."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    is_export = (Path(model_dir) / EXPORT_CONFIG).exists()
+    layout = export_layout(model_dir)
+    is_export = layout is not None
+    if is_export and layout not in LAYOUT_ENGINES:
+        raise ValueError(f"{Path(model_dir) / EXPORT_CONFIG}: a {layout!r} export, which no engine here runs "
+                         "(load it in its own runtime)")
     if engine == "auto":
-        return "onnx" if is_export else "torch"
-    if is_export and engine != "onnx":
-        raise ValueError(f"{model_dir}: is an ONNX export ({EXPORT_CONFIG}); only --engine onnx (or auto) runs it")
+        return LAYOUT_ENGINES[layout] if is_export else "torch"
+    if is_export and engine != LAYOUT_ENGINES[layout]:
+        raise ValueError(f"{model_dir}: is a {layout} export ({EXPORT_CONFIG}); only --engine "
+                         f"{LAYOUT_ENGINES[layout]} (or auto) runs it")
+    if engine == "sherpa-onnx" and not is_export:
+        raise ValueError(f"{model_dir}: has no {EXPORT_CONFIG}; export it with ./launch.sh export MODEL OUT "
+                         "--format sherpa-onnx")
     if engine == "onnx" and not is_export:
         raise ValueError(f"{model_dir}: has no {EXPORT_CONFIG}, so it is not an ONNX export; export it with "
                          "qat.onnx_export.export_model, or use --engine onnx-dynamic-int8 / torch")
@@ -295,6 +307,10 @@ def load_engine(model_dir: str | Path, engine: str = "auto", threads: int | None
     threads = threads or torch.get_num_threads()
     if engine == "onnx":
         return OnnxRuntimeEngine(model_dir, threads, max_new_tokens)
+    if engine == "sherpa-onnx":
+        from eval.runtimes import SherpaOnnxEngine
+
+        return SherpaOnnxEngine(model_dir, threads)
     if engine == "onnx-dynamic-int8":
         e = OnnxRuntimeEngine(dynamic_int8_export(model_dir, cache_dir), threads, max_new_tokens)
         e.info = structure_info(model_dir)

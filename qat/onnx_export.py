@@ -41,13 +41,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
-import hashlib
 import json
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -56,22 +53,13 @@ from torch import nn
 
 from qat.quantizers import ActQuant, QuantPlan, WeightQuant
 from slim.attention import SlimAttention
+from slim.export_format import (CONFIG_FILE, DECODER_FILE, ENCODER_FILE, EXPORT_FORMAT, LAYOUTS, TOKENIZER_FILE,
+                                DecodeConfig, file_digest, has_processor, session_options)
 from slim.io import atomic_dir
 from slim.model import install_explicit_attention, structure_of
 
 MODES = ("float", "dynamic-int8", "qdq")
-CONFIG_FILE = "export_config.json"
-ENCODER_FILE = "encoder.onnx"
-DECODER_FILE = "decoder.onnx"
-EXPORT_FORMAT = 1
 OPSET = 17
-# A saved WhisperProcessor (transformers 5 writes processor_config.json, older ones preprocessor_config.json);
-# the engine loads it with `WhisperProcessor.from_pretrained`, and it counts in the deployment size.
-PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
-
-
-def has_processor(d: Path) -> bool:
-    return any((Path(d) / f).exists() for f in PROCESSOR_FILES)
 _NEG = torch.finfo(torch.float32).min
 
 
@@ -430,16 +418,20 @@ class _EncoderGraph(_Graph):
         self.encoder = model.model.encoder
         self.cross = nn.ModuleList([l.encoder_attn for l in model.model.decoder.layers if l.encoder_attn.num_heads])
 
-    def forward(self, input_features):
+    def hidden(self, input_features):
+        """The encoder's output (B, frames / 2, d_model); the positions follow the frames given."""
         e = self.encoder
         x = F.gelu(self.conv(F.gelu(self.conv(input_features, e.conv1, True)), e.conv2, False))
-        x = x + e.embed_positions.weight
+        x = x + e.embed_positions.weight[: x.shape[1]]
         for layer in e.layers:
             attn = layer.self_attn
             h = layer.self_attn_layer_norm(x)
             x = x + (self.self_attention(attn, h, per_head=True)[0] if attn.num_heads else _no_heads(attn, h))
             x = x + self.mlp(layer, layer.final_layer_norm(x))
-        x = e.layer_norm(x)
+        return e.layer_norm(x)
+
+    def forward(self, input_features):
+        x = self.hidden(input_features)
         outs = [x]
         kv = self.linears(x, [p for a in self.cross for p in (a.k_proj, a.v_proj)])
         for i, attn in enumerate(self.cross):
@@ -531,45 +523,6 @@ class _DecoderGraph(_Graph):
 
 # ---------------------------------------------------------------------------------------------
 # decoding rules shipped with the graphs
-
-
-@dataclass
-class DecodeConfig:
-    """What greedy decoding needs besides the graphs; the torch reference and the ONNX engine share it."""
-
-    prompt: list[int]
-    eos_token_id: int
-    suppress_tokens: list[int] = field(default_factory=list)
-    begin_suppress_tokens: list[int] = field(default_factory=list)
-    max_length: int = 448
-    """Prompt plus generated tokens, at most the decoder's `max_target_positions`."""
-
-    @classmethod
-    def from_model(cls, model, prompt: list[int] | None = None, language: str = "en",
-                   max_length: int | None = None) -> "DecodeConfig":
-        """Whisper's English transcription prompt without timestamps, from the generation config."""
-        cfg, gc = model.config, getattr(model, "generation_config", None)
-        get = lambda k, default=None: getattr(gc, k, None) if gc is not None and getattr(gc, k, None) is not None \
-            else getattr(cfg, k, default)
-        if prompt is None:
-            prompt = [get("decoder_start_token_id")]
-            if get("is_multilingual") and get("lang_to_id"):
-                lang = f"<|{language}|>"
-                if lang not in gc.lang_to_id:
-                    raise ValueError(f"language {language!r} is not in the model's lang_to_id")
-                prompt += [gc.lang_to_id[lang], gc.task_to_id["transcribe"]]
-            if get("no_timestamps_token_id") is not None:
-                prompt.append(get("no_timestamps_token_id"))
-        eos = get("eos_token_id")
-        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
-        limit = cfg.max_target_positions
-        max_length = min(max_length or limit, limit)
-        if len(prompt) >= max_length:
-            raise ValueError(f"prompt of {len(prompt)} tokens leaves no room under max_length={max_length}")
-        return cls(prompt=[int(t) for t in prompt], eos_token_id=int(eos),
-                   suppress_tokens=[int(t) for t in (get("suppress_tokens") or [])],
-                   begin_suppress_tokens=[int(t) for t in (get("begin_suppress_tokens") or [])],
-                   max_length=int(max_length))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -670,6 +623,18 @@ def _compact_float_initializers(path: Path, min_elements: int | None = None) -> 
     return done
 
 
+def set_metadata(path: Path, meta: dict[str, str]) -> None:
+    """Replace an ONNX file's metadata (key/value strings, what runtimes read the model's settings from)."""
+    import onnx
+
+    m = onnx.load(str(path))
+    del m.metadata_props[:]
+    for k, v in meta.items():
+        p = m.metadata_props.add()
+        p.key, p.value = k, str(v)
+    onnx.save(m, str(path))
+
+
 def _quantize_dynamic(path: Path) -> None:
     """ORT's post-training dynamic INT8 (int8 weights, activations quantized per call), in place."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -679,14 +644,6 @@ def _quantize_dynamic(path: Path) -> None:
     # Conv stays float: ORT's CPU ConvInteger has no int8-weight kernel.
     quantize_dynamic(str(tmp), str(path), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"])
     tmp.unlink()
-
-
-def file_digest(path: Path) -> dict:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
 
 
 def load_source_model(src):
@@ -703,14 +660,17 @@ def load_source_model(src):
 
 def export_model(src, out: str | Path, mode: str = "qdq", *, processor=None, plan: QuantPlan | None = None,
                  prompt: list[int] | None = None, language: str = "en", max_length: int | None = None,
-                 opset: int = OPSET) -> Path:
-    """Export `src` (a model or a model directory) to `out` for `eval.onnx_engine.OnnxEngine`.
+                 opset: int = OPSET, layout: str = "slim") -> Path:
+    """Export `src` (a model or a model directory) to `out` in `layout` (`slim.export_format.LAYOUTS`):
+    "slim" for `slim.runtime.OnnxEngine`, "sherpa-onnx" for sherpa-onnx's recognizer (`qat.export_sherpa`).
 
     mode: "float" (fp32), "dynamic-int8" (ORT quantize_dynamic of the float export) or "qdq" (static INT8
     with the QAT scales of a fake-quant model, or of `plan` when given). Writes atomically.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"format must be one of {LAYOUTS}, got {layout!r}")
     if opset < 17:
         raise ValueError(f"opset must be >= 17 (LayerNormalization), got {opset}")
     if not isinstance(src, nn.Module):
@@ -736,71 +696,52 @@ def export_model(src, out: str | Path, mode: str = "qdq", *, processor=None, pla
         plan = None
     decode = DecodeConfig.from_model(model, prompt=prompt, language=language, max_length=max_length)
 
+    if layout != "slim" and processor is None:
+        raise ValueError(f"{src if not isinstance(src, nn.Module) else 'the model'}: has no tokenizer "
+                         f"(tokenizer.json), which the {layout} layout ships; pass a processor")
+
     out = Path(out)
     with atomic_dir(out) as tmp:
-        io = _export_graphs(model, plan, tmp, opset)
+        extra = {}
+        if layout == "slim":
+            extra["io"] = _export_graphs(model, plan, tmp, opset)
+            graphs = [ENCODER_FILE, DECODER_FILE]
+            if processor is not None:
+                processor.save_pretrained(tmp)
+        else:
+            from qat import export_sherpa
+
+            with tempfile.TemporaryDirectory() as t:
+                processor.save_pretrained(t)
+                info = export_sherpa.export_graphs(model, plan, decode, Path(t) / TOKENIZER_FILE, tmp, opset, mode)
+            graphs = [info["encoder"], info["decoder"]]
+            extra[layout] = {**info, "required": graphs + [export_sherpa.TOKENS]}
         compacted = []
-        for f in (ENCODER_FILE, DECODER_FILE):
+        for f in graphs:
             if mode == "dynamic-int8":
                 _quantize_dynamic(tmp / f)
             elif mode == "qdq":
                 compacted += _compact_float_initializers(tmp / f)
-        if processor is not None:
-            processor.save_pretrained(tmp)
+        for f, meta in extra.get(layout, {}).get("metadata", {}).items():  # last: the rewrites above keep none
+            set_metadata(tmp / f, meta)
         structure = structure_of(model)
         cfg = model.config
-        files = {p.name: file_digest(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = {str(p.relative_to(tmp)): file_digest(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         config = {
             "format": EXPORT_FORMAT,
+            "layout": layout,
             "mode": mode,
             "opset": opset,
             "decode": dataclasses.asdict(decode),
             "model": {"d_model": cfg.d_model, "vocab_size": cfg.vocab_size, "num_mel_bins": cfg.num_mel_bins,
                       "n_frames": 2 * cfg.max_source_positions, "head_dim": structure.head_dim},
             "structure": {k: v for k, v in structure.to_dict().items() if k != "quant"},
-            "io": io,
+            **extra,
             "fp16_stored": compacted,
             "files": files,
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return out
-
-
-@functools.cache
-def cpu_has_vnni() -> bool:
-    """x86 with AVX-512 VNNI or AVX-VNNI (Linux's /proc/cpuinfo flags; False where it cannot tell)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_vnni" in flags or " avx_vnni" in flags
-
-
-def session_options(threads: int = 2):
-    """ORT session options for an export's graphs: all graph optimizations, `threads` intra-op threads.
-
-    On x86 ORT rewrites int8 Q/DQ activations to uint8 by default ("session.qdqisint8allowed" = 0): there
-    u8 x s8 runs on AVX2's VPMADDUBSW, whose 16-bit sums can saturate when both sides are activations.
-    With VNNI (VPDPBUSD, 32-bit sums) u8 x s8 is exact and faster than the u8 x u8 it would become
-    (docs/results.md), so on such CPUs the signed keys/values stay signed. Elsewhere ORT's default stands (ARM
-    already allows int8).
-    """
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.log_severity_level = 3
-    # an engine holds two sessions, each with its own pool; a pool's workers spin-wait for a while after
-    # its run, and on a small machine the spinning workers take a core from the other session's run
-    # (slowing the decoder's first steps and the next encoder run: docs/results.md,
-    # benchmarks/bench_onnx_graphs.py). Stop spinning when a run ends.
-    so.add_session_config_entry("session.force_spinning_stop", "1")
-    if cpu_has_vnni():
-        so.add_session_config_entry("session.qdqisint8allowed", "1")
-    return so
 
 
 def optimized_graph(onnx_path: str | Path, threads: int = 1):

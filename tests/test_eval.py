@@ -286,7 +286,7 @@ def test_real_tiny_en_engines(tmp_path):
 
 
 def test_token_budget_follows_the_longest_clip_and_the_cap(model_dir):
-    from eval.decoding import TOKEN_SLACK, TOKENS_PER_SECOND, token_budget
+    from slim.decoding import TOKEN_SLACK, TOKENS_PER_SECOND, token_budget
 
     one, three = np.zeros(SR, np.float32), np.zeros(3 * SR + 1, np.float32)
     assert token_budget([one]) == TOKENS_PER_SECOND + TOKEN_SLACK

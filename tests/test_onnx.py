@@ -9,10 +9,10 @@ import onnx
 import pytest
 import torch
 
-from eval.onnx_engine import (ExportDirError, OnnxEngine, next_token_agreement, parity, token_agreement,
-                              torch_greedy_tokens)
-from qat.onnx_export import (DecodeConfig, cpu_has_vnni, export_model, file_digest, int8_kernel_counts,
-                             optimized_graph, session_options)
+from eval.onnx_engine import next_token_agreement, parity, token_agreement, torch_greedy_tokens
+from qat.onnx_export import export_model, int8_kernel_counts, optimized_graph
+from slim.export_format import DecodeConfig, ExportDirError, cpu_has_vnni, file_digest, session_options
+from slim.runtime import OnnxEngine
 from slim.model import Structure, build_model, install_explicit_attention
 from slim.sources import tiny_random_processor, tiny_random_whisper
 
@@ -234,7 +234,8 @@ def test_transcribe_decodes_text_with_the_shipped_tokenizer(exports):
     assert feats.shape == (2, 80, 3000)
     texts = e.transcribe(audios, batch_size=2, max_new_tokens=NEW)
     tokens = e.generate_tokens(feats, NEW)
-    assert texts == [t.strip() for t in e.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+    hf = tiny_random_processor().tokenizer
+    assert texts == [t.strip() for t in hf.batch_decode(tokens, skip_special_tokens=True)]
     assert all(isinstance(t, str) and t for t in texts)
     assert e.timings.utterances == 4 and e.timings.decoder_steps > 0
 
@@ -405,7 +406,7 @@ def test_parity_command_reports_agreement_wer_and_the_noise_floor(exports, tmp_p
     assert json.loads(capsys.readouterr().out) == r
     assert r["utterances"] == 2 and r["mode"] == "qdq"
     # the same figures, recomputed here from the engine: plain and nudged tokens within the token budget
-    from eval.decoding import token_budget
+    from slim.decoding import token_budget
     from eval.metrics import word_error_rate
     from eval.onnx_engine import NUDGE, agreement
 
@@ -555,11 +556,14 @@ def test_tiny_en_exports_transcribe_real_speech(tmp_path):
     feats = fl.features(audios)
     assert parity(model, None, list(feats[:3]), engine=fl)["exact_match"] == 1.0
 
-    tok = fl.processor.tokenizer
+    from slim.model import load_processor
+
+    processor = load_processor(src)
+    tok = processor.tokenizer
     ids = [tok(items[i]["text"]).input_ids for i in range(2)]
     ids = torch.tensor([t + [50256] * (max(map(len, ids)) - len(t)) for t in ids])
     fq, _ = _ptq(model, list(feats[:2]), ids)
-    q = OnnxEngine(export_model(fq, tmp_path / "qdq", mode="qdq", processor=fl.processor), threads=2)
+    q = OnnxEngine(export_model(fq, tmp_path / "qdq", mode="qdq", processor=processor), threads=2)
     safetensors = (src / "model.safetensors").stat().st_size
     assert q.graph_bytes <= 0.27 * safetensors
     norm = EnglishTextNormalizer()
@@ -571,9 +575,9 @@ def test_tiny_en_exports_transcribe_real_speech(tmp_path):
 
 
 def test_transcribe_stops_at_the_token_budget(exports):
-    """Without max_new_tokens, decoding still stops at eval.decoding.token_budget (random weights never
+    """Without max_new_tokens, decoding still stops at slim.decoding.token_budget (random weights never
     emit end-of-text, so they would otherwise run to the decoder's 448 positions)."""
-    from eval.decoding import token_budget
+    from slim.decoding import token_budget
 
     e = OnnxEngine(exports["float"], threads=1)
     seen = []

@@ -1,4 +1,4 @@
-"""The `./launch.sh` command line: run, import, transcribe, eval, compare, synth.
+"""The `./launch.sh` command line: run, import, transcribe, eval, export, compare, synth.
 
 Each subcommand parses its own arguments and hands over to the module that owns the work; this file only
 dispatches (and relaunches `run --num-processes N` under `accelerate launch`).
@@ -20,6 +20,7 @@ USAGE = """usage: ./launch.sh COMMAND ...
   import SRC OUT                      SRC: hub id | HF dir | CT2 dir | tiny.en | base
   transcribe MODEL AUDIO... [--engine torch|onnx|...]
   eval MODEL --data DATA --out REPORT.json [--engine ...] [--batch-size N] [--limit N]
+  export MODEL OUT [--format slim|sherpa-onnx] [--mode qdq|float|dynamic-int8]
   compare BASE.json OTHER.json...     WER differences of eval reports, paired bootstrap 95% intervals
   synth --text FILE --out DIR [--voices ...] [--limit N]
   test [pytest args]"""
@@ -118,6 +119,31 @@ def _import(argv: list[str]) -> int:
     return 0
 
 
+def _export(argv: list[str]) -> int:
+    from slim.export_format import LAYOUTS
+
+    p = argparse.ArgumentParser(prog="./launch.sh export",
+                                description="Export a float or fake-quant (QAT/PTQ) model directory to ONNX.")
+    p.add_argument("model", help="a model directory this project wrote (dense, pruned, QAT/PTQ) or an HF Whisper dir")
+    p.add_argument("out", help="output directory (replaced atomically)")
+    p.add_argument("--format", default="slim", choices=LAYOUTS,
+                   help="slim: our runtime (slim.runtime, no torch); sherpa-onnx: its Whisper layout")
+    p.add_argument("--mode", default=None, choices=("qdq", "float", "dynamic-int8"),
+                   help="default: qdq for a fake-quant model (its QAT scales), float otherwise")
+    args = p.parse_args(argv)
+    from qat.onnx_export import export_model
+    from slim.model import read_structure
+
+    if not (Path(args.model) / "config.json").exists():
+        raise FileNotFoundError(f"{Path(args.model) / 'config.json'}: missing (MODEL must be a model directory)")
+    mode = args.mode
+    if mode is None:
+        s = read_structure(args.model)
+        mode = "qdq" if s is not None and s.quant is not None else "float"
+    print(export_model(args.model, args.out, mode=mode, layout=args.format))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=os.environ.get("SLIM_LOG", "INFO"), format="%(levelname)s %(name)s: %(message)s")
@@ -138,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             from eval.run import main as eval_main
 
             return eval_main(rest)
+        if cmd == "export":
+            return _export(rest)
         if cmd == "compare":
             from eval.run import compare_main
 

@@ -73,7 +73,7 @@ def run_convert(ctx: RunContext, stage: StageConfig, prev: Path, model_out: Path
 def run_export(ctx: RunContext, stage: StageConfig, prev: Path, model_out: Path) -> None:
     from qat.onnx_export import export_model
 
-    export_model(export_source(ctx, stage, prev), model_out, mode=stage.export_mode)
+    export_model(export_source(ctx, stage, prev), model_out, mode=stage.export_mode, layout=stage.export_format)
 
 
 def export_source(ctx: RunContext, stage: StageConfig, prev: Path) -> Path:

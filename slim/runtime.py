@@ -1,0 +1,265 @@
+"""The slim runtime: greedy transcription with an export's encoder/decoder graphs on ONNX Runtime, numpy
+and `tokenizers` alone (no torch, no transformers), installed by `pip install whisper-slim` without extras.
+
+The encoder graph runs once per batch and hands the cross-attention keys/values over as ORT values;
+each decoder step binds the previous step's `present_*` outputs as its `past_*` inputs (IO binding), so
+the growing cache never round-trips through numpy. Only the last position's logits come back to
+Python, where the suppress masks and the argmax are applied. Features are `slim.mel.LogMel` (transformers'
+WhisperFeatureExtractor in numpy), text is the export's `tokenizer.json` decoded by `tokenizers`.
+
+    python -m slim.runtime EXPORT_DIR AUDIO... [--threads N]     # prints "<audio>\t<text>" per file
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from slim.decoding import token_budget
+from slim.export_format import (CONFIG_FILE, DECODER_FILE, ENCODER_FILE, PROCESSOR_FILES, TOKENIZER_FILE,
+                                DecodeConfig, ExportDirError, has_processor, load_export_config, session_options)
+from slim.mel import LogMel
+
+
+@dataclass
+class Timings:
+    """Wall-clock totals since the last `reset()`; the benchmark reads them per utterance."""
+
+    features_s: float = 0.0
+    encoder_s: float = 0.0
+    decoder_s: float = 0.0
+    decoder_steps: int = 0
+    tokens: int = 0
+    utterances: int = 0
+
+    def reset(self) -> None:
+        self.__init__()
+
+
+class OnnxEngine:
+    """Greedy transcription with the encoder/decoder graphs of an export directory."""
+
+    name = "onnx"
+    clock = staticmethod(time.perf_counter)
+    """What `timings` are measured with; a benchmark on a shared machine may set `time.process_time`."""
+
+    def __init__(self, export_dir: str | Path, threads: int = 2, providers: list | None = None,
+                 verify: str = "sha256"):
+        self.dir = Path(export_dir)
+        self.config = load_export_config(self.dir, verify=verify)
+        self.decode = DecodeConfig(**self.config["decode"])
+        self.mode = self.config.get("mode")
+        so = session_options(threads)
+        self.threads = threads
+        providers = providers or ["CPUExecutionProvider"]
+        self.encoder = self._session(ENCODER_FILE, so, providers)
+        self.decoder = self._session(DECODER_FILE, so, providers)
+        names = self.config["io"]["names"]
+        self.cross_names, self.past_names, self.present_names = names["cross"], names["past"], names["present"]
+        for sess, file, want in ((self.encoder, ENCODER_FILE, ["input_features"] + self.cross_names),
+                                 (self.decoder, DECODER_FILE, ["input_ids", "offset", "logits"] + self.past_names
+                                  + self.cross_names + self.present_names)):
+            have = {i.name for i in sess.get_inputs()} | {o.name for o in sess.get_outputs()}
+            if set(want) - have:
+                raise ExportDirError(f"{self.dir / file}: lacks {sorted(set(want) - have)} that {CONFIG_FILE} "
+                                     "lists (graph and config come from different exports)")
+        self._past_shapes = {}
+        for i in self.decoder.get_inputs():
+            if i.name in self.past_names:
+                # (batch, heads, head_dim, 0) for keys, (batch, heads, 0, head_dim) for values
+                shape = [0 if isinstance(s, str) or s is None else s for s in i.shape]
+                self._past_shapes[i.name] = shape
+        vocab = self.config["model"]["vocab_size"]
+        self._suppress = np.zeros(vocab, np.float32)
+        self._suppress[self.decode.suppress_tokens] = -np.inf
+        self._begin = self._suppress.copy()
+        self._begin[self.decode.begin_suppress_tokens] = -np.inf
+        self.log_mel = LogMel.from_dir(self.dir) if has_processor(self.dir) else None
+        self.tokenizer = None
+        if (self.dir / TOKENIZER_FILE).exists():
+            from tokenizers import Tokenizer
+
+            self.tokenizer = Tokenizer.from_file(str(self.dir / TOKENIZER_FILE))
+        self.timings = Timings()
+
+    def _session(self, name: str, so, providers):
+        import onnxruntime as ort
+
+        try:
+            return ort.InferenceSession(str(self.dir / name), so, providers=providers)
+        except Exception as e:  # ORT's parse errors do not say which file
+            raise ExportDirError(f"{self.dir / name}: ONNX Runtime cannot load it ({e})") from e
+
+    @property
+    def model_bytes(self) -> int:
+        """Size on disk of everything a deployment ships: graphs, config, tokenizer, feature extractor."""
+        return sum(f["bytes"] for f in self.config["files"].values()) + (self.dir / CONFIG_FILE).stat().st_size
+
+    @property
+    def graph_bytes(self) -> int:
+        """Size of the ONNX graphs alone (what compares with a model.safetensors)."""
+        return sum(f["bytes"] for n, f in self.config["files"].items() if n.endswith((".onnx", ".onnx.data")))
+
+    # -----------------------------------------------------------------------------------------
+
+    def features(self, audios: list[np.ndarray]) -> np.ndarray:
+        """Log-mel features (B, n_mels, 3000) of 16 kHz mono float audio, padded/cut to 30 s."""
+        if self.log_mel is None:
+            raise ExportDirError(f"{self.dir / PROCESSOR_FILES[0]}: missing, the export has no feature "
+                                 "extractor (export with a processor to transcribe audio)")
+        t = self.clock()
+        feats = self.log_mel(list(audios))
+        self.timings.features_s += self.clock() - t
+        return feats
+
+    def encode(self, features: np.ndarray) -> list:
+        """Cross-attention keys/values (ORT values, in `cross_names` order) for a batch of features."""
+        feats = np.ascontiguousarray(features, dtype=np.float32)
+        want = (self.config["model"]["num_mel_bins"], self.config["model"]["n_frames"])
+        if feats.ndim != 3 or feats.shape[1:] != want:
+            raise ValueError(f"features must have shape (batch, {want[0]}, {want[1]}), got {feats.shape}")
+        io = self.encoder.io_binding()
+        io.bind_cpu_input("input_features", feats)
+        for n in self.cross_names:
+            io.bind_output(n, "cpu")
+        t = self.clock()
+        self.encoder.run_with_iobinding(io)
+        self.timings.encoder_s += self.clock() - t
+        return io.get_outputs()
+
+    def generate_tokens(self, features: np.ndarray | None, max_new_tokens: int | None = None,
+                        forced: list[list[int]] | None = None, cross: list | None = None) -> list[list[int]]:
+        """Greedy tokens after the prompt (eos excluded) for each item of a feature batch.
+
+        forced: teacher forcing (see `forced_schedule`): each item's tokens are fed instead of the engine's
+        own picks, and each item's list holds the engine's pick at every position of its forced tokens
+        and one more (where eos is due).
+        cross: `encode(features)` already run (then features is not read): decoding the same audio again,
+        free running and teacher forced, encodes it once.
+        """
+        import onnxruntime as ort
+
+        cross = self.encode(features) if cross is None else cross
+        B = cross[0].shape()[0] if cross else len(features)
+        d = self.decode
+        steps = forced_schedule(d, max_new_tokens, forced, B)
+        io = self.decoder.io_binding()
+        for n, v in zip(self.cross_names, cross):
+            io.bind_ortvalue_input(n, v)
+        past = []
+        for n in self.past_names:
+            past.append(ort.OrtValue.ortvalue_from_numpy(np.zeros([B] + self._past_shapes[n][1:], np.float32)))
+        ids = np.tile(np.asarray(d.prompt, np.int64), (B, 1))
+        offset = np.zeros(1, np.int64)
+        out: list[list[int]] = [[] for _ in range(B)]
+        done = np.zeros(B, bool)
+        t = self.clock()
+        for step in range(steps):
+            io.bind_cpu_input("input_ids", ids)
+            io.bind_cpu_input("offset", offset)
+            for n, v in zip(self.past_names, past):
+                io.bind_ortvalue_input(n, v)
+            io.bind_output("logits", "cpu")
+            for n in self.present_names:
+                io.bind_output(n, "cpu")
+            self.decoder.run_with_iobinding(io)
+            outs = io.get_outputs()
+            logits, past = outs[0].numpy(), outs[1:]
+            logits += self._begin if step == 0 else self._suppress
+            nxt = logits.argmax(-1)
+            self.timings.decoder_steps += 1
+            offset = offset + ids.shape[1]
+            nxt = greedy_step(nxt.tolist(), step, out, done, d.eos_token_id, forced)
+            if done.all():
+                break
+            ids = np.asarray(nxt, np.int64)[:, None]
+        self.timings.decoder_s += self.clock() - t
+        self.timings.tokens += sum(len(o) for o in out)
+        self.timings.utterances += B
+        return out
+
+    def decode_text(self, tokens: list[list[int]]) -> list[str]:
+        if self.tokenizer is None:
+            raise ExportDirError(f"{self.dir / TOKENIZER_FILE}: missing, the export has no tokenizer")
+        return [s.strip() for s in self.tokenizer.decode_batch(tokens, skip_special_tokens=True)]
+
+    def transcribe(self, audios: list[np.ndarray], batch_size: int = 1, max_new_tokens: int | None = None) -> list[str]:
+        """Text for each 16 kHz mono clip (at most 30 s), greedy, `batch_size` clips per run, at most
+        `slim.decoding.token_budget` tokens per run (so a broken model cannot loop to 448 positions)."""
+        texts: list[str] = []
+        for i in range(0, len(audios), batch_size):
+            chunk = [np.asarray(a, np.float32) for a in audios[i:i + batch_size]]
+            tokens = self.generate_tokens(self.features(chunk), token_budget(chunk, max_new_tokens))
+            texts += self.decode_text(tokens)
+        return texts
+
+
+def forced_schedule(decode: DecodeConfig, max_new_tokens: int | None, forced: list[list[int]] | None,
+                    batch: int) -> int:
+    """Decoder steps a greedy loop runs: the token budget, or under teacher forcing (`forced`: the tokens
+    to feed, one list per batch item) the longest forced list plus the step where eos is due."""
+    steps = decode.max_length - len(decode.prompt)
+    if forced is None:
+        return steps if max_new_tokens is None else min(steps, max_new_tokens)
+    if len(forced) != batch:
+        raise ValueError(f"forced has {len(forced)} token lists for a batch of {batch}")
+    if max(map(len, forced), default=0) >= steps:
+        raise ValueError(f"a forced token list is longer than the decoder allows ({steps - 1} tokens)")
+    return max(map(len, forced), default=0) + 1
+
+
+def greedy_step(picks: list[int], step: int, out: list[list[int]], done, eos: int,
+                forced: list[list[int]] | None) -> list[int]:
+    """One step of the greedy loops (ONNX and torch share it): record each live item's pick in `out`,
+    mark finished items in `done` (a bool array), return the tokens to feed next.
+
+    Free running, an item ends at its eos pick (not recorded) and is fed its picks. Teacher forced,
+    every pick is recorded, eos included, the item is fed its forced tokens and ends after the position
+    where eos is due, so `out[b]` has len(forced[b]) + 1 picks.
+    """
+    feed = []
+    for b, pick in enumerate(picks):
+        if done[b]:
+            feed.append(eos)
+        elif forced is None:
+            done[b] = pick == eos
+            if not done[b]:
+                out[b].append(pick)
+            feed.append(eos if done[b] else pick)
+        else:
+            out[b].append(pick)
+            done[b] = step >= len(forced[b])
+            feed.append(eos if done[b] else forced[b][step])
+    return feed
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m slim.runtime EXPORT_DIR AUDIO... [--threads N]: "<audio>\t<text>" per file."""
+    import argparse
+    import sys
+
+    from slim.audio import AudioError, load_audio
+
+    p = argparse.ArgumentParser(prog="python -m slim.runtime",
+                                description="Transcribe audio files with a slim export (no torch needed).")
+    p.add_argument("export_dir")
+    p.add_argument("audio", nargs="+")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-new-tokens", type=int)
+    args = p.parse_args(argv)
+    try:
+        engine = OnnxEngine(args.export_dir, threads=args.threads)
+        for path in args.audio:
+            text = engine.transcribe([load_audio(path)], max_new_tokens=args.max_new_tokens)[0]
+            print(f"{path}\t{text}", flush=True)
+    except (ExportDirError, AudioError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

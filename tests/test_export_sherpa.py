@@ -1,0 +1,215 @@
+"""The sherpa-onnx layout on a tiny random Whisper with uneven heads: names, shapes and metadata as sherpa-onnx
+reads them, the padded graphs equal to the slim graphs step by step, sherpa-onnx's own recognizer giving the
+slim engine's transcripts, and the errors for a wrong format or a partial folder."""
+
+import base64
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from slim.audio import load_audio
+from slim.export_format import ExportDirError
+from slim.runtime import OnnxEngine
+
+ROOT = Path(__file__).resolve().parent.parent
+REAL_SPEECH = ROOT / "data" / "real-speech"
+SELF_HEADS, CROSS_HEADS = [2, 1], [1, 3]
+HEAD_DIM = 16  # d_model 64 / 4 heads
+NEW = 10
+
+
+def _clips(n=None):
+    items = [json.loads(l) for l in (REAL_SPEECH / "manifest.jsonl").read_text().splitlines() if l.strip()]
+    return [REAL_SPEECH / it["audio"] for it in items][:n]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Model directories as the pipeline writes them: the uneven float model and its PTQ (fake-quant) copy."""
+    import copy
+
+    from qat.prepare import QuantConfig, ptq
+    from slim.model import Structure, build_model, save_model
+    from slim.sources import tiny_random_processor, tiny_random_whisper
+
+    d = tmp_path_factory.mktemp("sherpa")
+    dense = tiny_random_whisper(seed=0)
+    s = Structure.dense(dense.config)
+    s.encoder_heads, s.decoder_heads, s.cross_heads = [3, 1], SELF_HEADS, CROSS_HEADS
+    s.decoder_ffn = [7, 128]
+    torch.manual_seed(3)
+    model = build_model(dense.config, s).eval()
+    model.generation_config = dense.generation_config
+    processor = tiny_random_processor()
+    g = torch.Generator().manual_seed(1)
+    batch = {"input_features": torch.randn(2, 80, 3000, generator=g),
+             "labels": torch.tensor([[50257, 50362] + list(range(400, 410))] * 2)}
+    cfg = QuantConfig(embeddings=True)
+    fq = ptq(copy.deepcopy(model), cfg, [batch])
+    return {"float": save_model(model, d / "float", processor=processor),
+            "qdq": save_model(fq, d / "ptq", processor=processor, quant=cfg.to_dict()), "root": d}
+
+
+@pytest.fixture(scope="module")
+def exports(models):
+    """Each model exported by the CLI in both layouts (the mode follows the model: qdq for fake quant)."""
+    from train.cli import main
+
+    out = {}
+    for kind in ("float", "qdq"):
+        for layout in ("slim", "sherpa-onnx"):
+            d = models["root"] / f"{kind}-{layout}"
+            assert main(["export", str(models[kind]), str(d), "--format", layout]) == 0
+            out[kind, layout] = d
+    return out
+
+
+def test_sherpa_layout_has_the_names_shapes_and_metadata_sherpa_reads(exports):
+    d = exports["qdq", "sherpa-onnx"]
+    assert sorted(p.name for p in d.iterdir()) == ["decoder.int8.onnx", "encoder.int8.onnx", "export_config.json",
+                                                  "tokens.txt"]
+    assert sorted(p.name for p in exports["float", "sherpa-onnx"].iterdir())[:2] == ["decoder.onnx", "encoder.onnx"]
+    enc, dec = onnx.load(str(d / "encoder.int8.onnx")), onnx.load(str(d / "decoder.int8.onnx"))
+    dims = lambda v: [x.dim_param or x.dim_value for x in v.type.tensor_type.shape.dim]
+    assert [(i.name, dims(i)) for i in enc.graph.input] == [("mel", ["n_audio", 80, "T"])]
+    W_self, W_cross = max(SELF_HEADS) * HEAD_DIM, max(CROSS_HEADS) * HEAD_DIM
+    assert [o.name for o in enc.graph.output] == ["n_layer_cross_k", "n_layer_cross_v"]
+    assert [dims(o)[0] for o in enc.graph.output] == [2, 2] and [dims(o)[3] for o in enc.graph.output] == [W_cross] * 2
+    assert [i.name for i in dec.graph.input] == ["tokens", "in_n_layer_self_k_cache", "in_n_layer_self_v_cache",
+                                                "n_layer_cross_k", "n_layer_cross_v", "offset"]
+    assert dims(dec.graph.input[1]) == [2, "n_audio", 448, W_self]
+    assert [o.name for o in dec.graph.output] == ["logits", "out_n_layer_self_k_cache", "out_n_layer_self_v_cache"]
+    assert dims(dec.graph.output[0]) == ["n_audio", "n_tokens", 51864]
+    meta = {p.key: p.value for p in enc.metadata_props}
+    assert {k: meta[k] for k in ("n_mels", "n_text_layer", "n_text_ctx", "n_text_state", "n_vocab", "sot", "eot",
+                                 "blank_id", "translate", "transcribe", "is_multilingual", "no_timestamps",
+                                 "no_speech", "sot_sequence")} == {
+        "n_mels": "80", "n_text_layer": "2", "n_text_ctx": "448", "n_text_state": str(W_self), "n_vocab": "51864",
+        "sot": "50257", "eot": "50256", "blank_id": "220", "translate": "50357", "transcribe": "50358",
+        "is_multilingual": "0", "no_timestamps": "50362", "no_speech": "50361", "sot_sequence": "50257"}
+    lines = (d / "tokens.txt").read_text().splitlines()
+    assert len(lines) == 50256 and lines[0] == "IQ== 0" and lines[220] == f"{base64.b64encode(b' ').decode()} 220"
+    config = json.loads((d / "export_config.json").read_text())["sherpa-onnx"]
+    # 2 layers x 2 heads of self K/V where the model has 2 + 1; cross 2 x 3 where it has 1 + 3
+    assert config["padding"]["self"]["padding_share"] == pytest.approx(1 - 3 / 4)
+    assert config["padding"]["cross"]["padding_share"] == pytest.approx(1 - 4 / 6)
+
+
+def _sherpa_greedy(d: Path, feats: np.ndarray, prompt: list[int], eos: int, steps: int):
+    """sherpa-onnx's greedy loop (prompt at offset 0, then one token per call) on the graphs, in Python."""
+    import onnxruntime as ort
+
+    cfg = json.loads((d / "export_config.json").read_text())["sherpa-onnx"]
+    enc = ort.InferenceSession(str(d / cfg["encoder"]), providers=["CPUExecutionProvider"])
+    dec = ort.InferenceSession(str(d / cfg["decoder"]), providers=["CPUExecutionProvider"])
+    ck, cv = enc.run(None, {"mel": feats})
+    k = np.zeros((2, 1, 448, cfg["self_width"]), np.float32)
+    v = np.zeros_like(k)
+    ids, offset, out, logits_seen = np.array([prompt], np.int64), 0, [], []
+    for _ in range(steps):
+        logits, k, v = dec.run(None, {"tokens": ids, "in_n_layer_self_k_cache": k, "in_n_layer_self_v_cache": v,
+                                      "n_layer_cross_k": ck, "n_layer_cross_v": cv,
+                                      "offset": np.array([offset], np.int64)})
+        offset += ids.shape[1]
+        logits_seen.append(logits[0, -1])
+        nxt = int(logits[0, -1].argmax())
+        if nxt == eos:
+            break
+        out.append(nxt)
+        ids = np.array([[nxt]], np.int64)
+    return out, logits_seen
+
+
+@pytest.mark.parametrize("kind", ["float", "qdq"])
+def test_padded_sherpa_graphs_decode_like_the_slim_graphs(exports, kind):
+    """The zero heads add nothing: on the same features, the sherpa graphs' greedy tokens are the slim
+    engine's, and in float their logits (suppress masks included) agree to float rounding."""
+    slim = OnnxEngine(exports[kind, "slim"], threads=1)
+    d = slim.decode
+    for clip in _clips(3):
+        f = slim.features([load_audio(clip)])
+        want = slim.generate_tokens(f, NEW)[0]
+        got, logits = _sherpa_greedy(exports[kind, "sherpa-onnx"], f, d.prompt, d.eos_token_id, NEW)
+        assert got == want
+        assert np.isneginf(logits[0][d.begin_suppress_tokens]).all() and np.isneginf(logits[1][d.suppress_tokens]).all()
+        assert np.isfinite(logits[1][d.begin_suppress_tokens[0]])  # begin suppression is for the first step only
+    if kind == "float":  # the slim decoder's last-position logits, from its own graph
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(exports[kind, "slim"] / "decoder.onnx"), providers=["CPUExecutionProvider"])
+        cross = [x.numpy() for x in slim.encode(f)]
+        feed = {"input_ids": np.array([d.prompt], np.int64), "offset": np.zeros(1, np.int64),
+                **{n: np.zeros([1] + [s if isinstance(s, int) else 0 for s in i.shape[1:]], np.float32)
+                   for i in sess.get_inputs() for n in [i.name] if n.startswith("past_")},
+                **dict(zip(slim.cross_names, cross))}
+        ref = sess.run(["logits"], feed)[0][0] + slim._begin
+        finite = np.isfinite(ref)
+        assert (np.isfinite(logits[0]) == finite).all()
+        assert np.abs(logits[0][finite] - ref[finite]).max() < 1e-4
+
+
+def test_sherpa_onnx_recognizer_transcribes_like_the_slim_engine(exports):
+    """sherpa-onnx itself (the PyPI package) on the float export: the slim engine's text on every clip."""
+    from eval.engines import load_engine
+
+    slim = OnnxEngine(exports["float", "slim"], threads=1)
+    sherpa = load_engine(exports["float", "sherpa-onnx"], threads=1)  # auto: the layout's runtime
+    assert sherpa.name == "sherpa-onnx-float"
+    clips = _clips()
+    audios = [load_audio(c) for c in clips]
+    texts = sherpa.transcribe(audios, batch_size=len(audios))
+    compared = 0
+    for a, text, strings in zip(audios, texts, sherpa.last_tokens):
+        tokens = slim.generate_tokens(slim.features([a]))[0]  # to eos or the decoder's end, as sherpa decodes
+        pieces = [slim.tokenizer.decode([t]) for t in tokens]
+        # sherpa stops one position before n_text_ctx, and neither may reach eos: the shorter is a prefix
+        n = min(len(strings), len(pieces))
+        assert n > 0 and strings[:n] == pieces[:n]
+        if len(strings) == len(pieces):
+            assert text == slim.decode_text([tokens])[0]
+        compared += n
+    assert compared > 2 * len(clips)
+
+
+def test_eval_runs_a_sherpa_export_in_sherpa_onnx(exports):
+    from eval.run import evaluate_model
+
+    d = exports["qdq", "sherpa-onnx"]
+    r = evaluate_model(d, REAL_SPEECH / "manifest.jsonl", limit=2, threads=1, progress=False)
+    assert r["engine"] == "sherpa-onnx-qdq" and r["utterances"] == 2
+    assert r["model_bytes"] == sum(p.stat().st_size for p in d.iterdir() if p.name != "export_config.json")
+
+
+def test_wrong_format_and_partial_folders_fail_naming_the_file(models, exports, tmp_path, capsys):
+    from eval.engines import load_engine
+    from train.cli import main
+    from train.recipe import ConfigError, load_recipe
+
+    with pytest.raises(SystemExit):
+        main(["export", str(models["float"]), str(tmp_path / "x"), "--format", "onnx-asr"])
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ConfigError, match=r"export_format: 'bogus' is not one of \['slim', 'sherpa-onnx'\]"):
+        load_recipe(ROOT / "recipes" / "smoke.yaml", ["stages.export.export_format=bogus"])
+    assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "y")]) == 1
+    assert f"{tmp_path / 'nothing' / 'config.json'}: missing" in capsys.readouterr().err
+
+    partial = tmp_path / "partial"
+    shutil.copytree(exports["qdq", "sherpa-onnx"], partial)
+    (partial / "tokens.txt").unlink()
+    with pytest.raises(ExportDirError, match=r"partial/tokens.txt: missing file listed in export_config.json"):
+        load_engine(partial, threads=1)
+    wav = str(_clips(1)[0])
+    assert main(["transcribe", str(partial), wav]) == 1
+    assert f"{partial / 'tokens.txt'}: missing" in capsys.readouterr().err
+    (partial / "tokens.txt").write_text("")  # present, but not the file the export wrote
+    assert main(["transcribe", str(partial), wav]) == 1
+    assert f"{partial / 'tokens.txt'}: has 0 bytes" in capsys.readouterr().err
+    with pytest.raises(ExportDirError, match=r"export_config.json: is a 'sherpa-onnx' export, not 'slim'"):
+        OnnxEngine(exports["qdq", "sherpa-onnx"])
+    with pytest.raises(ValueError, match=r"is a sherpa-onnx export .* only --engine sherpa-onnx"):
+        load_engine(exports["qdq", "sherpa-onnx"], engine="onnx")
