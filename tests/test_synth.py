@@ -223,3 +223,13 @@ def test_piper_voice(tmp_path):
     assert synth.synthesize(v, text, tmp_path / "q.wav", speed=0.8) > seconds * 1.25
     with pytest.raises(ValueError, match=r"voice piper:nobody: not a packaged Piper voice \(\['en_US-joe-medium'\]\)"):
         synth.check_voices([Voice.parse("piper:nobody")])
+
+
+def test_length_mix_puts_whole_sentences_first():
+    """Calibration reads the first training items: they are whole sentences, the spans and joins follow."""
+    sents = [" ".join(f"W{i}X{j}" for j in range(8)) for i in range(100)]
+    plan = synth.plan_split("train", sents, [Voice("espeak-ng", "en-us")], 1, 0, 30, short_fraction=0.3,
+                            long_fraction=0.2)
+    is_whole = [u.text.upper() in sents for u in plan]
+    assert len(plan) == 30 and 0 < is_whole.count(False) < 30
+    assert is_whole == sorted(is_whole, reverse=True)
