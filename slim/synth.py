@@ -129,14 +129,17 @@ def _piper_voice(name: str):
     """One loaded Piper voice (an ONNX Runtime session) per builder thread and name."""
     cache = _piper_local.__dict__.setdefault("voices", {})
     if name not in cache:
-        try:
-            from piper import PiperVoice
-        except ImportError:
-            raise RuntimeError(f"voice piper:{name}: pip install piper-tts (./launch.sh installs it for run, "
-                               "synth and test)") from None
-        voice = PiperVoice.load(piper_model_path(name))
-        cache[name] = voice
+        cache[name] = _import_piper(name).PiperVoice.load(piper_model_path(name))
     return cache[name]
+
+
+def _import_piper(name: str):
+    try:
+        import piper
+    except ImportError:
+        raise RuntimeError(f"voice piper:{name}: pip install piper-tts (./launch.sh installs it for run, synth "
+                           "and test)") from None
+    return piper
 
 
 def require_tool(tool: str) -> str:
@@ -161,9 +164,10 @@ def check_voices(voices: list[Voice]) -> None:
     to its default voice; espeak-ng exits 1)."""
     for tool in sorted({v.engine for v in voices} - {"piper"}):
         require_tool(tool)
-    for v in voices:
+    for v in voices:  # the voice file and the package; each builder thread loads its own session later
         if v.engine == "piper":
-            _piper_voice(v.name)
+            piper_model_path(v.name)
+            _import_piper(v.name)
     known = flite_voices()
     with tempfile.TemporaryDirectory() as tmp:
         for v in voices:
