@@ -4,7 +4,7 @@
 #   ./launch.sh import SRC OUT
 #   ./launch.sh transcribe MODEL AUDIO... [--engine torch|onnx]
 #   ./launch.sh eval MODEL --data DATA --out REPORT.json [--engine ...]
-#   ./launch.sh export MODEL OUT [--format slim|sherpa-onnx] [--mode qdq|float|dynamic-int8]
+#   ./launch.sh export MODEL OUT [--format slim|sherpa-onnx|hf] [--mode qdq|float|dynamic-int8]
 #   ./launch.sh compare BASE.json OTHER.json ...
 #   ./launch.sh synth --text FILE --out DIR [--voices ...] [--limit N]
 #   ./launch.sh test [pytest args]
@@ -23,6 +23,29 @@ ensure_voices() {
     else
         echo "[launch] warning: espeak-ng/flite missing; install them (apt-get install espeak-ng flite)" >&2
     fi
+}
+
+ensure_js() {
+    # transformers.js (npm, pinned by eval/js/package-lock.json) for the engine that runs hf-layout exports.
+    # --ignore-scripts: onnxruntime-node's install script only fetches GPU libraries (from nuget.org); its
+    # CPU binaries ship in the npm package itself.
+    local js="$ROOT/eval/js" want
+    if ! command -v npm >/dev/null; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            echo "[launch] installing the Debian packages nodejs and npm (apt-get, for transformers.js)" >&2
+            (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null) \
+                || { echo "[launch] warning: could not install nodejs/npm; the transformers.js engine is unavailable" >&2; return; }
+        else
+            echo "[launch] warning: node/npm missing; the transformers.js engine is unavailable" >&2
+            return
+        fi
+    fi
+    want="$(sha256sum < "$js/package-lock.json" | cut -d' ' -f1)"
+    [ -f "$js/node_modules/.installed" ] && [ "$(cat "$js/node_modules/.installed")" = "$want" ] && return
+    echo "[launch] installing transformers.js into eval/js/node_modules (npm ci)" >&2
+    (cd "$js" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error >&2) \
+        && echo "$want" > "$js/node_modules/.installed" \
+        || echo "[launch] warning: npm ci failed; the transformers.js engine is unavailable" >&2
 }
 
 extras_for() {
@@ -74,6 +97,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 case "$cmd" in
     test)
         ensure_voices
+        ensure_js
         cd "$ROOT"
         exec "$VENV/bin/python" -m pytest -q "$@"
         ;;

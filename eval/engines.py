@@ -45,8 +45,10 @@ from slim.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("auto", "torch", "torch-dynamic-int8", "onnx", "onnx-dynamic-int8", "sherpa-onnx")
-LAYOUT_ENGINES = {"slim": "onnx", "sherpa-onnx": "sherpa-onnx"}  # the engine `auto` picks for an export layout
+ENGINES = ("auto", "torch", "torch-dynamic-int8", "onnx", "onnx-dynamic-int8", "sherpa-onnx", "transformers.js",
+           "onnx-asr")
+# the engines that run each export layout; `auto` picks the first
+LAYOUT_ENGINES = {"slim": ("onnx",), "sherpa-onnx": ("sherpa-onnx",), "hf": ("transformers.js", "onnx-asr")}
 # What a deployment of a model directory ships besides *.safetensors (training leftovers such as the
 # resolved recipe, logs or checkpoints do not count).
 SHIPPED_FILES = {
@@ -270,8 +272,8 @@ def dynamic_int8_export(model_dir: str | Path, cache_dir: str | Path | None = No
 
 
 def resolve_engine(model_dir: str | Path, engine: str = "auto") -> str:
-    """`auto` -> the runtime of an export dir's layout (export_config.json: `onnx` for slim, `sherpa-onnx`),
-    else `torch`; others checked and kept."""
+    """`auto` -> the runtime of an export dir's layout (export_config.json: `onnx` for slim, `sherpa-onnx`,
+    `transformers.js` for hf), else `torch`; others checked and kept."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     layout = export_layout(model_dir)
@@ -280,13 +282,14 @@ def resolve_engine(model_dir: str | Path, engine: str = "auto") -> str:
         raise ValueError(f"{Path(model_dir) / EXPORT_CONFIG}: a {layout!r} export, which no engine here runs "
                          "(load it in its own runtime)")
     if engine == "auto":
-        return LAYOUT_ENGINES[layout] if is_export else "torch"
-    if is_export and engine != LAYOUT_ENGINES[layout]:
+        return LAYOUT_ENGINES[layout][0] if is_export else "torch"
+    if is_export and engine not in LAYOUT_ENGINES[layout]:
         raise ValueError(f"{model_dir}: is a {layout} export ({EXPORT_CONFIG}); only --engine "
-                         f"{LAYOUT_ENGINES[layout]} (or auto) runs it")
-    if engine == "sherpa-onnx" and not is_export:
-        raise ValueError(f"{model_dir}: has no {EXPORT_CONFIG}; export it with ./launch.sh export MODEL OUT "
-                         "--format sherpa-onnx")
+                         f"{' / '.join(LAYOUT_ENGINES[layout])} (or auto) runs it")
+    for fmt, engines in LAYOUT_ENGINES.items():
+        if engine in engines and fmt != "slim" and not is_export:
+            raise ValueError(f"{model_dir}: has no {EXPORT_CONFIG}; export it with ./launch.sh export MODEL OUT "
+                             f"--format {fmt}")
     if engine == "onnx" and not is_export:
         raise ValueError(f"{model_dir}: has no {EXPORT_CONFIG}, so it is not an ONNX export; export it with "
                          "qat.onnx_export.export_model, or use --engine onnx-dynamic-int8 / torch")
@@ -311,6 +314,14 @@ def load_engine(model_dir: str | Path, engine: str = "auto", threads: int | None
         from eval.runtimes import SherpaOnnxEngine
 
         return SherpaOnnxEngine(model_dir, threads)
+    if engine == "transformers.js":
+        from eval.runtimes import TransformersJsEngine
+
+        return TransformersJsEngine(model_dir, threads)
+    if engine == "onnx-asr":
+        from eval.runtimes import OnnxAsrEngine
+
+        return OnnxAsrEngine(model_dir, threads)
     if engine == "onnx-dynamic-int8":
         e = OnnxRuntimeEngine(dynamic_int8_export(model_dir, cache_dir), threads, max_new_tokens)
         e.info = structure_info(model_dir)

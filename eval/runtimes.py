@@ -1,17 +1,26 @@
 """The runtimes people deploy Whisper with, behind the `eval.engines.Engine` interface, on our exports.
 
-    engine        runs                                              on an export of layout
-    sherpa-onnx   sherpa-onnx's OfflineRecognizer.from_whisper      sherpa-onnx (`qat.export_sherpa`)
-                  (its own features, greedy search, tokens.txt)
+    engine           runs                                              on an export of layout
+    sherpa-onnx      sherpa-onnx's OfflineRecognizer.from_whisper      sherpa-onnx (`qat.export_sherpa`)
+                     (its own features, greedy search, tokens.txt)
+    transformers.js  transformers.js's automatic-speech-recognition    hf (`qat.export_hf`)
+                     pipeline, in Node (eval/js; its own features,
+                     generate() and tokenizer)
+    onnx-asr         onnx-asr's Whisper model (its own features and    hf, multilingual models only: its
+                     greedy loop)                                      prompt always has a language token
 
 Each is the registry package as users install it; nothing here reimplements them. sherpa-onnx pads a clip
 with `tail_paddings` feature frames (its default: 1000, at most to 30 s); we pass 3000, the full window
-our engines and the training see, unless told otherwise. sherpa-onnx has no per-call token budget
-(`slim.decoding.token_budget`): it decodes to eot or to n_text_ctx.
+our engines and the training see, unless told otherwise. None of them has a per-call token budget
+(`slim.decoding.token_budget`): each decodes to eot or to the decoder's last position.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -54,3 +63,94 @@ class SherpaOnnxEngine(Engine):
         self.last_tokens = [list(s.result.tokens) for s in streams]
         return [s.result.text.strip() for s in streams]
 
+
+
+JS_DIR = Path(__file__).resolve().parent / "js"
+
+
+def _hf_export(export_dir: str | Path) -> tuple[Path, dict]:
+    from qat.export_hf import check_dir
+
+    d = Path(export_dir)
+    return d, check_dir(d)
+
+
+class TransformersJsEngine(Engine):
+    """transformers.js (npm, eval/js) on a `--format hf` export, in one Node process kept for the engine's life."""
+
+    def __init__(self, export_dir: str | Path, threads: int = 2):
+        d, config = _hf_export(export_dir)
+        node = shutil.which("node")
+        if node is None or not (JS_DIR / "node_modules" / "@huggingface" / "transformers").is_dir():
+            raise RuntimeError("the transformers.js engine needs Node.js and eval/js/node_modules "
+                               "(./launch.sh test installs it; or: cd eval/js && npm ci --ignore-scripts)")
+        dtype = "fp32" if config["mode"] == "float" else "q8"
+        self.proc = subprocess.Popen([node, str(JS_DIR / "transcribe.mjs"), str(d), dtype, str(threads)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=JS_DIR)
+        first = self.proc.stdout.readline()
+        if not first.strip() or not json.loads(first).get("ready"):
+            self.close()
+            raise RuntimeError(f"transformers.js could not load {d} (its error is above)")
+        self.tmp = tempfile.TemporaryDirectory(prefix="slim-js-")
+        self.name = f"transformers.js-{config['mode']}"
+        self.files = [str(d / n) for n in config["files"]]
+        self.model_bytes = sum(f["bytes"] for f in config["files"].values())
+        self.info = {"structure": config.get("structure")}
+        self.last_seconds: list[float] = []  # each clip's pipeline call as Node timed it
+
+    def transcribe(self, audios: list[np.ndarray], batch_size: int = 1) -> list[str]:
+        texts, self.last_seconds = [], []
+        for i, a in enumerate(audios):
+            clip = Path(self.tmp.name) / f"{i}.f32"
+            np.asarray(a, "<f4").tofile(clip)
+            self.proc.stdin.write(f"{clip}\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"transformers.js exited (code {self.proc.poll()}) on clip {i}")
+            r = json.loads(line)
+            texts.append(r["text"].strip())
+            self.last_seconds.append(r["seconds"])
+        return texts
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class OnnxAsrEngine(Engine):
+    """onnx-asr (PyPI) on a `--format hf` export of a multilingual model, transcribing `language`."""
+
+    def __init__(self, export_dir: str | Path, threads: int = 2, language: str = "en"):
+        try:
+            import onnx_asr
+            import onnxruntime as ort
+        except ImportError as e:
+            raise RuntimeError("the onnx-asr engine needs the onnx-asr package (the bench extra)") from e
+        d, config = _hf_export(export_dir)
+        if len(config["decode"]["prompt"]) < 4:
+            raise ValueError(f"{d}: an English-only model; onnx-asr always prompts with a language token, "
+                             "which such a model lacks (run it with --engine transformers.js)")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+        self.model = onnx_asr.load_model("whisper", str(d), quantization=None if config["mode"] == "float"
+                                         else "quantized", sess_options=so)
+        self.language = language
+        self.name = f"onnx-asr-{config['mode']}"
+        self.files = [str(d / n) for n in config["files"]]
+        self.model_bytes = sum(f["bytes"] for f in config["files"].values())
+        self.info = {"structure": config.get("structure")}
+
+    def transcribe(self, audios: list[np.ndarray], batch_size: int = 1) -> list[str]:
+        out = []
+        for i in range(0, len(audios), batch_size):
+            chunk = [np.asarray(a, np.float32) for a in audios[i:i + batch_size]]
+            out += [t.strip() for t in self.model.recognize(chunk, language=self.language)]
+        return out

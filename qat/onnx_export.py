@@ -662,7 +662,8 @@ def export_model(src, out: str | Path, mode: str = "qdq", *, processor=None, pla
                  prompt: list[int] | None = None, language: str = "en", max_length: int | None = None,
                  opset: int = OPSET, layout: str = "slim") -> Path:
     """Export `src` (a model or a model directory) to `out` in `layout` (`slim.export_format.LAYOUTS`):
-    "slim" for `slim.runtime.OnnxEngine`, "sherpa-onnx" for sherpa-onnx's recognizer (`qat.export_sherpa`).
+    "slim" for `slim.runtime.OnnxEngine`, "sherpa-onnx" for sherpa-onnx's recognizer (`qat.export_sherpa`),
+    "hf" for transformers.js and onnx-asr (`qat.export_hf`).
 
     mode: "float" (fp32), "dynamic-int8" (ORT quantize_dynamic of the float export) or "qdq" (static INT8
     with the QAT scales of a fake-quant model, or of `plan` when given). Writes atomically.
@@ -708,6 +709,12 @@ def export_model(src, out: str | Path, mode: str = "qdq", *, processor=None, pla
             graphs = [ENCODER_FILE, DECODER_FILE]
             if processor is not None:
                 processor.save_pretrained(tmp)
+        elif layout == "hf":
+            from qat import export_hf
+
+            info = export_hf.export_graphs(model, plan, decode, processor, tmp, opset, mode)
+            graphs = [info["encoder"], info["decoder"]]
+            extra[layout] = info
         else:
             from qat import export_sherpa
 
@@ -718,6 +725,8 @@ def export_model(src, out: str | Path, mode: str = "qdq", *, processor=None, pla
             extra[layout] = {**info, "required": graphs + [export_sherpa.TOKENS]}
         compacted = []
         for f in graphs:
+            if f in extra.get(layout, {}).get("quantized", []):
+                continue
             if mode == "dynamic-int8":
                 _quantize_dynamic(tmp / f)
             elif mode == "qdq":

@@ -122,8 +122,9 @@ class ExportDirError(ValueError):
     """A missing, incomplete or corrupt export directory; the message names the file."""
 
 
-LAYOUTS = ("slim", "sherpa-onnx")
-"""Export layouts (`./launch.sh export --format`): the slim runtime's and sherpa-onnx's."""
+LAYOUTS = ("slim", "sherpa-onnx", "hf")
+"""Export layouts (`./launch.sh export --format`): the slim runtime's, sherpa-onnx's and the Hugging Face
+onnx/ layout (transformers.js, onnx-asr)."""
 
 
 def export_layout(model_dir: str | Path) -> str | None:

@@ -16,57 +16,22 @@ from slim.audio import load_audio
 from slim.export_format import ExportDirError
 from slim.runtime import OnnxEngine
 
-ROOT = Path(__file__).resolve().parent.parent
-REAL_SPEECH = ROOT / "data" / "real-speech"
-SELF_HEADS, CROSS_HEADS = [2, 1], [1, 3]
-HEAD_DIM = 16  # d_model 64 / 4 heads
+from uneven import (CROSS_HEADS, HEAD_DIM, REAL_SPEECH, ROOT, SELF_HEADS, export_all, real_clips as _clips,
+                    save_uneven, slim_prompt_logits)
+
 NEW = 10
-
-
-def _clips(n=None):
-    items = [json.loads(l) for l in (REAL_SPEECH / "manifest.jsonl").read_text().splitlines() if l.strip()]
-    return [REAL_SPEECH / it["audio"] for it in items][:n]
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """Model directories as the pipeline writes them: the uneven float model and its PTQ (fake-quant) copy."""
-    import copy
-
-    from qat.prepare import QuantConfig, ptq
-    from slim.model import Structure, build_model, save_model
-    from slim.sources import tiny_random_processor, tiny_random_whisper
-
-    d = tmp_path_factory.mktemp("sherpa")
-    dense = tiny_random_whisper(seed=0)
-    s = Structure.dense(dense.config)
-    s.encoder_heads, s.decoder_heads, s.cross_heads = [3, 1], SELF_HEADS, CROSS_HEADS
-    s.decoder_ffn = [7, 128]
-    torch.manual_seed(3)
-    model = build_model(dense.config, s).eval()
-    model.generation_config = dense.generation_config
-    processor = tiny_random_processor()
-    g = torch.Generator().manual_seed(1)
-    batch = {"input_features": torch.randn(2, 80, 3000, generator=g),
-             "labels": torch.tensor([[50257, 50362] + list(range(400, 410))] * 2)}
-    cfg = QuantConfig(embeddings=True)
-    fq = ptq(copy.deepcopy(model), cfg, [batch])
-    return {"float": save_model(model, d / "float", processor=processor),
-            "qdq": save_model(fq, d / "ptq", processor=processor, quant=cfg.to_dict()), "root": d}
+    return save_uneven(tmp_path_factory.mktemp("sherpa"))
 
 
 @pytest.fixture(scope="module")
 def exports(models):
     """Each model exported by the CLI in both layouts (the mode follows the model: qdq for fake quant)."""
-    from train.cli import main
-
-    out = {}
-    for kind in ("float", "qdq"):
-        for layout in ("slim", "sherpa-onnx"):
-            d = models["root"] / f"{kind}-{layout}"
-            assert main(["export", str(models[kind]), str(d), "--format", layout]) == 0
-            out[kind, layout] = d
-    return out
+    return export_all(models, ("float", "qdq"), ("slim", "sherpa-onnx"))
 
 
 def test_sherpa_layout_has_the_names_shapes_and_metadata_sherpa_reads(exports):
@@ -139,15 +104,7 @@ def test_padded_sherpa_graphs_decode_like_the_slim_graphs(exports, kind):
         assert np.isneginf(logits[0][d.begin_suppress_tokens]).all() and np.isneginf(logits[1][d.suppress_tokens]).all()
         assert np.isfinite(logits[1][d.begin_suppress_tokens[0]])  # begin suppression is for the first step only
     if kind == "float":  # the slim decoder's last-position logits, from its own graph
-        import onnxruntime as ort
-
-        sess = ort.InferenceSession(str(exports[kind, "slim"] / "decoder.onnx"), providers=["CPUExecutionProvider"])
-        cross = [x.numpy() for x in slim.encode(f)]
-        feed = {"input_ids": np.array([d.prompt], np.int64), "offset": np.zeros(1, np.int64),
-                **{n: np.zeros([1] + [s if isinstance(s, int) else 0 for s in i.shape[1:]], np.float32)
-                   for i in sess.get_inputs() for n in [i.name] if n.startswith("past_")},
-                **dict(zip(slim.cross_names, cross))}
-        ref = sess.run(["logits"], feed)[0][0] + slim._begin
+        ref = slim_prompt_logits(slim, f)
         finite = np.isfinite(ref)
         assert (np.isfinite(logits[0]) == finite).all()
         assert np.abs(logits[0][finite] - ref[finite]).max() < 1e-4
@@ -193,7 +150,7 @@ def test_wrong_format_and_partial_folders_fail_naming_the_file(models, exports, 
     with pytest.raises(SystemExit):
         main(["export", str(models["float"]), str(tmp_path / "x"), "--format", "onnx-asr"])
     assert not (tmp_path / "x").exists()
-    with pytest.raises(ConfigError, match=r"export_format: 'bogus' is not one of \['slim', 'sherpa-onnx'\]"):
+    with pytest.raises(ConfigError, match=r"export_format: 'bogus' is not one of \['slim', 'sherpa-onnx', 'hf'\]"):
         load_recipe(ROOT / "recipes" / "smoke.yaml", ["stages.export.export_format=bogus"])
     assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "y")]) == 1
     assert f"{tmp_path / 'nothing' / 'config.json'}: missing" in capsys.readouterr().err

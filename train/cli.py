@@ -20,7 +20,7 @@ USAGE = """usage: ./launch.sh COMMAND ...
   import SRC OUT                      SRC: hub id | HF dir | CT2 dir | tiny.en | base
   transcribe MODEL AUDIO... [--engine torch|onnx|...]
   eval MODEL --data DATA --out REPORT.json [--engine ...] [--batch-size N] [--limit N]
-  export MODEL OUT [--format slim|sherpa-onnx] [--mode qdq|float|dynamic-int8]
+  export MODEL OUT [--format slim|sherpa-onnx|hf] [--mode qdq|float|dynamic-int8]
   compare BASE.json OTHER.json...     WER differences of eval reports, paired bootstrap 95% intervals
   synth --text FILE --out DIR [--voices ...] [--limit N]
   test [pytest args]"""
@@ -127,7 +127,7 @@ def _export(argv: list[str]) -> int:
     p.add_argument("model", help="a model directory this project wrote (dense, pruned, QAT/PTQ) or an HF Whisper dir")
     p.add_argument("out", help="output directory (replaced atomically)")
     p.add_argument("--format", default="slim", choices=LAYOUTS,
-                   help="slim: our runtime (slim.runtime, no torch); sherpa-onnx: its Whisper layout")
+                   help="slim: our runtime (slim.runtime, no torch); sherpa-onnx: its Whisper layout; hf: the Hugging Face onnx/ layout (transformers.js, onnx-asr)")
     p.add_argument("--mode", default=None, choices=("qdq", "float", "dynamic-int8"),
                    help="default: qdq for a fake-quant model (its QAT scales), float otherwise")
     args = p.parse_args(argv)

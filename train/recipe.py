@@ -166,9 +166,10 @@ class StageConfig:
     """Settings for kind=interpolate (required there)."""
     export_mode: Literal["qdq", "float", "dynamic-int8"] = "qdq"
     """kind=export: QDQ INT8 with the QAT scales, plain float, or ORT dynamic INT8."""
-    export_format: Literal["slim", "sherpa-onnx"] = "slim"
+    export_format: Literal["slim", "sherpa-onnx", "hf"] = "slim"
     """kind=export: the layout written (`./launch.sh export --format`): slim (our runtime, `slim.runtime`) or
-    sherpa-onnx (its Whisper encoder/decoder, metadata and tokens.txt, `qat.export_sherpa`)."""
+    sherpa-onnx (its Whisper encoder/decoder, metadata and tokens.txt, `qat.export_sherpa`) or hf (the Hugging
+    Face onnx/ layout transformers.js and onnx-asr load, `qat.export_hf`)."""
     evaluate: bool = True
     """Evaluate the stage's output (WER, size, latency) into report.json."""
     engine: Literal["auto", "torch", "onnx", "torch-dynamic-int8", "onnx-dynamic-int8"] = "auto"

@@ -1,0 +1,200 @@
+"""The Hugging Face onnx/ layout on tiny random Whispers with uneven heads (English-only and multilingual): the
+names and per-layer shapes the runtimes read, the merged decoder's weights stored once, its two branches
+decoding like the slim graphs, and the real runtimes (onnx-asr from PyPI, transformers.js from npm) giving the
+slim engine's transcripts."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from slim.audio import load_audio
+from slim.export_format import ExportDirError
+from slim.runtime import OnnxEngine
+
+from uneven import (CROSS_HEADS, HEAD_DIM, ROOT, SELF_HEADS, export_all, real_clips as _clips, save_uneven,
+                    slim_prompt_logits, uneven_model)
+
+NEW = 10
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Model directories as the pipeline writes them: English-only float and PTQ, multilingual float."""
+    from slim.ct2 import load_tokenizer, processor_for
+    from slim.model import save_model
+    from slim.sources import shortcut_files, tiny_random_whisper
+
+    out = save_uneven(tmp_path_factory.mktemp("hf"))
+    base_dir, _ = shortcut_files("base")
+    multi = processor_for(load_tokenizer(base_dir / "tokenizer.json", multilingual=True), 80)
+    out["multi"] = save_model(uneven_model(tiny_random_whisper(seed=0, vocab_size=51865)), out["root"] / "multi",
+                              processor=multi)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exports(models):
+    """Each model exported by the CLI in the slim and hf layouts (the mode follows the model)."""
+    return export_all(models, ("float", "qdq", "multi"), ("slim", "hf"))
+
+
+def _dims(v):
+    return [x.dim_param or x.dim_value for x in v.type.tensor_type.shape.dim]
+
+
+def test_hf_layout_has_the_files_names_and_per_layer_shapes(exports):
+    d = exports["qdq", "hf"]
+    assert sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()) == [
+        "added_tokens.json", "config.json", "export_config.json", "generation_config.json",
+        "onnx/decoder_model_merged_quantized.onnx", "onnx/encoder_model_quantized.onnx", "preprocessor_config.json",
+        "tokenizer.json", "tokenizer_config.json", "vocab.json"]
+    assert sorted(p.name for p in (exports["float", "hf"] / "onnx").iterdir()) == [
+        "decoder_model_merged.onnx", "encoder_model.onnx"]
+    enc = onnx.load(str(d / "onnx/encoder_model_quantized.onnx"))
+    assert [(i.name, _dims(i)) for i in enc.graph.input] == [("input_features", ["batch_size", 80, 3000])]
+    assert [(o.name, _dims(o)) for o in enc.graph.output] == [("last_hidden_state", ["batch_size", "encoder_sequence_length", 64])]
+    dec = onnx.load(str(d / "onnx/decoder_model_merged_quantized.onnx"))
+    names = [f"{i}.{part}.{kv}" for i in range(2) for part in ("decoder", "encoder") for kv in ("key", "value")]
+    assert [i.name for i in dec.graph.input] == ["input_ids", "encoder_hidden_states"] + \
+        [f"past_key_values.{n}" for n in names] + ["use_cache_branch"]
+    ins = {i.name: _dims(i) for i in dec.graph.input}
+    assert ins["input_ids"] == ["batch_size", "decoder_sequence_length"]
+    assert ins["use_cache_branch"] == [1]
+    assert dec.graph.input[-1].type.tensor_type.elem_type == onnx.TensorProto.BOOL
+    for i in range(2):  # each layer's own head count, as a number
+        assert ins[f"past_key_values.{i}.decoder.key"] == ["batch_size", SELF_HEADS[i], "past_decoder_sequence_length",
+                                                           HEAD_DIM]
+        assert ins[f"past_key_values.{i}.encoder.value"] == ["batch_size", CROSS_HEADS[i],
+                                                             "encoder_sequence_length_out", HEAD_DIM]
+    assert [o.name for o in dec.graph.output] == ["logits"] + [f"present.{n}" for n in names]
+    assert [n.op_type for n in dec.graph.node] == ["If"] or dec.graph.node[-1].op_type == "If"
+    assert json.loads((d / "config.json").read_text())["model_type"] == "whisper"
+    assert json.loads((d / "preprocessor_config.json").read_text())["feature_size"] == 80
+    added = json.loads((d / "added_tokens.json").read_text())
+    assert added["<|startoftranscript|>"] == 50257 and len(json.loads((d / "vocab.json").read_text())) == 50257
+
+
+def test_merged_decoder_stores_each_weight_once(exports):
+    """The two branches share one copy of every weight: no two initializers are equal, and the merged file
+    is the slim decoder plus the cross-attention K/V projections (which the slim layout runs in the encoder)."""
+    from onnx import numpy_helper
+
+    for kind, name in (("float", "decoder_model_merged.onnx"), ("qdq", "decoder_model_merged_quantized.onnx")):
+        m = onnx.load(str(exports[kind, "hf"] / "onnx" / name))
+        big = [numpy_helper.to_array(t) for t in m.graph.initializer if np.prod(t.dims) >= 64]
+        seen = {(a.dtype.str, a.shape, a.tobytes()) for a in big}
+        assert len(seen) == len(big)
+        slim = (exports[kind, "slim"] / "decoder.onnx").stat().st_size
+        cross_kv = sum(2 * 64 * h * HEAD_DIM for h in CROSS_HEADS) * (1 if kind == "qdq" else 4)
+        assert (exports[kind, "hf"] / "onnx" / name).stat().st_size < slim + 2 * cross_kv + 200_000
+
+
+def _hf_greedy(d: Path, feats: np.ndarray, prompt: list[int], eos: int, steps: int, quantized: bool):
+    """The runtimes' loop on the hf graphs, in Python: the prompt with empty pasts and use_cache_branch false,
+    then one token per call with the presents as pasts (the encoder's kept from the first call)."""
+    import onnxruntime as ort
+
+    q = "_quantized" if quantized else ""
+    enc = ort.InferenceSession(str(d / f"onnx/encoder_model{q}.onnx"), providers=["CPUExecutionProvider"])
+    dec = ort.InferenceSession(str(d / f"onnx/decoder_model_merged{q}.onnx"), providers=["CPUExecutionProvider"])
+    feed = {"encoder_hidden_states": enc.run(None, {"input_features": feats})[0]}
+    for i in dec.get_inputs():
+        if i.name.startswith("past_key_values."):
+            feed[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+    names = [o.name for o in dec.get_outputs()]
+    ids, out, logits_seen = np.array([prompt], np.int64), [], []
+    for step in range(steps):
+        feed["input_ids"], feed["use_cache_branch"] = ids, np.array([step > 0])
+        r = dict(zip(names, dec.run(None, feed)))
+        for n, v in r.items():
+            if n.startswith("present.") and (step == 0 or ".decoder." in n):
+                feed[n.replace("present.", "past_key_values.")] = v
+        logits_seen.append(r["logits"][0, -1])
+        nxt = int(r["logits"][0, -1].argmax())
+        if nxt == eos:
+            break
+        out.append(nxt)
+        ids = np.array([[nxt]], np.int64)
+    return out, logits_seen
+
+
+@pytest.mark.parametrize("kind", ["float", "qdq"])
+def test_hf_graphs_decode_like_the_slim_graphs(exports, kind):
+    """On the same features the merged decoder's greedy tokens are the slim engine's (both branches run), the
+    suppress masks are in its logits, and in float its first logits equal the slim decoder's to rounding."""
+    slim = OnnxEngine(exports[kind, "slim"], threads=1)
+    d = slim.decode
+    for clip in _clips(3):
+        f = slim.features([load_audio(clip)])
+        want = slim.generate_tokens(f, NEW)[0]
+        got, logits = _hf_greedy(exports[kind, "hf"], f, d.prompt, d.eos_token_id, NEW, quantized=kind == "qdq")
+        assert got == want
+        assert np.isneginf(logits[0][d.begin_suppress_tokens]).all() and np.isneginf(logits[1][d.suppress_tokens]).all()
+        assert np.isfinite(logits[1][d.begin_suppress_tokens[0]])  # begin suppression is for the first step only
+    if kind == "float":
+        ref = slim_prompt_logits(slim, f)
+        finite = np.isfinite(ref)
+        assert (np.isfinite(logits[0]) == finite).all()
+        assert np.abs(logits[0][finite] - ref[finite]).max() < 1e-4
+
+
+def _full_length(engine: OnnxEngine, audios):
+    """The slim engine decoding to eos or the decoder's last position, as the other runtimes do."""
+    steps = engine.decode.max_length - len(engine.decode.prompt)
+    return [engine.decode_text([engine.generate_tokens(engine.features([a]), steps)[0]])[0] for a in audios]
+
+
+def test_onnx_asr_transcribes_a_multilingual_export_like_the_slim_engine(exports):
+    """onnx-asr (PyPI) on the multilingual float export: the slim engine's text, with the English prompt."""
+    from eval.engines import load_engine
+
+    slim = OnnxEngine(exports["multi", "slim"], threads=1)
+    assert slim.decode.prompt == [50258, 50259, 50359, 50363]  # <|startoftranscript|><|en|><|transcribe|><|notimestamps|>
+    asr = load_engine(exports["multi", "hf"], engine="onnx-asr", threads=1)
+    audios = [load_audio(c) for c in _clips(2)]
+    assert asr.transcribe(audios) == _full_length(slim, audios)
+    with pytest.raises(ValueError, match="English-only model; onnx-asr always prompts with a language token"):
+        load_engine(exports["float", "hf"], engine="onnx-asr", threads=1)
+
+
+JS = ROOT / "eval" / "js" / "node_modules" / "@huggingface" / "transformers"
+
+
+@pytest.mark.skipif(not JS.is_dir() or shutil.which("node") is None,
+                    reason="transformers.js is not installed (./launch.sh test installs it with npm)")
+@pytest.mark.parametrize("kind", ["float", "qdq"])
+def test_transformers_js_transcribes_like_the_slim_engine(exports, kind):
+    """transformers.js (npm, in Node; auto for an hf export) on the English-only exports: the slim engine's text."""
+    from eval.engines import load_engine
+
+    slim = OnnxEngine(exports[kind, "slim"], threads=1)
+    js = load_engine(exports[kind, "hf"], threads=1)
+    assert js.name == f"transformers.js-{kind}"
+    audios = [load_audio(c) for c in _clips(2)]
+    try:
+        assert js.transcribe(audios) == _full_length(slim, audios)
+        assert len(js.last_seconds) == 2 and all(s > 0 for s in js.last_seconds)
+    finally:
+        js.close()
+
+
+def test_wrong_engine_and_partial_hf_folders_fail_naming_the_file(exports, tmp_path, capsys):
+    from eval.engines import load_engine
+    from train.cli import main
+
+    with pytest.raises(ValueError, match=r"is a hf export .* only --engine transformers.js / onnx-asr"):
+        load_engine(exports["float", "hf"], engine="onnx")
+    with pytest.raises(ExportDirError, match=r"export_config.json: is a 'hf' export, not 'slim'"):
+        OnnxEngine(exports["float", "hf"])
+    partial = tmp_path / "partial"
+    shutil.copytree(exports["float", "hf"], partial)
+    (partial / "onnx" / "decoder_model_merged.onnx").unlink()
+    with pytest.raises(ExportDirError, match=r"partial/onnx/decoder_model_merged.onnx: missing file listed"):
+        load_engine(partial, engine="onnx-asr", threads=1)
+    assert main(["transcribe", str(partial), str(_clips(1)[0])]) == 1
+    assert f"{partial / 'onnx' / 'decoder_model_merged.onnx'}: missing" in capsys.readouterr().err
