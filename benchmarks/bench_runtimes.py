@@ -13,10 +13,17 @@ MODEL: a fake-quant (QAT/PTQ) or float model directory; each is exported once in
   slim-runtime       the same engine as shipped, torch-free (numpy log-mel, `tokenizers`)
   sherpa-onnx        sherpa-onnx's OfflineRecognizer.from_whisper (its own features and greedy search,
                      tail_paddings=3000: the 30 s window the other rows see) on the sherpa-onnx layout
+  sherpa-onnx-lead-5ms  the same, each clip led by 80 zero samples: kaldi-native-fbank's Whisper frames
+                     start half a hop (5 ms) after Whisper's own, and with this lead its features are ours
+  transformers.js    transformers.js's automatic-speech-recognition pipeline in Node (`eval/js`) on the hf
+                     layout (its own features, generate() and tokenizer)
+  onnx-asr           onnx-asr's Whisper model on the hf layout (multilingual models only: its prompt always
+                     holds a language token)
 Greedy, batch 1. s/utt is wall clock around each call (features included), after one warm-up call; the
 runtimes take turns clip by clip. WER after Whisper's English normalizer; token agreement with the
 reference: 1 - token edit distance / longer length, and the share of utterances with identical tokens
-(sherpa-onnx reports token strings, mapped back to ids through tokens.txt).
+(sherpa-onnx reports token strings, mapped back to ids through tokens.txt). transformers.js and onnx-asr
+report text only: their rows give the share of identical texts and no token agreement.
 """
 
 from __future__ import annotations
@@ -118,6 +125,34 @@ class Sherpa:
         return [self.ids.get(t, -1) for t in self.engine.last_tokens[0]], text
 
 
+class SherpaLead(Sherpa):
+    name = "sherpa-onnx-lead-5ms"
+    lead = np.zeros(80, np.float32)
+
+    def run(self, audio):
+        return super().run(np.concatenate([self.lead, np.asarray(audio, np.float32)]))
+
+
+class TextOnly:
+    """A runtime that reports text (ids None): transformers.js and onnx-asr."""
+
+    def __init__(self, d: Path, threads: int):
+        from eval.engines import load_engine
+
+        self.engine = load_engine(d, engine=self.name, threads=threads)
+
+    def run(self, audio):
+        return None, self.engine.transcribe([audio])[0]
+
+
+class TransformersJs(TextOnly):
+    name = "transformers.js"
+
+
+class OnnxAsr(TextOnly):
+    name = "onnx-asr"
+
+
 def load_set(manifest: Path) -> list[dict]:
     """The usable clips of a manifest, as `./launch.sh eval` reads them (bad audio skipped: `slim.data`)."""
     from slim.data import iter_examples
@@ -150,7 +185,12 @@ def main(argv=None) -> int:
     for model in map(Path, args.models):
         ex = exports_of(model, work)
         runtimes = [HfFeatures(ex["slim"], args.threads), Nudged(ex["slim"], args.threads),
-                    Runtime(ex["slim"], args.threads), Sherpa(ex["sherpa-onnx"], args.threads)]
+                    Runtime(ex["slim"], args.threads), Sherpa(ex["sherpa-onnx"], args.threads),
+                    SherpaLead(ex["sherpa-onnx"], args.threads), TransformersJs(ex["hf"], args.threads)]
+        if len(runtimes[0].engine.decode.prompt) >= 4:  # a language token: a multilingual model
+            runtimes.append(OnnxAsr(ex["hf"], args.threads))
+        else:
+            print(f"{label(model)}: English-only, so no onnx-asr row (its prompt always holds a language token)")
         for name, clips in sets.items():
             for r in runtimes:
                 r.run(clips[0]["audio"])  # warm-up
@@ -163,18 +203,23 @@ def main(argv=None) -> int:
                     out[r.name]["ids"].append(ids)
                     out[r.name]["texts"].append(text)
             refs = [c["text"] for c in clips]
-            ref_ids = out[runtimes[0].name]["ids"]
+            ref_ids, ref_texts = out[runtimes[0].name]["ids"], out[runtimes[0].name]["texts"]
             for r in runtimes:
                 o = out[r.name]
-                a = agreement(ref_ids, o["ids"])
-                row = {"model": str(model), "export": str(ex["sherpa-onnx" if r.name == "sherpa-onnx" else "slim"]),
+                if o["ids"][0] is None:
+                    a = {"token_agreement": None,
+                         "exact_match": float(np.mean([x == y for x, y in zip(ref_texts, o["texts"])]))}
+                else:
+                    a = agreement(ref_ids, o["ids"])
+                layout = "sherpa-onnx" if r.name.startswith("sherpa") else "hf" if isinstance(r, TextOnly) else "slim"
+                row = {"model": str(model), "export": str(ex[layout]),
                        "data": name, "runtime": r.name, "utterances": len(clips),
                        "seconds_per_utterance": o["seconds"] / len(clips),
                        "wer": word_error_rate(refs, o["texts"]), **a}
                 report["results"].append(row)
-                print(f"{label(model):>12} {Path(name).parent.name:>13} {r.name:>17}  {row['seconds_per_utterance']:.3f} s/utt  "
-                      f"WER {100 * row['wer']:.2f}%  tokens {row['token_agreement']:.4f}  exact {row['exact_match']:.3f}",
-                      flush=True)
+                tokens = "—" if row["token_agreement"] is None else f"{row['token_agreement']:.4f}"
+                print(f"{label(model):>12} {Path(name).parent.name:>13} {r.name:>20}  {row['seconds_per_utterance']:.3f} s/utt  "
+                      f"WER {100 * row['wer']:.2f}%  tokens {tokens}  exact {row['exact_match']:.3f}", flush=True)
             if args.out:  # after every set: a long run that is stopped keeps what it measured
                 from slim.io import atomic_write_json
 
@@ -188,7 +233,8 @@ def markdown(report: dict) -> str:
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
         lines.append(f"| {label(Path(r['model']))} | {Path(r['data']).parent.name} | {r['runtime']} | {r['utterances']} | "
-                     f"{r['seconds_per_utterance']:.3f} | {100 * r['wer']:.2f} | {r['token_agreement']:.4f} | "
+                     f"{r['seconds_per_utterance']:.3f} | {100 * r['wer']:.2f} | "
+                     f"{'—' if r['token_agreement'] is None else format(r['token_agreement'], '.4f')} | "
                      f"{100 * r['exact_match']:.1f}% |")
     return "\n".join(lines)
 

@@ -40,7 +40,7 @@ from torch import nn
 from slim.decoding import token_budget
 from slim.audio import SAMPLING_RATE
 from slim.export_format import CONFIG_FILE as EXPORT_CONFIG
-from slim.export_format import export_layout
+from slim.export_format import DecodeConfig, export_layout
 from slim.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -96,11 +96,15 @@ class TorchEngine(Engine):
     """A `WhisperForConditionalGeneration` (float, fake-quant, INT8 or dynamically quantized) + processor."""
 
     def __init__(self, model, processor, name: str = "torch", model_bytes: int = 0, files: list[str] | None = None,
-                 info: dict | None = None, max_new_tokens: int | None = None):
+                 info: dict | None = None, max_new_tokens: int | None = None, language: str | None = None):
         self.model, self.processor, self.name = model, processor, name
         self.model_bytes, self.files, self.info = model_bytes, files or [], info or {}
         self.max_new_tokens = max_new_tokens
         self.tokenizer = processor.tokenizer
+        # checked against the model's languages here, not at the first generate call; HF's generate takes
+        # the code for a multilingual model (and none for an English-only one)
+        decode = DecodeConfig.from_model(model).with_language(language)
+        self.generate_kw = {"language": language} if language and decode.languages else {}
 
     def transcribe(self, audios: list[np.ndarray], batch_size: int = 1) -> list[str]:
         model = self.model
@@ -117,7 +121,7 @@ class TorchEngine(Engine):
                 if param is not None and param.is_floating_point():
                     feats = feats.to(device, param.dtype)
                 with torch.inference_mode():
-                    ids = model.generate(input_features=feats,
+                    ids = model.generate(input_features=feats, **self.generate_kw,
                                          max_new_tokens=token_budget(chunk, self.max_new_tokens))
                 texts += [t.strip() for t in self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)]
         finally:
@@ -196,7 +200,7 @@ def dynamic_int8_bytes(qmodel: nn.Module) -> int:
     return len(st_save(tensors))
 
 
-def _torch_dynamic_int8(model_dir: Path, max_new_tokens):
+def _torch_dynamic_int8(model_dir: Path, max_new_tokens, language: str | None = None):
     from slim.model import load_model, read_structure
 
     s = read_structure(model_dir)
@@ -212,7 +216,7 @@ def _torch_dynamic_int8(model_dir: Path, max_new_tokens):
     return TorchEngine(qmodel, _processor(model_dir), name="torch-dynamic-int8",
                        model_bytes=weights + dir_bytes(others),
                        files=[str(p) for p in others] + [f"<model.safetensors of the int8 state: {weights} bytes>"],
-                       info=structure_info(model_dir), max_new_tokens=max_new_tokens)
+                       info=structure_info(model_dir), max_new_tokens=max_new_tokens, language=language)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,10 +226,11 @@ def _torch_dynamic_int8(model_dir: Path, max_new_tokens):
 class OnnxRuntimeEngine(Engine):
     """`slim.runtime.OnnxEngine` behind the `Engine` interface."""
 
-    def __init__(self, export_dir: str | Path, threads: int, max_new_tokens: int | None = None):
+    def __init__(self, export_dir: str | Path, threads: int, max_new_tokens: int | None = None,
+                 language: str | None = None):
         from slim.runtime import OnnxEngine
 
-        self.ort = OnnxEngine(export_dir, threads=threads)
+        self.ort = OnnxEngine(export_dir, threads=threads, language=language)
         self.name = f"onnx-{self.ort.mode or 'float'}"
         self.model_bytes = self.ort.model_bytes
         d = Path(export_dir)
@@ -297,10 +302,12 @@ def resolve_engine(model_dir: str | Path, engine: str = "auto") -> str:
 
 
 def load_engine(model_dir: str | Path, engine: str = "auto", threads: int | None = None,
-                max_new_tokens: int | None = None, cache_dir: str | Path | None = None) -> Engine:
+                max_new_tokens: int | None = None, cache_dir: str | Path | None = None,
+                language: str | None = None) -> Engine:
     """An engine for MODEL_DIR (see the module docstring). `threads` sets torch's intra-op threads
     (process-wide) and ORT's; None keeps torch's current setting for both, so the two compare fairly.
-    `cache_dir`: where onnx-dynamic-int8 puts its export (default: beside the model)."""
+    `cache_dir`: where onnx-dynamic-int8 puts its export (default: beside the model). `language`: a
+    multilingual model's language code (None: the model's default, English); every engine takes it."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: model directory does not exist")
@@ -309,25 +316,19 @@ def load_engine(model_dir: str | Path, engine: str = "auto", threads: int | None
         torch.set_num_threads(threads)
     threads = threads or torch.get_num_threads()
     if engine == "onnx":
-        return OnnxRuntimeEngine(model_dir, threads, max_new_tokens)
-    if engine == "sherpa-onnx":
-        from eval.runtimes import SherpaOnnxEngine
+        return OnnxRuntimeEngine(model_dir, threads, max_new_tokens, language)
+    if engine in ("sherpa-onnx", "transformers.js", "onnx-asr"):
+        from eval import runtimes
 
-        return SherpaOnnxEngine(model_dir, threads)
-    if engine == "transformers.js":
-        from eval.runtimes import TransformersJsEngine
-
-        return TransformersJsEngine(model_dir, threads)
-    if engine == "onnx-asr":
-        from eval.runtimes import OnnxAsrEngine
-
-        return OnnxAsrEngine(model_dir, threads)
+        cls = {"sherpa-onnx": runtimes.SherpaOnnxEngine, "transformers.js": runtimes.TransformersJsEngine,
+               "onnx-asr": runtimes.OnnxAsrEngine}[engine]
+        return cls(model_dir, threads, language=language)
     if engine == "onnx-dynamic-int8":
-        e = OnnxRuntimeEngine(dynamic_int8_export(model_dir, cache_dir), threads, max_new_tokens)
+        e = OnnxRuntimeEngine(dynamic_int8_export(model_dir, cache_dir), threads, max_new_tokens, language)
         e.info = structure_info(model_dir)
         return e
     if engine == "torch-dynamic-int8":
-        return _torch_dynamic_int8(model_dir, max_new_tokens)
+        return _torch_dynamic_int8(model_dir, max_new_tokens, language)
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"{model_dir}: not a model directory (no config.json, no {EXPORT_CONFIG})")
     from qat.load import FLOAT, load_model_dir
@@ -336,4 +337,5 @@ def load_engine(model_dir: str | Path, engine: str = "auto", threads: int | None
     name = "torch" if kind == FLOAT else f"torch-{kind}"
     files = shipped_files(model_dir)
     return TorchEngine(model.eval(), _processor(model_dir), name=name, model_bytes=dir_bytes(files),
-                       files=[str(p) for p in files], info=structure_info(model_dir), max_new_tokens=max_new_tokens)
+                       files=[str(p) for p in files], info=structure_info(model_dir), max_new_tokens=max_new_tokens,
+                       language=language)

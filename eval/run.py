@@ -135,8 +135,9 @@ def evaluate_engines(engines: list[Engine], data, batch_size: int = 1, limit: in
 
 def evaluate_model(model_dir, data, engine: str = "auto", batch_size: int = 1, out=None, limit: int | None = None,
                    threads: int | None = None, warmup: int = 1, max_new_tokens: int | None = None,
-                   cache_dir=None, progress: bool = True) -> dict:
+                   cache_dir=None, progress: bool = True, language: str | None = None) -> dict:
     """Evaluate MODEL_DIR on DATA (a JSONL manifest, an audio folder or a `datasets` spec); write OUT if given.
+    `language`: a multilingual model's language code (None: its default, English).
 
     Returns the report dict: wer, cer, utterances, skipped (+ skipped_by_reason), model_bytes,
     seconds_per_utterance, engine, failures (empty / repetition / overlong / runaway counts), hypotheses
@@ -147,7 +148,8 @@ def evaluate_model(model_dir, data, engine: str = "auto", batch_size: int = 1, o
         # fail before loading (or exporting) a model for nothing
         raise FileNotFoundError(f"{data}: no such manifest or audio folder (DATA is a JSONL manifest, an audio "
                                 "folder, or a datasets spec such as hf:librispeech_asr/clean/validation)")
-    eng = load_engine(model_dir, engine, threads=threads, max_new_tokens=max_new_tokens, cache_dir=cache_dir)
+    eng = load_engine(model_dir, engine, threads=threads, max_new_tokens=max_new_tokens, cache_dir=cache_dir,
+                      language=language)
     import torch
 
     report = evaluate_engine(eng, data, batch_size=batch_size, limit=limit, warmup=warmup, progress=progress)
@@ -192,6 +194,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "slim_structure.json); torch-dynamic-int8 / onnx-dynamic-int8: post-training baselines")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime")
     p.add_argument("--max-new-tokens", type=int, default=None, help="cap on generated tokens (default: 448)")
+    p.add_argument("--language", default=None,
+                   help="a multilingual model's language code, e.g. de (default: en; English-only models take en only)")
     p.add_argument("--cache-dir", default=None, help="where onnx-dynamic-int8 writes its export "
                                                      "(default: <MODEL>.onnx-dynamic-int8 beside the model)")
 
@@ -210,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_transformers()
     r = evaluate_model(a.model, a.data, engine=a.engine, batch_size=a.batch_size, out=a.out, limit=a.limit,
                        threads=a.threads, warmup=a.warmup, max_new_tokens=a.max_new_tokens,
-                       cache_dir=a.cache_dir, progress=not a.no_progress)
+                       cache_dir=a.cache_dir, progress=not a.no_progress, language=a.language)
     print(summary(r) + (f"  -> {a.out}" if a.out else ""))
     return 0
 
@@ -263,7 +267,7 @@ def transcribe_main(argv: list[str] | None = None) -> int:
     from slim.audio import load_audio
 
     engine = load_engine(a.model, a.engine, threads=a.threads, max_new_tokens=a.max_new_tokens,
-                         cache_dir=a.cache_dir)
+                         cache_dir=a.cache_dir, language=a.language)
     failed = 0
     for path in a.audio:
         try:

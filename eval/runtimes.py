@@ -31,10 +31,20 @@ from slim.audio import SAMPLING_RATE
 FULL_WINDOW = 3000
 
 
+def _checked_language(config: dict, language: str | None) -> str | None:
+    """`language` checked against the export's languages: a multilingual model's code (default en), None for an
+    English-only model (whose prompt has no language token)."""
+    from slim.export_format import DecodeConfig
+
+    DecodeConfig(**config["decode"]).with_language(language)  # raises, naming the code, if the model lacks it
+    return (language or "en") if config["decode"].get("languages") else None
+
+
 class SherpaOnnxEngine(Engine):
     """sherpa-onnx's Whisper recognizer on a `--format sherpa-onnx` export."""
 
-    def __init__(self, export_dir: str | Path, threads: int = 2, tail_paddings: int = FULL_WINDOW):
+    def __init__(self, export_dir: str | Path, threads: int = 2, tail_paddings: int = FULL_WINDOW,
+                 language: str | None = None):
         try:
             import sherpa_onnx
         except ImportError as e:
@@ -44,9 +54,10 @@ class SherpaOnnxEngine(Engine):
         d = Path(export_dir)
         config = check_dir(d)
         info = config["sherpa-onnx"]
+        language = _checked_language(config, language)
         self.recognizer = sherpa_onnx.OfflineRecognizer.from_whisper(
             encoder=str(d / info["encoder"]), decoder=str(d / info["decoder"]), tokens=str(d / TOKENS),
-            num_threads=threads, tail_paddings=tail_paddings)
+            num_threads=threads, tail_paddings=tail_paddings, language=language or "")
         self.name = f"sherpa-onnx-{config['mode']}"
         self.files = [str(d / n) for n in config["files"]]
         self.model_bytes = sum(f["bytes"] for f in config["files"].values())
@@ -78,14 +89,18 @@ def _hf_export(export_dir: str | Path) -> tuple[Path, dict]:
 class TransformersJsEngine(Engine):
     """transformers.js (npm, eval/js) on a `--format hf` export, in one Node process kept for the engine's life."""
 
-    def __init__(self, export_dir: str | Path, threads: int = 2):
+    def __init__(self, export_dir: str | Path, threads: int = 2, language: str | None = None):
         d, config = _hf_export(export_dir)
+        language = _checked_language(config, language)
         node = shutil.which("node")
         if node is None or not (JS_DIR / "node_modules" / "@huggingface" / "transformers").is_dir():
             raise RuntimeError("the transformers.js engine needs Node.js and eval/js/node_modules "
                                "(./launch.sh test installs it; or: cd eval/js && npm ci --ignore-scripts)")
         dtype = "fp32" if config["mode"] == "float" else "q8"
-        self.proc = subprocess.Popen([node, str(JS_DIR / "transcribe.mjs"), str(d), dtype, str(threads)],
+        cmd = [node, str(JS_DIR / "transcribe.mjs"), str(d), dtype, str(threads)]
+        if language:
+            cmd.append(f"--language={language}")
+        self.proc = subprocess.Popen(cmd,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=JS_DIR)
         first = self.proc.stdout.readline()
         if not first.strip() or not json.loads(first).get("ready"):
@@ -128,7 +143,7 @@ class TransformersJsEngine(Engine):
 class OnnxAsrEngine(Engine):
     """onnx-asr (PyPI) on a `--format hf` export of a multilingual model, transcribing `language`."""
 
-    def __init__(self, export_dir: str | Path, threads: int = 2, language: str = "en"):
+    def __init__(self, export_dir: str | Path, threads: int = 2, language: str | None = None):
         try:
             import onnx_asr
             import onnxruntime as ort
@@ -138,6 +153,7 @@ class OnnxAsrEngine(Engine):
         if len(config["decode"]["prompt"]) < 4:
             raise ValueError(f"{d}: an English-only model; onnx-asr always prompts with a language token, "
                              "which such a model lacks (run it with --engine transformers.js)")
+        language = _checked_language(config, language)
         so = ort.SessionOptions()
         so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
         self.model = onnx_asr.load_model("whisper", str(d), quantization=None if config["mode"] == "float"

@@ -10,6 +10,7 @@ sha256 (`load_export_config` checks them).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -40,6 +41,27 @@ class DecodeConfig:
     begin_suppress_tokens: list[int] = field(default_factory=list)
     max_length: int = 448
     """Prompt plus generated tokens, at most the decoder's `max_target_positions`."""
+    languages: dict[str, int] = field(default_factory=dict)
+    """A multilingual model's language tokens by code ("en": 50259, ...); empty for an English-only model."""
+
+    def with_language(self, language: str | None) -> "DecodeConfig":
+        """This config transcribing `language` (its token second in the prompt); None keeps the prompt."""
+        if language is None:
+            return self
+        if not self.languages:
+            if language == "en":
+                return self
+            raise ValueError(f"language {language!r}: this is an English-only model (it has no language tokens)")
+        if language not in self.languages:
+            raise ValueError(f"language {language!r} is not one of the model's {len(self.languages)} languages "
+                             f"({', '.join(sorted(self.languages)[:8])}, ...)")
+        ids = set(self.languages.values())
+        at = [i for i, t in enumerate(self.prompt) if t in ids]
+        if not at:
+            raise ValueError(f"the prompt {self.prompt} has no language token to replace")
+        prompt = list(self.prompt)
+        prompt[at[0]] = self.languages[language]
+        return dataclasses.replace(self, prompt=prompt)
 
     @classmethod
     def from_model(cls, model, prompt: list[int] | None = None, language: str = "en",
@@ -48,9 +70,11 @@ class DecodeConfig:
         cfg, gc = model.config, getattr(model, "generation_config", None)
         get = lambda k, default=None: getattr(gc, k, None) if gc is not None and getattr(gc, k, None) is not None \
             else getattr(cfg, k, default)
+        multilingual = bool(get("is_multilingual") and get("lang_to_id"))
+        languages = {k.strip("<|>"): int(v) for k, v in gc.lang_to_id.items()} if multilingual else {}
         if prompt is None:
             prompt = [get("decoder_start_token_id")]
-            if get("is_multilingual") and get("lang_to_id"):
+            if multilingual:
                 lang = f"<|{language}|>"
                 if lang not in gc.lang_to_id:
                     raise ValueError(f"language {language!r} is not in the model's lang_to_id")
@@ -66,7 +90,7 @@ class DecodeConfig:
         return cls(prompt=[int(t) for t in prompt], eos_token_id=int(eos),
                    suppress_tokens=[int(t) for t in (get("suppress_tokens") or [])],
                    begin_suppress_tokens=[int(t) for t in (get("begin_suppress_tokens") or [])],
-                   max_length=int(max_length))
+                   max_length=int(max_length), languages=languages)
 
 
 

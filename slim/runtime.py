@@ -47,10 +47,10 @@ class OnnxEngine:
     """What `timings` are measured with; a benchmark on a shared machine may set `time.process_time`."""
 
     def __init__(self, export_dir: str | Path, threads: int = 2, providers: list | None = None,
-                 verify: str = "sha256"):
+                 verify: str = "sha256", language: str | None = None):
         self.dir = Path(export_dir)
         self.config = load_export_config(self.dir, verify=verify)
-        self.decode = DecodeConfig(**self.config["decode"])
+        self.decode = DecodeConfig(**self.config["decode"]).with_language(language)
         self.mode = self.config.get("mode")
         so = session_options(threads)
         self.threads = threads
@@ -237,7 +237,7 @@ def greedy_step(picks: list[int], step: int, out: list[list[int]], done, eos: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m slim.runtime EXPORT_DIR AUDIO... [--threads N]: "<audio>\t<text>" per file."""
+    """python -m slim.runtime EXPORT_DIR AUDIO... [--threads N] [--language CODE]: "<audio>\t<text>" per file."""
     import argparse
     import sys
 
@@ -249,9 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("audio", nargs="+")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--language", default=None, help="a multilingual model's language code (default: the export's, en)")
     args = p.parse_args(argv)
     try:
-        engine = OnnxEngine(args.export_dir, threads=args.threads)
+        engine = OnnxEngine(args.export_dir, threads=args.threads, language=args.language)
         for path in args.audio:
             text = engine.transcribe([load_audio(path)], max_new_tokens=args.max_new_tokens)[0]
             print(f"{path}\t{text}", flush=True)

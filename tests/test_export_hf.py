@@ -181,6 +181,13 @@ def test_transformers_js_transcribes_like_the_slim_engine(exports, kind):
         assert len(js.last_seconds) == 2 and all(s > 0 for s in js.last_seconds)
     finally:
         js.close()
+    if kind == "float":  # a multilingual model in German: transformers.js puts the language token in its prompt
+        slim = OnnxEngine(exports["multi", "slim"], threads=1, language="de")
+        js = load_engine(exports["multi", "hf"], threads=1, language="de")
+        try:
+            assert js.transcribe(audios) == _full_length(slim, audios)
+        finally:
+            js.close()
 
 
 def test_wrong_engine_and_partial_hf_folders_fail_naming_the_file(exports, tmp_path, capsys):
@@ -198,3 +205,48 @@ def test_wrong_engine_and_partial_hf_folders_fail_naming_the_file(exports, tmp_p
         load_engine(partial, engine="onnx-asr", threads=1)
     assert main(["transcribe", str(partial), str(_clips(1)[0])]) == 1
     assert f"{partial / 'onnx' / 'decoder_model_merged.onnx'}: missing" in capsys.readouterr().err
+
+
+def test_the_language_setting_reaches_every_engine_of_a_multilingual_model(models, exports, tmp_path):
+    """`language` puts its token second in the prompt, in the torch engine, the slim runtime, sherpa-onnx,
+    onnx-asr (and transformers.js below); an English-only model takes only en, an unknown code is refused."""
+    from eval.engines import load_engine
+    from qat.onnx_export import load_source_model
+    from slim.export_format import DecodeConfig
+    from train.cli import main
+
+    model, _ = load_source_model(models["multi"])
+    d = DecodeConfig.from_model(model)
+    de = d.languages["de"]
+    assert d.prompt == [50258, 50259, 50359, 50363] and de == 50261
+    assert d.with_language("de").prompt == [50258, de, 50359, 50363] and d.with_language(None) == d
+    with pytest.raises(ValueError, match="language 'xx' is not one of the model's 99 languages"):
+        d.with_language("xx")
+    english = DecodeConfig.from_model(load_source_model(models["float"])[0])
+    assert english.with_language("en") == english
+    with pytest.raises(ValueError, match="language 'de': this is an English-only model"):
+        english.with_language("de")
+
+    audios = [load_audio(c) for c in _clips(2)]
+    slim = OnnxEngine(exports["multi", "slim"], threads=1, language="de")
+    assert slim.decode.prompt == [50258, de, 50359, 50363]
+    want = slim.transcribe(audios)
+    assert want != OnnxEngine(exports["multi", "slim"], threads=1).transcribe(audios)  # the token matters
+    assert load_engine(models["multi"], threads=1, language="de").transcribe(audios) == want  # torch
+    full = _full_length(slim, audios)
+    assert load_engine(exports["multi", "hf"], engine="onnx-asr", threads=1, language="de").transcribe(audios) == full
+    sherpa_dir = tmp_path / "multi-sherpa"
+    assert main(["export", str(models["multi"]), str(sherpa_dir), "--format", "sherpa-onnx"]) == 0
+    meta = {p.key: p.value for p in onnx.load(str(sherpa_dir / "encoder.onnx")).metadata_props}
+    assert meta["is_multilingual"] == "1" and meta["all_language_codes"].split(",")[:3] == ["en", "zh", "de"]
+    assert meta["all_language_tokens"].split(",")[:3] == ["50259", "50260", "50261"]
+    sherpa = load_engine(sherpa_dir, threads=1, language="de")
+    # led by 80 zero samples: sherpa-onnx's frames start half a hop after Whisper's (docs/runtimes.md)
+    sherpa.transcribe([np.concatenate([np.zeros(80, np.float32), a]) for a in audios])
+    for a, strings in zip(audios, sherpa.last_tokens):
+        # its features end differently (it pads after the clip with 0.0, Whisper's own padding is (max - 4) / 4),
+        # which this random model follows after a few tokens: the prompt shows in the first ones
+        pieces = [slim.tokenizer.decode([t]) for t in slim.generate_tokens(slim.features([a]), 4)[0]]
+        assert strings[:4] == pieces
+    with pytest.raises(ValueError, match="language 'de': this is an English-only model"):
+        load_engine(exports["float", "slim"], threads=1, language="de")
