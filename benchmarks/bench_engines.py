@@ -9,7 +9,8 @@ Engines (greedy, batch 1, English without timestamps, the same prompt and suppre
   onnx-int8        our export, static INT8 QDQ with the QAT scales of --int8-model (default: post-training
                    min-max scales from qat.prepare's calibration on synthetic speech, Linear layers and
                    the tied embedding int8, attention matmuls float unless --ptq-matmuls)
-  onnx-dynamic     ONNX Runtime `quantize_dynamic` of our float export (the post-training baseline)
+  onnx-dynamic     ONNX Runtime `quantize_dynamic` of our float export (the post-training baseline;
+                   --dynamic-per-channel: per-channel weight scales)
   ct2-int8         CTranslate2 (the faster-whisper engine), compute_type int8, beam_size 1
 Every engine gets the same log-mel features (WhisperFeatureExtractor, timed once and added to each).
 
@@ -102,7 +103,7 @@ def prepare_models(args, work: Path) -> dict:
     if not (work / "onnx-float" / "export_config.json").exists() or args.reexport:
         export_model(model_dir, work / "onnx-float", mode="float")
     if not (work / "onnx-dynamic" / "export_config.json").exists() or args.reexport:
-        export_model(model_dir, work / "onnx-dynamic", mode="dynamic-int8")
+        export_model(model_dir, work / "onnx-dynamic", mode="dynamic-int8", per_channel=args.dynamic_per_channel)
     out["onnx-float"], out["onnx-dynamic"] = work / "onnx-float", work / "onnx-dynamic"
     if not (work / "onnx-int8" / "export_config.json").exists() or args.reexport:
         int8_src = Path(args.int8_model) if args.int8_model else ptq_model(model_dir, work, args)
@@ -258,6 +259,8 @@ def main(argv=None) -> int:
     p.add_argument("--ct2-dir", help="CTranslate2 model directory (default: --model converted to int8)")
     p.add_argument("--calib", type=int, default=32, help="synthetic calibration clips for the default PTQ scales")
     p.add_argument("--ptq-matmuls", action="store_true", help="default PTQ: quantize the attention matmuls too")
+    p.add_argument("--dynamic-per-channel", action="store_true",
+                   help="onnx-dynamic with per-channel weight scales (quantize_dynamic per_channel=True)")
     p.add_argument("--synth-eval", type=int, default=0, help="also run on N synthetic eval clips (slim.synth)")
     p.add_argument("--engines", default="hf-fp32,onnx-float,onnx-int8,onnx-dynamic,ct2-int8")
     p.add_argument("--extra", action="append", default=[], metavar="NAME=EXPORT_DIR",

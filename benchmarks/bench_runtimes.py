@@ -1,7 +1,7 @@
 """The same exported model in each runtime, on the same clips: seconds per utterance, WER, token agreement.
 
     .venv/bin/python benchmarks/bench_runtimes.py MODEL [MODEL ...] [--data MANIFEST ...] [--threads 2]
-        [--work DIR] [--out report.json]
+        [--work DIR] [--out report.json] [--runtimes ROW,ROW]
     .venv/bin/python benchmarks/bench_runtimes.py MODEL --out report.json --table   # its markdown table
 
 MODEL: a fake-quant (QAT/PTQ) or float model directory; each is exported once into --work in every layout
@@ -165,6 +165,8 @@ def main(argv=None) -> int:
     p.add_argument("models", nargs="+")
     p.add_argument("--data", nargs="+", default=[str(d) for d in DEFAULT_DATA])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runtimes", default=None,
+                   help="comma-separated subset of the rows (default: all); the first row, the reference, always runs")
     p.add_argument("--work", default=str(ROOT / "runs" / "bench-runtimes"))
     p.add_argument("--out")
     p.add_argument("--table", action="store_true", help="print the markdown table of the report at --out and stop")
@@ -191,6 +193,9 @@ def main(argv=None) -> int:
             runtimes.append(OnnxAsr(ex["hf"], args.threads))
         else:
             print(f"{label(model)}: English-only, so no onnx-asr row (its prompt always holds a language token)")
+        if args.runtimes:
+            keep = set(args.runtimes.split(","))
+            runtimes = runtimes[:1] + [r for r in runtimes[1:] if r.name in keep]
         for name, clips in sets.items():
             for r in runtimes:
                 r.run(clips[0]["audio"])  # warm-up

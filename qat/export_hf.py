@@ -241,7 +241,7 @@ def write_configs(model, processor, out: Path) -> None:
         (out / "added_tokens.json").write_text(json.dumps(added, ensure_ascii=False, indent=2))
 
 
-def export_graphs(model, plan, decode, processor, tmp: Path, opset: int, mode: str) -> dict:
+def export_graphs(model, plan, decode, processor, tmp: Path, opset: int, mode: str, per_channel: bool = False) -> dict:
     """Write the hf layout into `tmp`; returns what export_config.json records of it. In mode dynamic-int8
     the decoder's two branches are quantized before they are merged (ORT's quantizer works on a plain
     graph), so the caller quantizes only the encoder (`quantized` lists the graphs already done)."""
@@ -288,7 +288,7 @@ def export_graphs(model, plan, decode, processor, tmp: Path, opset: int, mode: s
             _onnx_export(dec, args, path, names, ["logits"] + present,
                          {k: v for k, v in axes.items() if k in names or k == "logits" or k in present}, opset)
             if mode == "dynamic-int8":
-                _quantize_dynamic(path)
+                _quantize_dynamic(path, per_channel)
         by_name = {i.name: i for f in ("prompt", "cached") for i in onnx.load(str(t / f"{f}.onnx")).graph.input}
         cond = onnx.helper.make_tensor_value_info("use_cache_branch", onnx.TensorProto.BOOL, [1])
         inputs = [by_name[n] for n in ["input_ids", "encoder_hidden_states"] + past] + [cond]

@@ -53,6 +53,18 @@ def _pad_heads(x, width: int):
     return F.pad(x, (0, width - x.shape[-1])) if x.shape[-1] < width else x
 
 
+def whisper_padding(mel):
+    """sherpa-onnx's padding made Whisper's: frames whose every bin is 0.0 get the clip's max - 2.
+
+    sherpa-onnx pads the normalized log-mel of a clip with frames of 0.0 (`tail_paddings`). Whisper pads the
+    audio with silence instead, whose log-mel is clamped to the clip's max - 8 and so normalizes to the
+    normalized max - 2 ((x + 4) / 4). A real frame is never 0.0 in all its bins, so this picks the padding.
+    """
+    pad = (mel == 0).all(dim=1, keepdim=True)
+    top = mel.amax(dim=(1, 2), keepdim=True)
+    return torch.where(pad, top - 2.0, mel)
+
+
 class _SherpaEncoder(_EncoderGraph):
     def __init__(self, model, plan, cross_width: int):
         super().__init__(model, plan)
@@ -60,7 +72,7 @@ class _SherpaEncoder(_EncoderGraph):
         self.width = cross_width
 
     def forward(self, mel):
-        x = self.hidden(mel)
+        x = self.hidden(whisper_padding(mel))
         kv = iter(self.linears(x, [p for a in self.cross for p in (a.k_proj, a.v_proj)]))
         ks, vs = [], []
         for layer in self.layers:

@@ -635,14 +635,16 @@ def set_metadata(path: Path, meta: dict[str, str]) -> None:
     onnx.save(m, str(path))
 
 
-def _quantize_dynamic(path: Path) -> None:
-    """ORT's post-training dynamic INT8 (int8 weights, activations quantized per call), in place."""
+def _quantize_dynamic(path: Path, per_channel: bool = False) -> None:
+    """ORT's post-training dynamic INT8 (int8 weights, activations quantized per call), in place;
+    `per_channel`: one weight scale per output channel instead of one per tensor."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     tmp = path.with_suffix(".float.onnx")
     os.replace(path, tmp)
     # Conv stays float: ORT's CPU ConvInteger has no int8-weight kernel.
-    quantize_dynamic(str(tmp), str(path), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"])
+    quantize_dynamic(str(tmp), str(path), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"],
+                     per_channel=per_channel)
     tmp.unlink()
 
 
@@ -660,13 +662,14 @@ def load_source_model(src):
 
 def export_model(src, out: str | Path, mode: str = "qdq", *, processor=None, plan: QuantPlan | None = None,
                  prompt: list[int] | None = None, language: str = "en", max_length: int | None = None,
-                 opset: int = OPSET, layout: str = "slim") -> Path:
+                 opset: int = OPSET, layout: str = "slim", per_channel: bool = False) -> Path:
     """Export `src` (a model or a model directory) to `out` in `layout` (`slim.export_format.LAYOUTS`):
     "slim" for `slim.runtime.OnnxEngine`, "sherpa-onnx" for sherpa-onnx's recognizer (`qat.export_sherpa`),
     "hf" for transformers.js and onnx-asr (`qat.export_hf`).
 
     mode: "float" (fp32), "dynamic-int8" (ORT quantize_dynamic of the float export) or "qdq" (static INT8
-    with the QAT scales of a fake-quant model, or of `plan` when given). Writes atomically.
+    with the QAT scales of a fake-quant model, or of `plan` when given). `per_channel`: dynamic-int8 with
+    per-channel weight scales (ORT's default is per tensor). Writes atomically.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -712,7 +715,7 @@ def export_model(src, out: str | Path, mode: str = "qdq", *, processor=None, pla
         elif layout == "hf":
             from qat import export_hf
 
-            info = export_hf.export_graphs(model, plan, decode, processor, tmp, opset, mode)
+            info = export_hf.export_graphs(model, plan, decode, processor, tmp, opset, mode, per_channel)
             graphs = [info["encoder"], info["decoder"]]
             extra[layout] = info
         else:
@@ -728,7 +731,7 @@ def export_model(src, out: str | Path, mode: str = "qdq", *, processor=None, pla
             if f in extra.get(layout, {}).get("quantized", []):
                 continue
             if mode == "dynamic-int8":
-                _quantize_dynamic(tmp / f)
+                _quantize_dynamic(tmp / f, per_channel)
             elif mode == "qdq":
                 compacted += _compact_float_initializers(tmp / f)
         for f, meta in extra.get(layout, {}).get("metadata", {}).items():  # last: the rewrites above keep none

@@ -170,3 +170,20 @@ def test_wrong_format_and_partial_folders_fail_naming_the_file(models, exports, 
         OnnxEngine(exports["qdq", "sherpa-onnx"])
     with pytest.raises(ValueError, match=r"is a sherpa-onnx export .* only --engine sherpa-onnx"):
         load_engine(exports["qdq", "sherpa-onnx"], engine="onnx")
+
+
+def test_sherpa_encoder_turns_its_zero_padding_into_whispers(exports):
+    """sherpa-onnx pads a clip's normalized log-mel with frames of 0.0; the encoder graph gives those frames
+    the value Whisper's own padding (silence) has, the clip's max - 2, so both paddings encode alike."""
+    import onnxruntime as ort
+
+    slim = OnnxEngine(exports["float", "slim"], threads=1)
+    whisper = slim.features([load_audio(_clips(1)[0])])  # (1, 80, 3000), the clip then Whisper's padding
+    n = int(np.argmax((whisper[0] == whisper[0].max() - 2).all(axis=0)))  # the first padded frame
+    assert 0 < n < 3000 and np.allclose(whisper[0, :, n:], whisper.max() - 2)
+    sherpa = whisper.copy()
+    sherpa[:, :, n:] = 0.0
+    enc = ort.InferenceSession(str(exports["float", "sherpa-onnx"] / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    k_whisper, v_whisper = enc.run(None, {"mel": whisper})
+    k_sherpa, v_sherpa = enc.run(None, {"mel": sherpa})
+    assert np.array_equal(k_whisper, k_sherpa) and np.array_equal(v_whisper, v_sherpa)

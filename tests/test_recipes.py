@@ -147,7 +147,8 @@ def test_optional_eval_set_is_evaluated_when_present_and_skipped_with_a_warning_
 
 # What a fresh clone holds: the packages, the recipes and the data they read (no ../shared next to it).
 CLONE_PARTS = ("train", "slim", "prune", "qat", "eval", "recipes", "data")
-LOCAL_RECIPES = ("recipes/quickstart.yaml", "recipes/smoke.yaml", "recipes/experiments/tiny_en_prune_qat.yaml")
+LOCAL_RECIPES = ("recipes/quickstart.yaml", "recipes/smoke.yaml", "recipes/experiments/tiny_en_prune_qat.yaml",
+                 "recipes/base.yaml")
 RESOLVE_PATHS = r"""
 import json, sys
 from train import context, stages
@@ -232,3 +233,19 @@ def test_cli_run_makes_one_process_group_and_destroys_it_once(tmp_path, monkeypa
     else:
         assert _run([str(_write(tmp_path, BASE))]) == 0
     assert calls == ["create", ("run", True), "destroy"]
+
+
+def test_base_recipe_ships_a_dense_and_a_pruned_int8_export_of_base():
+    """recipes/base.yaml: real base, QAT distilled from itself -> QDQ INT8 export, and a pruned branch from
+    dense (repair, recovery from dense, QAT, export), evaluated on the real prompts when ../shared has them."""
+    from train.recipe import load_recipe
+
+    r = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "base.yaml")
+    assert r.model.source == "base"
+    stages = {s.name: s for s in r.stages}
+    assert list(stages) == ["dense", "qat", "export", "prune", "recover", "qat-pruned", "export-pruned"]
+    assert stages["qat"].teacher == "input" and stages["qat"].quant.keep_float == 1
+    assert stages["prune"].input == "dense" and stages["prune"].prune.repair is not None
+    assert stages["recover"].teacher == "dense" and stages["qat-pruned"].teacher == "input"
+    assert stages["export"].export_mode == stages["export-pruned"].export_mode == "qdq"
+    assert r.data.optional_eval == {"real_prompts": "../shared/data/real-prompts/manifest.jsonl"}
