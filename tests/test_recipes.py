@@ -245,6 +245,7 @@ def test_base_recipe_ships_a_dense_and_a_pruned_int8_export_of_base():
     stages = {s.name: s for s in r.stages}
     assert list(stages) == ["dense", "qat", "export", "prune", "recover", "qat-pruned", "export-pruned"]
     assert stages["qat"].teacher == "input" and stages["qat"].quant.keep_float == 0  # the size bound: all int8
+    assert stages["qat"].quant.conv and stages["qat-pruned"].quant.conv
     assert stages["prune"].input == "dense" and stages["prune"].prune.repair is not None
     assert stages["recover"].teacher == "dense" and stages["qat-pruned"].teacher == "input"
     assert stages["export"].export_mode == stages["export-pruned"].export_mode == "qdq"
