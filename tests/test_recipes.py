@@ -147,8 +147,7 @@ def test_optional_eval_set_is_evaluated_when_present_and_skipped_with_a_warning_
 
 # What a fresh clone holds: the packages, the recipes and the data they read (no ../shared next to it).
 CLONE_PARTS = ("train", "slim", "prune", "qat", "eval", "recipes", "data")
-LOCAL_RECIPES = ("recipes/quickstart.yaml", "recipes/smoke.yaml", "recipes/experiments/tiny_en_prune_qat.yaml",
-                 "recipes/base.yaml")
+LOCAL_RECIPES = ("recipes/quickstart.yaml", "recipes/smoke.yaml", "recipes/experiments/tiny_en_prune_qat.yaml")
 RESOLVE_PATHS = r"""
 import json, sys
 from train import context, stages
@@ -246,6 +245,7 @@ def test_base_recipe_ships_a_dense_and_a_pruned_int8_export_of_base():
     assert list(stages) == ["dense", "qat", "export", "prune", "recover", "qat-pruned", "export-pruned"]
     assert stages["qat"].teacher == "input" and stages["qat"].quant.keep_float == 0  # the size bound: all int8
     assert stages["qat"].quant.conv and stages["qat-pruned"].quant.conv
+    assert stages["qat"].quant.exclude == ["model.encoder.layers.*.self_attn.qk", "model.encoder.layers.*.self_attn.pv"]
     assert stages["prune"].input == "dense" and stages["prune"].prune.repair is not None
     assert stages["recover"].teacher == "dense" and stages["qat-pruned"].teacher == "input"
     assert stages["export"].export_mode == stages["export-pruned"].export_mode == "qdq"
