@@ -71,6 +71,7 @@ class HfFeatures:
     """The slim engine with transformers' feature extractor and tokenizer (the engine as it ran before)."""
 
     name = "slim-hf-features"
+    layout = "slim"
     scale = np.float32(1.0)
 
     def __init__(self, d: Path, threads: int):
@@ -97,6 +98,7 @@ class Nudged(HfFeatures):
 
 class Runtime:
     name = "slim-runtime"
+    layout = "slim"
 
     def __init__(self, d: Path, threads: int):
         from slim.runtime import OnnxEngine
@@ -112,6 +114,7 @@ class Runtime:
 
 class Sherpa:
     name = "sherpa-onnx"
+    layout = "sherpa-onnx"
 
     def __init__(self, d: Path, threads: int):
         from eval.runtimes import SherpaOnnxEngine
@@ -135,6 +138,8 @@ class SherpaLead(Sherpa):
 
 class TextOnly:
     """A runtime that reports text (ids None): transformers.js and onnx-asr."""
+
+    layout = "hf"
 
     def __init__(self, d: Path, threads: int):
         from eval.engines import load_engine
@@ -186,16 +191,17 @@ def main(argv=None) -> int:
               "command": " ".join(["benchmarks/bench_runtimes.py"] + (argv or sys.argv[1:])), "results": []}
     for model in map(Path, args.models):
         ex = exports_of(model, work)
-        runtimes = [HfFeatures(ex["slim"], args.threads), Nudged(ex["slim"], args.threads),
-                    Runtime(ex["slim"], args.threads), Sherpa(ex["sherpa-onnx"], args.threads),
-                    SherpaLead(ex["sherpa-onnx"], args.threads), TransformersJs(ex["hf"], args.threads)]
-        if len(runtimes[0].engine.decode.prompt) >= 4:  # a language token: a multilingual model
-            runtimes.append(OnnxAsr(ex["hf"], args.threads))
+        kinds = [HfFeatures, Nudged, Runtime, Sherpa, SherpaLead, TransformersJs]
+        from slim.export_format import load_export_config
+
+        if load_export_config(ex["slim"], verify="size")["decode"].get("languages"):  # onnx-asr needs a language token
+            kinds.append(OnnxAsr)
         else:
             print(f"{label(model)}: English-only, so no onnx-asr row (its prompt always holds a language token)")
-        if args.runtimes:
+        if args.runtimes:  # the first row, the reference, always runs
             keep = set(args.runtimes.split(","))
-            runtimes = runtimes[:1] + [r for r in runtimes[1:] if r.name in keep]
+            kinds = kinds[:1] + [k for k in kinds[1:] if k.name in keep]
+        runtimes = [k(ex[k.layout], args.threads) for k in kinds]
         for name, clips in sets.items():
             for r in runtimes:
                 r.run(clips[0]["audio"])  # warm-up
@@ -216,8 +222,7 @@ def main(argv=None) -> int:
                          "exact_match": float(np.mean([x == y for x, y in zip(ref_texts, o["texts"])]))}
                 else:
                     a = agreement(ref_ids, o["ids"])
-                layout = "sherpa-onnx" if r.name.startswith("sherpa") else "hf" if isinstance(r, TextOnly) else "slim"
-                row = {"model": str(model), "export": str(ex[layout]),
+                row = {"model": str(model), "export": str(ex[r.layout]),
                        "data": name, "runtime": r.name, "utterances": len(clips),
                        "seconds_per_utterance": o["seconds"] / len(clips),
                        "wer": word_error_rate(refs, o["texts"]), **a}

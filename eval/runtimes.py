@@ -31,6 +31,14 @@ from slim.audio import SAMPLING_RATE
 FULL_WINDOW = 3000
 
 
+def _describe(engine: Engine, d: Path, config: dict, name: str) -> None:
+    """What every runtime engine reports of its export: name, shipped files, their bytes, the structure."""
+    engine.name = f"{name}-{config['mode']}"
+    engine.files = [str(d / n) for n in config["files"]]
+    engine.model_bytes = sum(f["bytes"] for f in config["files"].values())
+    engine.info = {"structure": config.get("structure")}
+
+
 def _checked_language(config: dict, language: str | None) -> str | None:
     """`language` checked against the export's languages: a multilingual model's code (default en), None for an
     English-only model (whose prompt has no language token)."""
@@ -58,10 +66,7 @@ class SherpaOnnxEngine(Engine):
         self.recognizer = sherpa_onnx.OfflineRecognizer.from_whisper(
             encoder=str(d / info["encoder"]), decoder=str(d / info["decoder"]), tokens=str(d / TOKENS),
             num_threads=threads, tail_paddings=tail_paddings, language=language or "")
-        self.name = f"sherpa-onnx-{config['mode']}"
-        self.files = [str(d / n) for n in config["files"]]
-        self.model_bytes = sum(f["bytes"] for f in config["files"].values())
-        self.info = {"structure": config.get("structure")}
+        _describe(self, d, config, "sherpa-onnx")
         self.last_tokens: list[list[str]] = []  # the token strings of the last call (sherpa reports no ids)
 
     def transcribe(self, audios: list[np.ndarray], batch_size: int = 1) -> list[str]:
@@ -73,7 +78,6 @@ class SherpaOnnxEngine(Engine):
         self.recognizer.decode_streams(streams)
         self.last_tokens = [list(s.result.tokens) for s in streams]
         return [s.result.text.strip() for s in streams]
-
 
 
 JS_DIR = Path(__file__).resolve().parent / "js"
@@ -100,17 +104,13 @@ class TransformersJsEngine(Engine):
         cmd = [node, str(JS_DIR / "transcribe.mjs"), str(d), dtype, str(threads)]
         if language:
             cmd.append(f"--language={language}")
-        self.proc = subprocess.Popen(cmd,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=JS_DIR)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=JS_DIR)
         first = self.proc.stdout.readline()
         if not first.strip() or not json.loads(first).get("ready"):
             self.close()
             raise RuntimeError(f"transformers.js could not load {d} (its error is above)")
         self.tmp = tempfile.TemporaryDirectory(prefix="slim-js-")
-        self.name = f"transformers.js-{config['mode']}"
-        self.files = [str(d / n) for n in config["files"]]
-        self.model_bytes = sum(f["bytes"] for f in config["files"].values())
-        self.info = {"structure": config.get("structure")}
+        _describe(self, d, config, "transformers.js")
         self.last_seconds: list[float] = []  # each clip's pipeline call as Node timed it
 
     def transcribe(self, audios: list[np.ndarray], batch_size: int = 1) -> list[str]:
@@ -150,7 +150,7 @@ class OnnxAsrEngine(Engine):
         except ImportError as e:
             raise RuntimeError("the onnx-asr engine needs the onnx-asr package (the bench extra)") from e
         d, config = _hf_export(export_dir)
-        if len(config["decode"]["prompt"]) < 4:
+        if not config["decode"].get("languages"):
             raise ValueError(f"{d}: an English-only model; onnx-asr always prompts with a language token, "
                              "which such a model lacks (run it with --engine transformers.js)")
         language = _checked_language(config, language)
@@ -159,10 +159,7 @@ class OnnxAsrEngine(Engine):
         self.model = onnx_asr.load_model("whisper", str(d), quantization=None if config["mode"] == "float"
                                          else "quantized", sess_options=so)
         self.language = language
-        self.name = f"onnx-asr-{config['mode']}"
-        self.files = [str(d / n) for n in config["files"]]
-        self.model_bytes = sum(f["bytes"] for f in config["files"].values())
-        self.info = {"structure": config.get("structure")}
+        _describe(self, d, config, "onnx-asr")
 
     def transcribe(self, audios: list[np.ndarray], batch_size: int = 1) -> list[str]:
         out = []
