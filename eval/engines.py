@@ -107,6 +107,9 @@ class TorchEngine(Engine):
         self.generate_kw = {"language": language} if language and decode.languages else {}
 
     def transcribe(self, audios: list[np.ndarray], batch_size: int = 1) -> list[str]:
+        from slim.model import trim_features
+        from slim.window import clip_frames
+
         model = self.model
         was_training = model.training
         model.eval()
@@ -116,8 +119,10 @@ class TorchEngine(Engine):
         try:
             for i in range(0, len(audios), batch_size):
                 chunk = [np.asarray(a, np.float32) for a in audios[i:i + batch_size]]
-                feats = self.processor.feature_extractor(chunk, sampling_rate=SAMPLING_RATE,
-                                                         return_tensors="pt").input_features
+                fe = self.processor.feature_extractor
+                feats = fe(chunk, sampling_rate=SAMPLING_RATE, return_tensors="pt").input_features
+                # a model trained on audio windows encodes this chunk's (its longest clip's); others 30 s
+                feats = trim_features(model, feats, [clip_frames(a, fe.hop_length) for a in chunk])
                 if param is not None and param.is_floating_point():
                     feats = feats.to(device, param.dtype)
                 with torch.inference_mode():

@@ -109,7 +109,7 @@ def l1_scores(model, include_out_proj: bool = False) -> Scores:
 
 
 def _default_loss(model, batch: dict) -> torch.Tensor:
-    return model(**model_inputs(batch)).loss
+    return model(**model_inputs(batch, model=model)).loss
 
 
 def _split(batch: dict) -> list[dict]:

@@ -1,6 +1,6 @@
 """The Hugging Face ONNX layout (onnx-community's): what transformers.js (4.x) and onnx-asr load.
 
-    onnx/encoder_model{q}.onnx          input_features (B, n_mels, 3000) -> last_hidden_state (B, 1500, d_model)
+    onnx/encoder_model{q}.onnx          input_features (B, n_mels, M <= 3000) -> last_hidden_state (B, M / 2, d_model)
     onnx/decoder_model_merged{q}.onnx   input_ids (B, T), encoder_hidden_states (B, 1500, d_model),
                                         past_key_values.{i}.decoder.{key,value} (B, H_i, P, D),
                                         past_key_values.{i}.encoder.{key,value} (B, C_i, 1500, D),
@@ -256,7 +256,7 @@ def export_graphs(model, plan, decode, processor, tmp: Path, opset: int, mode: s
     enc = _HfEncoder(model, plan).eval()
     feats = torch.zeros(1, cfg.num_mel_bins, 2 * frames)
     _onnx_export(enc, (feats,), tmp / ENCODER, ["input_features"], ["last_hidden_state"],
-                 {"input_features": {0: "batch_size"},
+                 {"input_features": {0: "batch_size", 2: "feature_sequence_length"},
                   "last_hidden_state": {0: "batch_size", 1: "encoder_sequence_length"}}, opset)
 
     past, present = _layer_names("past_key_values", L), _layer_names("present", L)

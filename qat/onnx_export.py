@@ -1,8 +1,9 @@
 """Export a (pruned, quantization-aware) Whisper to ONNX Runtime: one encoder graph, one decoder graph.
 
-    encoder.onnx   input_features (B, n_mels, 3000)
-                   -> encoder_hidden_states (B, 1500, d_model),
-                      cross_key_{i} (B, H_i, head_dim, 1500), cross_value_{i} (B, H_i, 1500, head_dim)
+    encoder.onnx   input_features (B, n_mels, M), M even, at most 3000 (30 s; fewer for a model trained on
+                   audio windows, `slim.window`), F = M / 2 frames
+                   -> encoder_hidden_states (B, F, d_model),
+                      cross_key_{i} (B, H_i, head_dim, F), cross_value_{i} (B, H_i, F, head_dim)
     decoder.onnx   input_ids (B, T), offset (1,) int64, past_key_{i} (B, H_i, head_dim, P),
                    past_value_{i} (B, H_i, P, head_dim), cross_key_{i}, cross_value_{i}
                    -> logits (B, vocab) of the last position, present_key_{i}, present_value_{i}
@@ -554,7 +555,8 @@ def _export_graphs(model, plan: QuantPlan | None, tmp: Path, opset: int) -> dict
                       torch.zeros(1, a.num_heads, frames, a.head_dim, dtype=vt)]
     enc_names = ["encoder_hidden_states"] + names["cross"]
     batch = {0: "batch"}
-    axes = {"input_features": batch, "encoder_hidden_states": batch}
+    # the frame count is dynamic: a model trained on audio windows is fed only the frames it needs
+    axes = {"input_features": {0: "batch", 2: "mel_frames"}, "encoder_hidden_states": {0: "batch", 1: "frames"}}
     for n in names["cross"]:
         axes[n] = {0: "batch", (3 if "key" in n else 2): "frames"}
     _onnx_export(enc, (feats,), tmp / ENCODER_FILE, ["input_features"], enc_names, axes, opset)

@@ -321,8 +321,8 @@ def quantizers(model: nn.Module, pattern: str | None = None) -> Iterable[tuple[s
                 yield name, m
 
 
-def _batch_kwargs(batch: dict) -> dict:
-    kw = model_inputs(batch)
+def _batch_kwargs(batch: dict, model: nn.Module) -> dict:
+    kw = model_inputs(batch, model=model)
     if "input_features" not in kw:
         raise ValueError(f"a calibration batch needs 'input_features', got keys {sorted(batch)}")
     if "labels" not in kw and "decoder_input_ids" not in kw:
@@ -353,7 +353,7 @@ def calibrate(model: nn.Module, batches: Iterable[dict], *, fake_quant: bool = F
     n = 0
     try:
         for batch in batches:
-            kw = {k: v.to(device) for k, v in _batch_kwargs(batch).items()}
+            kw = {k: v.to(device) for k, v in _batch_kwargs(batch, model).items()}
             model(**kw)
             n += 1
     finally:

@@ -46,7 +46,7 @@ def teacher_forced_loss(model: nn.Module, batches: Iterable[dict]) -> float:
     total, tokens = 0.0, 0
     device = next(model.parameters()).device
     for batch in batches:
-        kw = {k: v.to(device) for k, v in _batch_kwargs(batch).items()}
+        kw = {k: v.to(device) for k, v in _batch_kwargs(batch, model).items()}
         out = model(**kw)
         n = int((kw["labels"] != -100).sum())
         total += float(out.loss) * n

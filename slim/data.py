@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from slim.audio import MAX_SECONDS, SAMPLING_RATE, AudioError, decode_audio, load_audio
+from slim.window import clip_frames
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +322,9 @@ def load_examples(data: str | Path | dict, tokenizer=None, limit: int | None = N
 def features_and_labels(audio: np.ndarray, text: str, processor, features: bool = True) -> dict[str, torch.Tensor]:
     """One training example: `input_features` (n_mels, 3000) log-mel (or, with `features=False`, the raw
     `audio`, for `DeviceFeatures` to featurize on the training device) and `labels`, the tokenizer's ids."""
-    out = {"labels": torch.tensor(processor.tokenizer(text).input_ids, dtype=torch.long)}
+    out = {"labels": torch.tensor(processor.tokenizer(text).input_ids, dtype=torch.long),
+           # mel frames the audio spans (the rest is padding): what a model with an audio window encodes
+           "audio_frames": torch.tensor(clip_frames(audio, processor.feature_extractor.hop_length))}
     if features:
         feats = processor.feature_extractor(audio, sampling_rate=SAMPLING_RATE, return_tensors="np").input_features[0]
         out["input_features"] = torch.from_numpy(np.asarray(feats, dtype=np.float32))
@@ -465,7 +468,7 @@ def open_train_source(data: str | Path | dict, processor, limit: int | None = No
 @dataclass
 class SpeechCollator:
     """Stack features (or raw audio, zero-padded to the longest: see `DeviceFeatures`); pad labels with -100
-    (ignored by the loss); drop a leading decoder-start token, which the model prepends itself when it
+    (ignored by the loss); stack each item's `audio_frames`; drop a leading decoder-start token, which the model prepends itself when it
     shifts labels right (HF's DataCollatorSpeechSeq2SeqWithPadding). Items a lazy dataset could not use
     (`{"skip": reason}`) are left out and counted in `skipped`, one entry per REASONS; `ids` names the rest."""
 
@@ -488,6 +491,8 @@ class SpeechCollator:
         else:
             out["input_features"] = torch.stack([b["input_features"] for b in batch]) if batch else \
                 torch.zeros(0, 0, 0)
+        if batch and "audio_frames" in batch[0]:
+            out["audio_frames"] = torch.stack([b["audio_frames"] for b in batch])
         if batch and "id" in batch[0] or skipped.any():  # a lazy dataset's batch
             out["ids"] = [b["id"] for b in batch]
             out["skipped"] = skipped

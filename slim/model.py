@@ -6,7 +6,11 @@ dense original, `slim_structure.json`:
     {"format": 1, "head_dim": 64,
      "encoder_heads": [6, 3, 1, 6], "decoder_heads": [...], "cross_heads": [...],
      "encoder_ffn": [1536, ...], "decoder_ffn": [...],
-     "quant": null | {...settings owned by qat/...}}
+     "quant": null | {...settings owned by qat/...},
+     "audio_window": null | {"margin_s": 1.0, "frame_multiple": 16}}
+
+`audio_window` says the model was trained to encode windows sized to the audio (`window_frames`) instead
+of Whisper's fixed 30 s; a model without it is always given the full window.
 
 `config.json` keeps the base model's shape (layers, d_model, vocab); the structure says what each layer
 kept. Weights are always `model.safetensors`; nothing is pickled. A dense, unquantized model is
@@ -25,9 +29,13 @@ from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 from torch import nn
 from transformers import WhisperConfig, WhisperForConditionalGeneration
-from transformers.models.whisper.modeling_whisper import WhisperAttention
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.models.whisper.modeling_whisper import WhisperAttention, WhisperEncoder
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY, capture_outputs
 
 from slim.attention import SlimAttention
+from slim.window import check_audio_window, window_frames
 from slim.io import atomic_dir
 
 STRUCTURE_FILE = "slim_structure.json"
@@ -46,6 +54,7 @@ class Structure:
     encoder_ffn: list[int]
     decoder_ffn: list[int]
     quant: dict | None = field(default=None)
+    audio_window: dict | None = field(default=None)
 
     @classmethod
     def dense(cls, config: WhisperConfig) -> "Structure":
@@ -69,10 +78,12 @@ class Structure:
                 raise ValueError(f"structure.{name} must hold non-negative integers, got {values}")
         if self.head_dim * config.encoder_attention_heads != config.d_model:
             raise ValueError(f"structure.head_dim={self.head_dim} does not match d_model={config.d_model}")
+        if self.audio_window is not None:
+            check_audio_window(self.audio_window, "structure.audio_window")
         return self
 
     def is_dense(self, config: WhisperConfig) -> bool:
-        return self.quant is None and self == Structure.dense(config)
+        return self.quant is None and self.audio_window is None and self == Structure.dense(config)
 
     def to_dict(self) -> dict:
         return {"format": FORMAT_VERSION, **asdict(self)}
@@ -90,6 +101,57 @@ class Structure:
 
     def num_heads(self) -> int:
         return sum(self.encoder_heads) + sum(self.decoder_heads) + sum(self.cross_heads)
+
+
+# ---------------------------------------------------------------------------------------------
+# audio windows: encoding only the frames a clip needs
+
+
+def audio_window_of(model: nn.Module) -> dict | None:
+    """The window setting of the Whisper inside `model` (also through DDP / peft wrappers), or None."""
+    for m in model.modules():
+        if isinstance(m, WhisperEncoder):
+            return getattr(m, "audio_window", None)
+    return None
+
+
+def set_audio_window(model: WhisperForConditionalGeneration, window: dict | None) -> None:
+    model.model.encoder.audio_window = None if window is None else dict(check_audio_window(window))
+
+
+def trim_features(model: nn.Module, features: torch.Tensor, audio_frames) -> torch.Tensor:
+    """`features` (B, n_mels, 3000) cut to the window `model` encodes for this batch (its longest clip,
+    `audio_frames` per clip); unchanged for a model without a window or when the lengths are unknown."""
+    window = audio_window_of(model)
+    if window is None or audio_frames is None:
+        return features
+    n = int(torch.as_tensor(audio_frames).max()) if len(audio_frames) else features.shape[-1]
+    return features[..., :window_frames(window, n, features.shape[-1])]
+
+
+class SlimEncoder(WhisperEncoder):
+    """Whisper's encoder on any even number of frames up to 30 s (HF's insists on exactly 3000): the
+    positional table is sliced to the frames present. With 3000 frames it runs HF's computation exactly."""
+
+    audio_window: dict | None = None
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(self, input_features, attention_mask=None, **kwargs) -> BaseModelOutput:
+        stride = self.conv1.stride[0] * self.conv2.stride[0]
+        n = input_features.shape[-1]
+        if n > self.max_source_positions * stride or n % stride:
+            raise ValueError(f"the encoder takes an even number of mel frames up to "
+                             f"{self.max_source_positions * stride}, got {n}")
+        x = nn.functional.gelu(self.conv1(input_features))
+        x = nn.functional.gelu(self.conv2(x)).permute(0, 2, 1)
+        x = x + self.embed_positions.weight[: x.shape[1]]
+        x = nn.functional.dropout(x, p=self.dropout, training=self.training)
+        for layer in self.layers:
+            if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
+                continue
+            x = layer(x, None, **kwargs)
+        return BaseModelOutput(last_hidden_state=self.layer_norm(x))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,6 +176,12 @@ def install_explicit_attention(model: WhisperForConditionalGeneration) -> Whispe
     # Our attention needs materialised masks: with "sdpa" HF may pass no causal mask at all and rely on
     # SDPA's is_causal flag, which an explicit matmul cannot see.
     model.set_attn_implementation("eager")
+    encoder = model.model.encoder
+    if type(encoder) is WhisperEncoder:  # same parameters and buffers; only forward differs
+        encoder.__class__ = SlimEncoder
+        # transformers registers which layers' outputs a class records (output_hidden_states) under the
+        # class's name when a model is constructed; a swapped class must be registered by hand
+        _CAN_RECORD_REGISTRY[encoder] = SlimEncoder._can_record_outputs
     # Whisper's encoder positions are a fixed sinusoidal table (a buffer in OpenAI's code; HF freezes it in
     # __init__, but a loaded model can hand it back trainable): keep it out of training, so it stays the
     # exact table (which the ONNX export then stores losslessly as fp16).
@@ -143,6 +211,7 @@ def apply_structure(model: WhisperForConditionalGeneration, structure: Structure
                 layer.fc1 = nn.Linear(cfg.d_model, w).to(dtype)
                 layer.fc2 = nn.Linear(w, cfg.d_model).to(dtype)
     install_explicit_attention(model)
+    set_audio_window(model, structure.audio_window)
     return model
 
 
@@ -165,7 +234,7 @@ def structure_of(model: WhisperForConditionalGeneration, quant: dict | None = No
         encoder_heads=heads["encoder"], decoder_heads=heads["decoder"], cross_heads=heads["cross"],
         encoder_ffn=[l.fc1.out_features for l in model.model.encoder.layers],
         decoder_ffn=[l.fc1.out_features for l in model.model.decoder.layers],
-        quant=quant,
+        quant=quant, audio_window=audio_window_of(model),
     )
 
 
@@ -187,14 +256,17 @@ MODEL_INPUTS = ("input_features", "labels", "decoder_input_ids", "decoder_attent
 """The batch entries that WhisperForConditionalGeneration's forward takes."""
 
 
-def model_inputs(batch: dict, decoder_input_ids: torch.Tensor | None = None) -> dict:
+def model_inputs(batch: dict, decoder_input_ids: torch.Tensor | None = None, model: nn.Module | None = None) -> dict:
     """The keyword arguments of a teacher-forced forward on `batch`: its MODEL_INPUTS entries that are not
     None. Given `decoder_input_ids`, those replace the batch's and `labels` is left out, so the model
-    computes no loss (a caller that computes its own loss need not pay for it)."""
+    computes no loss (a caller that computes its own loss need not pay for it). Given `model`, the features
+    are cut to the window it encodes (`trim_features`, from the batch's `audio_frames`)."""
     kw = {k: v for k, v in batch.items() if k in MODEL_INPUTS and v is not None}
     if decoder_input_ids is not None:
         kw.pop("labels", None)
         kw["decoder_input_ids"] = decoder_input_ids
+    if model is not None and "input_features" in kw:
+        kw["input_features"] = trim_features(model, kw["input_features"], batch.get("audio_frames"))
     return kw
 
 

@@ -22,6 +22,7 @@ from slim.decoding import token_budget
 from slim.export_format import (CONFIG_FILE, DECODER_FILE, ENCODER_FILE, PROCESSOR_FILES, TOKENIZER_FILE,
                                 DecodeConfig, ExportDirError, has_processor, load_export_config, session_options)
 from slim.mel import LogMel
+from slim.window import FROM_MODEL, clip_frames, engine_window, window_frames
 
 
 @dataclass
@@ -40,16 +41,20 @@ class Timings:
 
 
 class OnnxEngine:
-    """Greedy transcription with the encoder/decoder graphs of an export directory."""
+    """Greedy transcription with the encoder/decoder graphs of an export directory.
+
+    audio_window: "model" (the window the export's model was trained for, `slim.window`; 30 s if none),
+    None (always 30 s), or a window dict forced on the model (untrained truncation, for comparison)."""
 
     name = "onnx"
     clock = staticmethod(time.perf_counter)
     """What `timings` are measured with; a benchmark on a shared machine may set `time.process_time`."""
 
     def __init__(self, export_dir: str | Path, threads: int = 2, providers: list | None = None,
-                 verify: str = "sha256", language: str | None = None):
+                 verify: str = "sha256", language: str | None = None, audio_window=FROM_MODEL):
         self.dir = Path(export_dir)
         self.config = load_export_config(self.dir, verify=verify)
+        self.audio_window = engine_window(self.config.get("structure", {}).get("audio_window"), audio_window)
         self.decode = DecodeConfig(**self.config["decode"]).with_language(language)
         self.mode = self.config.get("mode")
         so = session_options(threads)
@@ -118,9 +123,10 @@ class OnnxEngine:
     def encode(self, features: np.ndarray) -> list:
         """Cross-attention keys/values (ORT values, in `cross_names` order) for a batch of features."""
         feats = np.ascontiguousarray(features, dtype=np.float32)
-        want = (self.config["model"]["num_mel_bins"], self.config["model"]["n_frames"])
-        if feats.ndim != 3 or feats.shape[1:] != want:
-            raise ValueError(f"features must have shape (batch, {want[0]}, {want[1]}), got {feats.shape}")
+        mels, frames = self.config["model"]["num_mel_bins"], self.config["model"]["n_frames"]
+        if feats.ndim != 3 or feats.shape[1] != mels or not (0 < feats.shape[2] <= frames and feats.shape[2] % 2 == 0):
+            raise ValueError(f"features must have shape (batch, {mels}, an even number of frames up to {frames}), "
+                             f"got {feats.shape}")
         io = self.encoder.io_binding()
         io.bind_cpu_input("input_features", feats)
         for n in self.cross_names:
@@ -192,7 +198,9 @@ class OnnxEngine:
         texts: list[str] = []
         for i in range(0, len(audios), batch_size):
             chunk = [np.asarray(a, np.float32) for a in audios[i:i + batch_size]]
-            tokens = self.generate_tokens(self.features(chunk), token_budget(chunk, max_new_tokens))
+            feats = self.features(chunk)
+            feats = feats[..., :window_frames(self.audio_window, max(map(clip_frames, chunk)), feats.shape[-1])]
+            tokens = self.generate_tokens(feats, token_budget(chunk, max_new_tokens))
             texts += self.decode_text(tokens)
         return texts
 

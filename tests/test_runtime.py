@@ -16,7 +16,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 REAL_SPEECH = ROOT / "data" / "real-speech"
 BLOCKED = ("torch", "transformers", "onnx")
-RUNTIME_MODULES = {"slim", "slim.runtime", "slim.export_format", "slim.mel", "slim.decoding", "slim.audio"}
+RUNTIME_MODULES = {"slim", "slim.runtime", "slim.export_format", "slim.mel", "slim.decoding", "slim.audio",
+                   "slim.window"}
 NEW = 12
 
 BLOCK = r"""

@@ -124,7 +124,7 @@ def calibration_batches(ctx: RunContext, n_batches: int, batch_size: int = 4):
         chunk = list(itertools.islice(good, batch_size))
         if not chunk:
             break
-        batches.append({k: v for k, v in collate(chunk).items() if k in ("input_features", "labels")})
+        batches.append({k: v for k, v in collate(chunk).items() if k in ("input_features", "labels", "audio_frames")})
     return batches
 
 

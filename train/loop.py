@@ -246,14 +246,18 @@ def forward_logits(model, batch: dict, dec: torch.Tensor) -> torch.Tensor:
 
 
 def forward(model, batch: dict, dec: torch.Tensor, hidden: bool = False):
-    """The teacher-forced forward; `hidden=True` also returns every layer's hidden states."""
-    return model(**model_inputs(batch, dec), use_cache=False, output_hidden_states=hidden)
+    """The teacher-forced forward, on the audio window `model` encodes; `hidden=True` also returns every
+    layer's hidden states."""
+    return model(**model_inputs(batch, dec, model=model), use_cache=False, output_hidden_states=hidden)
 
 
 def hidden_states_loss(student_out, teacher_out, labels: torch.Tensor) -> torch.Tensor:
-    """`hidden_l2` over every encoder layer (all frames) and every decoder layer (label positions)."""
+    """`hidden_l2` over every encoder layer (the student's frames) and every decoder layer (label positions).
+    A student that encodes a shorter audio window than its teacher is compared on its frames, which are
+    the teacher's first ones."""
+    frames = student_out.encoder_hidden_states[-1].shape[1]
     s = list(student_out.encoder_hidden_states[1:]) + list(student_out.decoder_hidden_states[1:])
-    t = list(teacher_out.encoder_hidden_states[1:]) + list(teacher_out.decoder_hidden_states[1:])
+    t = [h[:, :frames] for h in teacher_out.encoder_hidden_states[1:]] + list(teacher_out.decoder_hidden_states[1:])
     n_enc = len(student_out.encoder_hidden_states) - 1
     mask = labels != IGNORE_INDEX
     return hidden_l2(s, t, [None] * n_enc + [mask] * (len(s) - n_enc))

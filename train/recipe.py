@@ -22,9 +22,6 @@ from train.config_io import ConfigError, apply_overrides, from_dict, to_dict
 from train.loop import TrainConfig
 from train.tracking import TrackingConfig
 
-STAGE_KINDS = ("eval", "prune", "recover", "qat", "ptq", "convert", "export")
-
-
 @dataclass
 class ModelSource:
     source: str = "tiny.en"
@@ -147,19 +144,38 @@ class InterpolateConfig:
 
 
 @dataclass
+class AudioWindowConfig:
+    """kind=audio-context: the window the model learns to encode, ceil(duration) + margin_s seconds."""
+
+    margin_s: float = 1.0
+    """Seconds of Whisper's padding kept after the audio's last whole second."""
+    frame_multiple: int = 16
+    """The encoder's frame count is rounded up to a multiple of this (two mel frames each; 50 per second)."""
+
+    def __post_init__(self):
+        from slim.model import check_audio_window
+
+        check_audio_window({"margin_s": self.margin_s, "frame_multiple": self.frame_multiple})
+
+
+@dataclass
 class StageConfig:
     name: str
     """Stage name; its output is OUTPUT_DIR/<index>-<name>."""
-    kind: Literal["eval", "prune", "recover", "interpolate", "qat", "ptq", "convert", "export"]
+    kind: Literal["eval", "prune", "recover", "audio-context", "interpolate", "qat", "ptq", "convert", "export"]
     """What the stage does: eval (measure the input model), prune, recover (fine-tune with distillation),
+    audio-context (fine-tune to encode windows sized to the audio, distilled from the model on 30 s windows),
     interpolate (WiSE-FT between two stages' weights, picked on an eval set), qat (fake-quant training),
     ptq (calibrate only), convert (true INT8 PyTorch), export (ONNX Runtime)."""
     prune: PruneStage | None = None
     """Settings for kind=prune."""
     train: TrainConfig | None = None
-    """Trainer settings for kind=recover and kind=qat (and gradual pruning's recovery rounds)."""
+    """Trainer settings for kind=recover, audio-context and qat (and gradual pruning's recovery rounds)."""
     teacher: Literal["dense", "input", "none"] = "dense"
-    """Distillation teacher: the dense base model, this stage's input model, or none (CE only)."""
+    """Distillation teacher: the dense base model, this stage's input model, or none (CE only). An
+    audio-context stage's teacher runs on the full 30 s window."""
+    audio_window: AudioWindowConfig | None = None
+    """Settings for kind=audio-context (defaults when absent)."""
     quant: QuantConfig | None = None
     """Quantization settings for kind=qat / ptq (and the export that follows)."""
     interpolate: InterpolateConfig | None = None
@@ -179,7 +195,7 @@ class StageConfig:
     one run can branch: e.g. `ptq` and `qat` both from `dense`, compared in one report."""
 
     def __post_init__(self):
-        needs = {"prune": "prune", "recover": "train", "qat": "quant", "ptq": "quant"}
+        needs = {"prune": "prune", "recover": "train", "audio-context": "train", "qat": "quant", "ptq": "quant"}
         key = needs.get(self.kind)
         if key and getattr(self, key) is None:
             if key == "train":
@@ -190,6 +206,8 @@ class StageConfig:
                 self.quant = QuantConfig()
         if self.kind == "qat" and self.train is None:
             self.train = TrainConfig()
+        if self.kind == "audio-context" and self.audio_window is None:
+            self.audio_window = AudioWindowConfig()
         if self.kind == "interpolate" and self.interpolate is None:
             raise ValueError("kind interpolate needs interpolate: {base: STAGE}")
 
@@ -240,7 +258,7 @@ class Recipe:
                     raise ConfigError(f"stages.{s.name}.train.length_buckets: data.train is streamed "
                                       f"({self.data.train}), which has no lengths up front; set it to 0")
         if self.data.synth is None and (self.data.train is None or self.data.eval is None):
-            needs_train = any(s.kind in ("recover", "qat", "ptq") or
+            needs_train = any(s.kind in ("recover", "audio-context", "qat", "ptq") or
                               (s.kind == "prune" and s.prune.criterion == "taylor") for s in self.stages)
             if self.data.eval is None or (needs_train and self.data.train is None):
                 raise ConfigError("data: set data.synth, or data.eval (and data.train for training stages)")

@@ -105,6 +105,25 @@ def _recover(ctx: RunContext, stage: StageConfig, prev: Path, model_out: Path) -
     save_final(ctx, model, model_out)
 
 
+def _audio_context(ctx: RunContext, stage: StageConfig, prev: Path, model_out: Path) -> None:
+    """Fine-tune the input to encode windows sized to the audio (`slim.model.window_frames`), distilled from
+    a model on the full 30 s window: the input itself (`teacher: input`, the usual choice: the stage
+    should change how the model encodes, not what it says) or the dense base."""
+    from dataclasses import asdict
+
+    from slim.model import audio_window_of, set_audio_window
+    from train.context import input_teacher
+
+    model = load_float(prev, ctx.recipe)
+    if audio_window_of(model) is not None:
+        raise RunError(f"stages.{stage.name}: its input already encodes audio windows; one audio-context stage "
+                       "per lineage")
+    teacher = input_teacher(stage, model)  # before the window is set: the teacher sees 30 s
+    set_audio_window(model, asdict(stage.audio_window))
+    fit(ctx, stage, model, model_out.parent, teacher=teacher)
+    save_final(ctx, model, model_out)
+
+
 def _interpolate(ctx: RunContext, stage: StageConfig, prev: Path, model_out: Path) -> None:
     """WiSE-FT (Wortsman et al. 2022): the weights (1 - alpha) * base + alpha * input for each alpha, each
     evaluated on the `select_on` set; the lowest WER is the stage's model (ties go to the larger alpha, the
@@ -148,6 +167,7 @@ STAGE_KINDS: dict[str, Callable[[RunContext, StageConfig, Path, Path], None] | N
     "eval": None,  # evaluates its input model and writes none
     "prune": prune_stage.run,
     "recover": _recover,
+    "audio-context": _audio_context,
     "interpolate": _interpolate,
     "qat": quant_stage.run_qat,
     "ptq": quant_stage.run_qat,
@@ -160,12 +180,12 @@ the stage folder) from the model directory `prev`."""
 
 def _on_every_process(stage: StageConfig) -> bool:
     """The distributed rule of every kind. Stages that train (recover, qat, gradual pruning's recovery
-    rounds) run on every process, each on its shard of the data, and ptq goes the same way as qat; they
+    rounds, audio-context) run on every process, each on its shard of the data, and ptq goes the same way as qat; they
     write their model from the main process (`save_final`). The others (one-shot prune, convert, export)
     run on the main process alone while the rest wait."""
     if stage.kind == "prune":
         return prune_stage.on_every_process(stage)
-    return stage.kind in ("recover", "qat", "ptq")
+    return stage.kind in ("recover", "audio-context", "qat", "ptq")
 
 
 def _run_stage(ctx: RunContext, stage: StageConfig, prev: Path, sdir: Path) -> Path:

@@ -1,0 +1,59 @@
+"""Audio windows: a model trained to encode only the frames a clip needs (instead of Whisper's fixed 30 s)
+says so in its structure (`audio_window`), and every engine asks `window_frames` how many mel frames to
+feed it. Plain Python, so the torch-free runtime shares the one rule with training and the torch engines.
+"""
+
+from __future__ import annotations
+
+import math
+
+MEL_FRAMES_PER_SECOND = 100  # the feature extractor's hop: 160 samples at 16 kHz
+WINDOW_KEYS = {"margin_s": (int, float), "frame_multiple": int}
+
+
+def check_audio_window(window: dict, where: str = "audio_window") -> dict:
+    """`window` checked: {"margin_s": seconds of padding kept after the audio's last whole second,
+    "frame_multiple": encoder frames the window is rounded up to}; a bad one fails naming the key."""
+    if not isinstance(window, dict):
+        raise ValueError(f"{where} must be a mapping with {sorted(WINDOW_KEYS)}, got {window!r}")
+    unknown = set(window) - set(WINDOW_KEYS)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)} (known: {sorted(WINDOW_KEYS)})")
+    for key, kind in WINDOW_KEYS.items():
+        v = window.get(key)
+        if isinstance(v, bool) or not isinstance(v, kind):
+            raise ValueError(f"{where}.{key} must be {'an integer' if kind is int else 'a number'}, got {v!r}")
+    if window["margin_s"] < 0:
+        raise ValueError(f"{where}.margin_s must be >= 0, got {window['margin_s']}")
+    if window["frame_multiple"] < 1:
+        raise ValueError(f"{where}.frame_multiple must be >= 1, got {window['frame_multiple']}")
+    return window
+
+
+def window_frames(window: dict | None, audio_frames: int, max_frames: int) -> int:
+    """Mel frames to encode for a clip (or batch) whose longest audio spans `audio_frames` mel frames:
+    ceil(duration) + margin seconds, rounded up so the encoder gets a multiple of `frame_multiple` frames
+    (two mel frames each), at most `max_frames` (30 s). Without a window: always `max_frames`."""
+    if window is None:
+        return max_frames
+    seconds = math.ceil(audio_frames / MEL_FRAMES_PER_SECOND) + window["margin_s"]
+    encoder_frames = math.ceil(seconds * MEL_FRAMES_PER_SECOND / 2)
+    m = int(window["frame_multiple"])
+    return min(max_frames, 2 * m * math.ceil(encoder_frames / m))
+
+
+FROM_MODEL = "model"
+
+
+def engine_window(model_window: dict | None, override) -> dict | None:
+    """The window an engine uses: the model's own (`override` "model"), none (None: always 30 s), or
+    `override` itself, a window forced on a model that was not trained for it (untrained truncation, the
+    contrast benchmarks measure)."""
+    if override == FROM_MODEL:
+        return model_window
+    return None if override is None else check_audio_window(override, "audio_window")
+
+
+def clip_frames(audio, hop_length: int = 160) -> int:
+    """Mel frames a clip of samples spans (the feature extractor's frame count before padding)."""
+    return -(-len(audio) // hop_length)
