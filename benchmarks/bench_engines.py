@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_engines.py [--clips DIR_OR_MANIFEST ...] [--threads 2] [--repeats 3]
         [--model HF_DIR] [--int8-model FAKE_QUANT_DIR] [--work DIR] [--out report.json]
+        [--extra NAME=EXPORT_DIR] [--truncate NAME=EXPORT_DIR] [--whisper-cpp]
 
 Engines (greedy, batch 1, English without timestamps, the same prompt and suppress tokens):
   hf-fp32          stock transformers `generate` (eager PyTorch fp32, SDPA attention)
@@ -12,7 +13,13 @@ Engines (greedy, batch 1, English without timestamps, the same prompt and suppre
   onnx-dynamic     ONNX Runtime `quantize_dynamic` of our float export (the post-training baseline;
                    --dynamic-per-channel: per-channel weight scales)
   ct2-int8         CTranslate2 (the faster-whisper engine), compute_type int8, beam_size 1
-Every engine gets the same log-mel features (WhisperFeatureExtractor, timed once and added to each).
+  --extra NAME=DIR     another export; a model trained on audio windows (recipes/short_clips.yaml) runs on
+                       its own window, ceil(duration) + margin seconds
+  --truncate NAME=DIR  an export with that window forced on it: untrained truncation
+  --whisper-cpp        whisper.cpp (pywhispercpp) on --model as ggml fp16, full context and with audio_ctx set
+                       to the same window (its untrained truncation: benchmarks/convert_ggml.py)
+Every engine gets the same log-mel features (WhisperFeatureExtractor, timed once and added to each), except
+whisper.cpp, which computes its own from the audio inside its time.
 
 Timing: after a warm-up, clips are run round-robin over the engines `--repeats` times; each engine's time on
 a clip is the minimum over repeats (other processes on the machine only ever add time), and the figures
@@ -172,11 +179,13 @@ def dir_size(d: Path, names=None) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# engines: run(features (1, 80, 3000)) -> (token ids, encoder s, decoder s, decoder steps)
+# engines: run(clip) -> (token ids, encoder s, decoder s, decoder steps); a clip holds its features
+# (1, 80, 3000), `frames` (the mel frames its audio spans) and `audio`
 
 
 class HFEngine:
     name = "hf-fp32"
+    own_features = False
 
     def __init__(self, model_dir: Path, decode):
         from transformers import WhisperForConditionalGeneration
@@ -187,10 +196,10 @@ class HFEngine:
         self.weights_bytes = (model_dir / "model.safetensors").stat().st_size
 
     @torch.inference_mode()
-    def run(self, feats: np.ndarray):
+    def run(self, clip: dict):
         from transformers.modeling_outputs import BaseModelOutput
 
-        x = torch.from_numpy(feats)
+        x = torch.from_numpy(clip["feats"])
         t0 = CLOCK()
         h = self.model.model.encoder(x).last_hidden_state
         t1 = CLOCK()
@@ -202,22 +211,32 @@ class HFEngine:
 
 
 class OrtEngine:
-    def __init__(self, name: str, export_dir: Path, threads: int):
+    """Our export in the slim runtime, on the window its model was trained for (30 s if none), or with
+    `audio_window` forced on it (untrained truncation)."""
+
+    own_features = False
+
+    def __init__(self, name: str, export_dir: Path, threads: int, audio_window="model"):
         from slim.runtime import OnnxEngine
 
-        self.name, self.engine = name, OnnxEngine(export_dir, threads=threads)
+        self.name, self.engine = name, OnnxEngine(export_dir, threads=threads, audio_window=audio_window)
         self.engine.clock = CLOCK
         self.bytes, self.weights_bytes = self.engine.model_bytes, self.engine.graph_bytes
 
-    def run(self, feats: np.ndarray):
+    def run(self, clip: dict):
+        from slim.window import window_frames
+
         t = self.engine.timings
         t.reset()
+        feats = clip["feats"]
+        feats = feats[..., :window_frames(self.engine.audio_window, clip["frames"], feats.shape[-1])]
         tokens = self.engine.generate_tokens(feats)[0]
         return tokens, t.encoder_s, t.decoder_s, t.decoder_steps
 
 
 class CT2Engine:
     name = "ct2-int8"
+    own_features = False
 
     def __init__(self, ct2_dir: Path, threads: int, decode):
         import ctranslate2
@@ -229,8 +248,8 @@ class CT2Engine:
         self.bytes = dir_size(ct2_dir)
         self.weights_bytes = (ct2_dir / "model.bin").stat().st_size
 
-    def run(self, feats: np.ndarray):
-        sv = self.ct2.StorageView.from_array(np.ascontiguousarray(feats))
+    def run(self, clip: dict):
+        sv = self.ct2.StorageView.from_array(np.ascontiguousarray(clip["feats"]))
         t0 = CLOCK()
         enc = self.model.encode(sv)
         t1 = CLOCK()
@@ -241,6 +260,37 @@ class CT2Engine:
         t2 = CLOCK()
         tokens = r[0].sequences_ids[0]
         return tokens, t1 - t0, t2 - t1, len(tokens) + 1
+
+
+class WhisperCppRow:
+    """whisper.cpp (pywhispercpp) on the clip's audio: it computes its own log-mel and reports no split of
+    encoder and decoder time. With `window`, audio_ctx is the window's encoder frames for the clip."""
+
+    own_features = True
+
+    def __init__(self, name: str, ggml: Path, threads: int, tokenizer, window: dict | None):
+        from benchmarks.whisper_cpp import WhisperCppEngine, window_audio_ctx
+
+        ctx = window_audio_ctx(window["margin_s"], window["frame_multiple"]) if window is not None else None
+        self.name, self.tokenizer = name, tokenizer
+        self.engine = WhisperCppEngine(ggml, threads=threads, audio_ctx_for=ctx)
+        self.bytes = self.weights_bytes = ggml.stat().st_size
+
+    def run(self, clip: dict):
+        text = self.engine.transcribe([clip["audio"]])[0]
+        tokens = self.tokenizer.encode(" " + text.strip(), add_special_tokens=False) if text.strip() else []
+        return tokens, None, None, len(tokens) + 1
+
+
+def whisper_cpp_engines(model_dir: Path, work: Path, threads: int, window: dict, tokenizer, reexport: bool):
+    """whisper.cpp with the full 30 s context and with the forced window, on `model_dir` as ggml fp16."""
+    from benchmarks.convert_ggml import convert
+
+    ggml = work / "ggml-model-f16.bin"
+    if not ggml.exists() or reexport:
+        convert(model_dir, ggml)
+    return [WhisperCppRow("whisper.cpp", ggml, threads, tokenizer, None),
+            WhisperCppRow("whisper.cpp-ctx", ggml, threads, tokenizer, window)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +314,17 @@ def main(argv=None) -> int:
     p.add_argument("--synth-eval", type=int, default=0, help="also run on N synthetic eval clips (slim.synth)")
     p.add_argument("--engines", default="hf-fp32,onnx-float,onnx-int8,onnx-dynamic,ct2-int8")
     p.add_argument("--extra", action="append", default=[], metavar="NAME=EXPORT_DIR",
-                   help="also time another ONNX export, e.g. a pipeline run's pruned QAT model")
+                   help="also time another ONNX export, e.g. a pipeline run's pruned QAT model (on the audio "
+                        "window its model was trained for, if any)")
+    p.add_argument("--truncate", action="append", default=[], metavar="NAME=EXPORT_DIR",
+                   help="also time an export with the audio window forced on it (untrained truncation)")
+    p.add_argument("--window-margin", type=float, default=1.0, metavar="SECONDS",
+                   help="the forced window of --truncate and --whisper-cpp: ceil(duration) + SECONDS")
+    p.add_argument("--frame-multiple", type=int, default=16,
+                   help="the forced window's encoder frames are rounded up to a multiple of this")
+    p.add_argument("--whisper-cpp", action="store_true",
+                   help="also whisper.cpp (pywhispercpp) on --model converted to ggml, with the full context "
+                        "and with audio_ctx set to the forced window (its untrained truncation)")
     p.add_argument("--work", default=os.environ.get("BENCH_WORK", "/tmp/whisper-slim-bench"))
     p.add_argument("--reexport", action="store_true", help="rebuild the exports even if --work has them")
     p.add_argument("--concat", type=float, default=0.0, metavar="SECONDS",
@@ -303,20 +363,27 @@ def main(argv=None) -> int:
             engines.append(CT2Engine(dirs["ct2"], args.threads, decode))
         elif name.startswith("onnx-"):
             engines.append(OrtEngine(name, dirs[name], args.threads))
-    for spec in args.extra:
+    window = {"margin_s": args.window_margin, "frame_multiple": args.frame_multiple}
+    for spec, forced in [(x, "model") for x in args.extra] + [(x, window) for x in args.truncate]:
         name, _, d = spec.partition("=")
-        engines.append(OrtEngine(name, Path(d), args.threads))
+        engines.append(OrtEngine(name, Path(d), args.threads, audio_window=forced))
+    if args.whisper_cpp:
+        engines += whisper_cpp_engines(dirs["hf"], Path(args.work), args.threads, window, processor.tokenizer,
+                                       args.reexport)
+
+    from slim.window import clip_frames
 
     t = CLOCK()
     feats = [processor.feature_extractor([c["audio"]], sampling_rate=16000, return_tensors="np").input_features
              for c in clips]
     features_s = (CLOCK() - t) / len(clips)
+    inputs = [{"feats": f, "frames": clip_frames(c["audio"]), "audio": c["audio"]} for f, c in zip(feats, clips)]
     load_before = os.getloadavg()
     for e in engines:  # warm-up: first-call allocations, ORT/CT2 thread pools, torch kernels
-        e.run(feats[0])
+        e.run(inputs[0])
     runs = {e.name: [None] * len(clips) for e in engines}
     for _ in range(args.repeats):
-        for i, f in enumerate(feats):
+        for i, f in enumerate(inputs):
             for e in engines:
                 time.sleep(args.gap)
                 t0 = CLOCK()
@@ -334,11 +401,13 @@ def main(argv=None) -> int:
     for e in engines:
         r = runs[e.name]
         hyps = [processor.tokenizer.decode(r[i]["tokens"], skip_special_tokens=True).strip() for i in refs_idx]
+        timed = None not in (r[0]["encoder"], r[0]["decoder"])
         results[e.name] = {
-            "seconds_per_utterance": features_s + float(np.mean([x["total"] for x in r])),
-            "encoder_s": float(np.mean([x["encoder"] for x in r])),
-            "decoder_s": float(np.mean([x["decoder"] for x in r])),
-            "decoder_ms_per_token": 1e3 * sum(x["decoder"] for x in r) / sum(x["steps"] for x in r),
+            # whisper.cpp computes its own features from the audio, inside its time
+            "seconds_per_utterance": (0.0 if e.own_features else features_s) + float(np.mean([x["total"] for x in r])),
+            "encoder_s": float(np.mean([x["encoder"] for x in r])) if timed else None,
+            "decoder_s": float(np.mean([x["decoder"] for x in r])) if timed else None,
+            "decoder_ms_per_token": 1e3 * sum(x["decoder"] for x in r) / sum(x["steps"] for x in r) if timed else None,
             "tokens_per_utterance": float(np.mean([len(x["tokens"]) for x in r])),
             "weights_bytes": e.weights_bytes,
             "deploy_bytes": e.bytes,
@@ -355,6 +424,9 @@ def main(argv=None) -> int:
             ratios["onnx_int8_s_per_utt_vs_ct2_int8"] = q["seconds_per_utterance"] / results["ct2-int8"]["seconds_per_utterance"]
         if base:
             ratios["hf_fp32_s_per_utt_vs_onnx_int8"] = base["seconds_per_utterance"] / q["seconds_per_utterance"]
+        for spec in args.extra + args.truncate:
+            name = spec.partition("=")[0]
+            ratios[f"{name}_s_per_utt_vs_onnx_int8"] = results[name]["seconds_per_utterance"] / q["seconds_per_utterance"]
     report = {
         "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "threads": args.threads, "clock": args.clock,
@@ -389,7 +461,9 @@ def print_table(r: dict) -> None:
           f"{'deploy MB':>10s} {'WER':>6s}")
     for name, e in r["engines"].items():
         wer = f"{100 * e['wer']:.2f}%" if e["wer"] is not None else "-"
-        print(f"{name:14s} {e['seconds_per_utterance']:7.3f} {e['encoder_s']:10.3f} {e['decoder_ms_per_token']:9.2f} "
+        enc = f"{e['encoder_s']:10.3f}" if e["encoder_s"] is not None else f"{'-':>10s}"
+        tok = f"{e['decoder_ms_per_token']:9.2f}" if e["decoder_ms_per_token"] is not None else f"{'-':>9s}"
+        print(f"{name:14s} {e['seconds_per_utterance']:7.3f} {enc} {tok} "
               f"{e['tokens_per_utterance']:7.1f} {e['weights_bytes'] / 1e6:11.1f} {e['deploy_bytes'] / 1e6:10.1f} {wer:>6s}")
     for k, v in r["ratios"].items():
         print(f"{k}: {v:.3f}")

@@ -21,7 +21,6 @@ costs far more than it gains (on 2 cores shared with a training job, threads=2 r
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Callable
 
@@ -31,20 +30,27 @@ from eval.engines import Engine
 from slim.audio import SAMPLING_RATE
 from slim.decoding import token_budget
 
-FRAMES_PER_SECOND = 50  # encoder frames: 100 mel frames per second, halved by the stride-2 conv
 FULL_CTX = 1500  # 30 s
 LOG_WARN = 3  # ggml_log_level: 2 info, 3 warning, 4 error
 
 
-def window_audio_ctx(margin_s: float = 1.0, frames_per_second: int = FRAMES_PER_SECOND,
-                     limit: int = FULL_CTX) -> Callable[[np.ndarray], int]:
-    """audio -> encoder frames for (ceil(duration) + margin_s) seconds, capped at the full context."""
+def window_audio_ctx(margin_s: float = 1.0, frame_multiple: int = 1) -> Callable[[np.ndarray], int]:
+    """audio -> encoder frames of our models' window rule (`slim.window.window_frames`: ceil(duration) +
+    margin_s seconds, rounded up to `frame_multiple` encoder frames, at most 30 s)."""
+    from slim.window import check_audio_window, clip_frames, window_frames
+
+    window = check_audio_window({"margin_s": margin_s, "frame_multiple": frame_multiple})
+
     def audio_ctx_for(audio: np.ndarray) -> int:
-        seconds = math.ceil(len(audio) / SAMPLING_RATE) + margin_s
-        return min(limit, int(math.ceil(seconds * frames_per_second)))
+        return window_frames(window, clip_frames(audio), 2 * FULL_CTX) // 2  # mel frames -> encoder frames
 
     audio_ctx_for.__name__ = f"ceil+{margin_s:g}s"
     return audio_ctx_for
+
+
+def _label(f) -> str:
+    name = getattr(f, "__name__", "")
+    return name if name.isprintable() and name and not name.startswith("<") else "per-clip"
 
 
 class WhisperCppEngine(Engine):
@@ -77,6 +83,12 @@ class WhisperCppEngine(Engine):
             self._ctx = None
             errors = "".join(text for level, text in log if level >= LOG_WARN)
             raise ValueError(f"{path}: whisper.cpp could not load it:\n{errors.strip()}")
+        if pw.whisper_model_ftype(self._ctx) == 0:
+            # ggml_conv_1d always builds an f16 im2col, which asserts on an f32 kernel: whisper.cpp aborts the
+            # whole process at the first encode (whisper.cpp issue #2557), so refuse the file here
+            self.close()
+            raise ValueError(f"{path}: an all-f32 ggml model, which this whisper.cpp aborts on; convert with "
+                             "--ftype f16")
         self.n_audio_ctx = pw.whisper_n_audio_ctx(self._ctx)
         if not 0 <= audio_ctx <= self.n_audio_ctx:
             raise ValueError(f"audio_ctx {audio_ctx}: expected 0 (full) to {self.n_audio_ctx}")
@@ -100,7 +112,7 @@ class WhisperCppEngine(Engine):
 
         self.name = name or ("whisper.cpp" if audio_ctx_for is None and not audio_ctx else
                              f"whisper.cpp-ctx{audio_ctx}" if audio_ctx_for is None else
-                             f"whisper.cpp-ctx-{getattr(audio_ctx_for, '__name__', 'per-clip')}")
+                             f"whisper.cpp-ctx-{_label(audio_ctx_for)}")
         self.model_bytes = path.stat().st_size
         self.files = [str(path)]
         self.info = {"threads": threads, "audio_ctx": audio_ctx if audio_ctx_for is None else "per clip",

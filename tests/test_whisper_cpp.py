@@ -118,6 +118,9 @@ def test_whisper_cpp_runs(model_dir, tmp_path):
     assert WhisperCppEngine(out, threads=1, audio_ctx=300).name == "whisper.cpp-ctx300"
     with pytest.raises(ValueError, match="audio_ctx 1501"):
         WhisperCppEngine(out, threads=1, audio_ctx=1501)
+    # an all-f32 file loads, but whisper.cpp would abort the process at the first encode: refused up front
+    with pytest.raises(ValueError, match="all-f32"):
+        WhisperCppEngine(convert(d, tmp_path / "f32.bin", "f32"), threads=1)
 
 
 def test_refuses_pruned_and_broken(tmp_path, capsys):

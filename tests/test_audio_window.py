@@ -1,0 +1,252 @@
+"""Audio windows: the encoder on fewer than 3000 frames, the window rule, the engines that pick the window per
+batch, every ONNX layout on a short window, and the audio-context stage killed and resumed bit for bit,
+then QAT and the export on the same windows."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_pipeline import SMOKE, _run, _run_killed, _stages_override  # noqa: E402
+from test_train_loop import assert_same_weights  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+WINDOW = {"margin_s": 1.0, "frame_multiple": 16}
+
+
+def _model(window=None):
+    from slim.model import install_explicit_attention, set_audio_window
+    from slim.sources import tiny_random_whisper
+
+    m = install_explicit_attention(tiny_random_whisper(seed=0)).eval()
+    set_audio_window(m, window)
+    return m
+
+
+def _features(frames=3000, batch=1, seed=0):
+    return torch.randn(batch, 80, frames, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# the rule and the model
+
+
+@pytest.mark.parametrize("audio_frames, want", [
+    (1, 2 * 112),       # 1 s + 1 s margin = 100 encoder frames -> 112 (a multiple of 16)
+    (230, 2 * 208),     # 2.3 s -> ceil 3 s + 1 s = 200 -> 208
+    (300, 2 * 208),     # exactly 3 s stays 3 s
+    (2850, 3000),       # 28.5 s -> 30 s: the full window
+    (3000, 3000),
+])
+def test_window_rule(audio_frames, want):
+    from slim.window import window_frames
+
+    assert window_frames(WINDOW, audio_frames, 3000) == want
+    assert window_frames(None, audio_frames, 3000) == 3000
+
+
+@pytest.mark.parametrize("window, key", [({"margin_s": -1, "frame_multiple": 16}, "margin_s"),
+                                         ({"margin_s": 1, "frame_multiple": 0}, "frame_multiple"),
+                                         ({"margin_s": 1, "frame_multiple": 1.5}, "frame_multiple"),
+                                         ({"margin_s": 1, "frame_multiple": 16, "pad": 2}, "pad")])
+def test_bad_window_is_named(window, key):
+    from slim.window import check_audio_window
+
+    with pytest.raises(ValueError, match=key):
+        check_audio_window(window)
+
+
+def test_full_window_is_hf_encoder_exactly_and_a_short_one_encodes_only_its_frames():
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    m = _model()
+    x = _features()
+    with torch.no_grad():
+        ours = m.model.encoder(x).last_hidden_state
+        hf = WhisperEncoder.forward(m.model.encoder, x).last_hidden_state
+        short = m.model.encoder(x[..., :416]).last_hidden_state
+    assert torch.equal(ours, hf)  # same computation, bit for bit
+    assert short.shape == (1, 208, 64)
+    with pytest.raises(ValueError, match="even number of mel frames up to 3000"):
+        m.model.encoder(x[..., :415])
+
+
+def test_window_round_trips_through_save_load_and_structure(tmp_path):
+    from slim.model import audio_window_of, load_model, read_structure, save_model
+
+    save_model(_model(), tmp_path / "plain")
+    assert read_structure(tmp_path / "plain") is None  # a dense model without a window stays a plain HF dir
+    save_model(_model(WINDOW), tmp_path / "win")
+    assert read_structure(tmp_path / "win").audio_window == WINDOW
+    assert audio_window_of(load_model(tmp_path / "win")) == WINDOW
+    assert audio_window_of(copy.deepcopy(load_model(tmp_path / "win"))) == WINDOW
+
+
+def test_training_inputs_trim_the_student_and_compare_it_on_the_teachers_first_frames():
+    from slim.model import model_inputs
+    from train.loop import forward, hidden_states_loss
+
+    student, teacher = _model(WINDOW), _model()
+    batch = {"input_features": _features(batch=2), "labels": torch.tensor([[50362, 400, 50256]] * 2),
+             "audio_frames": torch.tensor([120, 230])}
+    assert model_inputs(batch, model=student)["input_features"].shape == (2, 80, 416)  # the longest clip's
+    assert model_inputs(batch, model=teacher)["input_features"].shape == (2, 80, 3000)
+    dec = torch.tensor([[50257, 50362, 400]] * 2)
+    with torch.no_grad():
+        s, t = forward(student, batch, dec, hidden=True), forward(teacher, batch, dec, hidden=True)
+    assert s.encoder_hidden_states[-1].shape[1] == 208 and t.encoder_hidden_states[-1].shape[1] == 1500
+    assert torch.isfinite(hidden_states_loss(s, t, batch["labels"]))
+    # a student on the full window against itself: zero
+    with torch.no_grad():
+        t2 = forward(copy.deepcopy(teacher), batch, dec, hidden=True)
+    assert float(hidden_states_loss(t2, t, batch["labels"])) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# engines and exports
+
+
+class _Shapes:
+    """Records the frame count of every encoder call."""
+
+    def __init__(self, module):
+        self.seen = []
+        module.register_forward_pre_hook(lambda mod, args, kw: self.seen.append(
+            (args[0] if args else kw["input_features"]).shape[-1]), with_kwargs=True)
+
+
+def test_torch_engine_encodes_each_batchs_window():
+    from eval.engines import TorchEngine
+    from slim.sources import tiny_random_processor
+
+    clips = [np.zeros(16000 * 2, np.float32), np.zeros(int(16000 * 4.5), np.float32), np.zeros(16000, np.float32)]
+    for window, want in ((None, [3000, 3000]), (WINDOW, [2 * 304, 2 * 112])):  # 5 s + 1 s = 300 -> 304
+        m = _model(window)
+        shapes = _Shapes(m.model.encoder)
+        TorchEngine(m, tiny_random_processor(), max_new_tokens=2).transcribe(clips, batch_size=2)
+        assert shapes.seen == want
+
+
+def test_torch_engine_on_a_window_decodes_what_the_window_encodes():
+    from eval.engines import TorchEngine
+    from eval.onnx_engine import torch_greedy_tokens
+    from slim.export_format import DecodeConfig
+    from slim.sources import tiny_random_processor
+
+    m, processor = _model(WINDOW), tiny_random_processor()
+    clip = np.random.RandomState(0).randn(int(16000 * 2.5)).astype(np.float32) * 0.1
+    engine = TorchEngine(m, processor, max_new_tokens=6)
+    feats = processor.feature_extractor([clip], sampling_rate=16000, return_tensors="np").input_features[..., :416]
+    want = torch_greedy_tokens(m, feats, DecodeConfig.from_model(m), 6)
+    assert engine.transcribe([clip]) == [processor.tokenizer.decode(want[0], skip_special_tokens=True).strip()]
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    from qat.onnx_export import export_model
+    from slim.model import save_model
+    from slim.sources import tiny_random_processor
+
+    root = tmp_path_factory.mktemp("window-exports")
+    model = _model(WINDOW)
+    save_model(model, root / "model", processor=tiny_random_processor())
+    out = {"model": model}
+    for layout in ("slim", "hf", "sherpa-onnx"):
+        out[layout] = export_model(root / "model", root / layout, mode="float", layout=layout)
+    return out
+
+
+def test_every_layout_takes_a_short_window(exports):
+    import onnxruntime as ort
+
+    x = _features()[..., :416].numpy()
+    with torch.no_grad():
+        want = exports["model"].model.encoder(torch.from_numpy(x)).last_hidden_state.numpy()
+    sess = ort.InferenceSession(str(exports["slim"] / "encoder.onnx"))
+    slim = sess.run(None, {"input_features": x})
+    assert slim[0].shape == (1, 208, 64)
+    for o, meta in zip(slim[1:], sess.get_outputs()[1:]):  # keys (B, H, D, F), values (B, H, F, D)
+        assert o.shape[3 if "key" in meta.name else 2] == 208, meta.name
+    np.testing.assert_allclose(slim[0], want, atol=1e-4)
+    hf = ort.InferenceSession(str(exports["hf"] / "onnx" / "encoder_model.onnx")).run(None, {"input_features": x})
+    np.testing.assert_allclose(hf[0], want, atol=1e-4)
+    k, v = ort.InferenceSession(str(exports["sherpa-onnx"] / "encoder.onnx")).run(None, {"mel": x})
+    assert k.shape[2] == v.shape[2] == 208  # (layers, batch, frames, width)
+    config = json.loads((exports["slim"] / "export_config.json").read_text())
+    assert config["structure"]["audio_window"] == WINDOW
+
+
+def test_slim_runtime_uses_the_exports_window_and_matches_torch(exports):
+    from eval.onnx_engine import torch_greedy_tokens
+    from slim.runtime import OnnxEngine
+
+    engine = OnnxEngine(exports["slim"])
+    assert engine.audio_window == WINDOW
+    assert OnnxEngine(exports["slim"], audio_window=None).audio_window is None
+    seen = []
+    encode = engine.encode
+    engine.encode = lambda f: (seen.append(f.shape[-1]), encode(f))[1]
+    clip = np.random.RandomState(0).randn(int(16000 * 2.5)).astype(np.float32) * 0.1
+    engine.transcribe([clip], max_new_tokens=6)
+    assert seen == [2 * 208]
+    feats = engine.features([clip])[..., :416]
+    assert engine.generate_tokens(feats, 6) == torch_greedy_tokens(exports["model"], feats, engine.decode, 6)
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage: killed and resumed bit for bit, then QAT and the export on the same windows
+
+
+def _window_stages() -> list[dict]:
+    return [
+        {"name": "audio-context", "kind": "audio-context", "teacher": "input", "evaluate": False,
+         "audio_window": WINDOW,
+         "train": {"max_steps": 4, "batch_size": 2, "lr": 1.0e-4, "save_every": 2, "keep_last": 2, "log_every": 1,
+                   "distill": {"ce_weight": 0.0, "kl_weight": 1.0, "hidden_weight": 1.0}}},
+        {"name": "qat", "kind": "qat", "teacher": "input", "evaluate": False,
+         "quant": {"observer": "moving_average", "calibration_batches": 2, "freeze_observers_after": 1},
+         "train": {"max_steps": 2, "batch_size": 2, "lr": 1.0e-5, "save_every": 2, "log_every": 1}},
+        {"name": "export", "kind": "export", "export_mode": "qdq", "evaluate": False},
+    ]
+
+
+def _cmd(out: Path, synth: Path, resume=False) -> list[str]:
+    return [sys.executable, "-m", "train.cli", "run", str(SMOKE), f"output_dir={out}", f"data.synth.out={synth}",
+            _stages_override(_window_stages())] + (["--resume"] if resume else [])
+
+
+def test_audio_context_stage_resumes_bit_exactly_and_qat_and_export_keep_the_window(tmp_path_factory):
+    from safetensors.torch import load_file
+
+    from slim.model import read_structure
+
+    synth = tmp_path_factory.mktemp("synth-window") / "smoke"
+    ref, out = tmp_path_factory.mktemp("window-ref") / "run", tmp_path_factory.mktemp("window-killed") / "run"
+    assert _run(_cmd(ref, synth), ref.parent / "log.txt") == 0, (ref.parent / "log.txt").read_text()[-3000:]
+    _run_killed(_cmd(out, synth), out, "audio-context:2", out.parent / "log1.txt")
+    assert _run(_cmd(out, synth, resume=True), out.parent / "log2.txt") == 0, (out.parent / "log2.txt").read_text()[-3000:]
+
+    steps = [json.loads(l)["step"] for l in (out / "01-audio-context" / "metrics.jsonl").read_text().splitlines()
+             if l.strip() and "loss" in json.loads(l)]
+    assert steps == [1, 2, 3, 4]  # 1-2 before the kill, 3-4 after the resume, none twice
+    for stage in ("01-audio-context", "02-qat"):
+        a = load_file(ref / stage / "model" / "model.safetensors")
+        b = load_file(out / stage / "model" / "model.safetensors")
+        assert_same_weights(a, b)
+    assert read_structure(out / "01-audio-context" / "model").audio_window == WINDOW
+    assert read_structure(out / "02-qat" / "model").audio_window == WINDOW
+    config = json.loads((out / "03-export" / "model" / "export_config.json").read_text())
+    assert config["structure"]["audio_window"] == WINDOW
+    # the stage trained on short windows: its hidden-state loss is not the zero of an unchanged model
+    first = json.loads((out / "01-audio-context" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["hidden"] > 0
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["stages"][0]["audio_window"] == WINDOW
