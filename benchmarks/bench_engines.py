@@ -18,8 +18,8 @@ Engines (greedy, batch 1, English without timestamps, the same prompt and suppre
   --truncate NAME=DIR  an export with that window forced on it: untrained truncation
   --whisper-cpp        whisper.cpp (pywhispercpp) on --model as ggml fp16, full context and with audio_ctx set
                        to the same window (its untrained truncation: benchmarks/convert_ggml.py)
-Every engine gets the same log-mel features (WhisperFeatureExtractor, timed once and added to each), except
-whisper.cpp, which computes its own from the audio inside its time.
+Every 30 s engine gets the same log-mel features (WhisperFeatureExtractor, timed once and added to each); an
+engine on a window computes its window's features inside its time, and whisper.cpp its own from the audio.
 
 Timing: after a warm-up, clips are run round-robin over the engines `--repeats` times; each engine's time on
 a clip is the minimum over repeats (other processes on the machine only ever add time), and the figures
@@ -212,24 +212,26 @@ class HFEngine:
 
 class OrtEngine:
     """Our export in the slim runtime, on the window its model was trained for (30 s if none), or with
-    `audio_window` forced on it (untrained truncation)."""
+    `audio_window` forced on it (untrained truncation). On a window it computes the window's features
+    itself, inside its time (the same feature extractor, `max_length` the window: the first frames of the
+    30 s features, without the FFTs of the padding)."""
 
-    own_features = False
-
-    def __init__(self, name: str, export_dir: Path, threads: int, audio_window="model"):
+    def __init__(self, name: str, export_dir: Path, threads: int, feature_extractor, audio_window="model"):
         from slim.runtime import OnnxEngine
 
         self.name, self.engine = name, OnnxEngine(export_dir, threads=threads, audio_window=audio_window)
         self.engine.clock = CLOCK
         self.bytes, self.weights_bytes = self.engine.model_bytes, self.engine.graph_bytes
+        self.fe, self.own_features = feature_extractor, self.engine.audio_window is not None
 
     def run(self, clip: dict):
-        from slim.window import window_frames
-
         t = self.engine.timings
         t.reset()
         feats = clip["feats"]
-        feats = feats[..., :window_frames(self.engine.audio_window, clip["frames"], feats.shape[-1])]
+        if self.own_features:
+            frames = self.engine.window([clip["audio"]])
+            feats = self.fe([clip["audio"]], sampling_rate=16000, return_tensors="np",
+                            max_length=frames * self.fe.hop_length).input_features
         tokens = self.engine.generate_tokens(feats)[0]
         return tokens, t.encoder_s, t.decoder_s, t.decoder_steps
 
@@ -362,11 +364,11 @@ def main(argv=None) -> int:
         elif name == "ct2-int8" and dirs["ct2"] is not None:
             engines.append(CT2Engine(dirs["ct2"], args.threads, decode))
         elif name.startswith("onnx-"):
-            engines.append(OrtEngine(name, dirs[name], args.threads))
+            engines.append(OrtEngine(name, dirs[name], args.threads, processor.feature_extractor))
     window = {"margin_s": args.window_margin, "frame_multiple": args.frame_multiple}
     for spec, forced in [(x, "model") for x in args.extra] + [(x, window) for x in args.truncate]:
         name, _, d = spec.partition("=")
-        engines.append(OrtEngine(name, Path(d), args.threads, audio_window=forced))
+        engines.append(OrtEngine(name, Path(d), args.threads, processor.feature_extractor, audio_window=forced))
     if args.whisper_cpp:
         engines += whisper_cpp_engines(dirs["hf"], Path(args.work), args.threads, window, processor.tokenizer,
                                        args.reexport)

@@ -109,10 +109,11 @@ class TorchEngine(Engine):
     def transcribe(self, audios: list[np.ndarray], batch_size: int = 1) -> list[str]:
         from transformers.modeling_outputs import BaseModelOutput
 
-        from slim.model import trim_features
-        from slim.window import clip_frames
+        from slim.model import audio_window_of
+        from slim.window import clip_frames, window_frames
 
         model = self.model
+        window = audio_window_of(model)
         was_training = model.training
         model.eval()
         param = next(model.parameters(), None)
@@ -122,16 +123,16 @@ class TorchEngine(Engine):
             for i in range(0, len(audios), batch_size):
                 chunk = [np.asarray(a, np.float32) for a in audios[i:i + batch_size]]
                 fe = self.processor.feature_extractor
-                feats = fe(chunk, sampling_rate=SAMPLING_RATE, return_tensors="pt").input_features
+                # a model trained on audio windows encodes this chunk's (its longest clip's); others 30 s
+                frames = window_frames(window, max(clip_frames(a, fe.hop_length) for a in chunk), fe.nb_max_frames)
+                feats = fe(chunk, sampling_rate=SAMPLING_RATE, return_tensors="pt",
+                           max_length=frames * fe.hop_length).input_features
                 if param is not None and param.is_floating_point():
                     feats = feats.to(device, param.dtype)
                 kw = dict(self.generate_kw, max_new_tokens=token_budget(chunk, self.max_new_tokens))
                 with torch.inference_mode():
-                    # a model trained on audio windows encodes this chunk's (its longest clip's); others 30 s.
-                    # HF's generate pads short features back to 30 s with zeros, so the encoder runs here
-                    window = trim_features(model, feats, [clip_frames(a, fe.hop_length) for a in chunk])
-                    if window.shape[-1] != feats.shape[-1]:
-                        kw["encoder_outputs"] = BaseModelOutput(last_hidden_state=model.model.encoder(window)
+                    if frames != fe.nb_max_frames:  # HF's generate would pad the window to 30 s with zeros
+                        kw["encoder_outputs"] = BaseModelOutput(last_hidden_state=model.model.encoder(feats)
                                                                 .last_hidden_state)
                     ids = model.generate(input_features=feats, **kw)
                 texts += [t.strip() for t in self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)]

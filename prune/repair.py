@@ -27,6 +27,7 @@ from torch import nn
 
 from prune.apply import attention_modules, ffn_layers
 from slim.data import IGNORE_INDEX
+from slim.model import model_inputs
 
 TARGETS = ("layer", "stream")
 
@@ -76,12 +77,13 @@ def _decoder_mask(batch: dict) -> torch.Tensor:
 
 
 def _run(model, batch: dict, encoder_out: torch.Tensor | None = None):
-    """A teacher-forced forward (labels only make the decoder inputs; no loss is used)."""
+    """A teacher-forced forward (labels only make the decoder inputs; no loss is used), on the audio window
+    `model` encodes."""
     kw = {"labels": batch["labels"]}
     if encoder_out is not None:
         kw["encoder_outputs"] = (encoder_out,)
     else:
-        kw["input_features"] = batch["input_features"]
+        kw["input_features"] = model_inputs(batch, model=model)["input_features"]
     return model(**kw, use_cache=False)
 
 

@@ -79,16 +79,21 @@ class LogMel:
     def filters(self) -> np.ndarray:
         return _filters(self.n_fft // 2 + 1, self.feature_size, self.sampling_rate)
 
-    def __call__(self, audios: list[np.ndarray]) -> np.ndarray:
-        """(B, feature_size, n_frames) float32 features of 16 kHz mono float clips."""
-        x = np.zeros((len(audios), self.n_samples), np.float64)
+    def __call__(self, audios: list[np.ndarray], frames: int | None = None) -> np.ndarray:
+        """(B, feature_size, n_frames) float32 features of 16 kHz mono float clips, or only their first
+        `frames` (an audio window, `slim.window`), computed from the audio and one FFT window of the padding
+        after them: what the full features hold there, without transforming 30 s of silence. (The
+        normalization's maximum is the same: padding is the quietest possible frame.)"""
+        keep = self.n_frames if frames is None else min(int(frames), self.n_frames)
+        length = min(self.n_samples, keep * self.hop_length + self.n_fft)
+        x = np.zeros((len(audios), length), np.float64)
         for i, a in enumerate(audios):
-            a = np.asarray(a, np.float64).reshape(-1)[:self.n_samples]
+            a = np.asarray(a, np.float64).reshape(-1)[:length]
             x[i, :len(a)] = a
         pad = self.n_fft // 2
         x = np.pad(x, ((0, 0), (pad, pad)), mode="reflect")
         n = 1 + (x.shape[1] - self.n_fft) // self.hop_length
-        frames = np.lib.stride_tricks.sliding_window_view(x, self.n_fft, axis=1)[:, ::self.hop_length][:, :n - 1]
+        frames = np.lib.stride_tricks.sliding_window_view(x, self.n_fft, axis=1)[:, ::self.hop_length][:, :min(n - 1, keep)]
         window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(self.n_fft) / self.n_fft)  # periodic Hann
         power = np.abs(np.fft.rfft(frames * window, axis=-1)) ** 2  # (B, frames, n_freqs)
         log = np.log10(np.maximum(power @ self.filters(), 1e-10))

@@ -110,13 +110,18 @@ class OnnxEngine:
 
     # -----------------------------------------------------------------------------------------
 
-    def features(self, audios: list[np.ndarray]) -> np.ndarray:
-        """Log-mel features (B, n_mels, 3000) of 16 kHz mono float audio, padded/cut to 30 s."""
+    def window(self, audios: list[np.ndarray]) -> int:
+        """Mel frames this engine encodes for a batch: its longest clip's window, or 30 s (`slim.window`)."""
+        return window_frames(self.audio_window, max(map(clip_frames, audios)), self.config["model"]["n_frames"])
+
+    def features(self, audios: list[np.ndarray], frames: int | None = None) -> np.ndarray:
+        """Log-mel features (B, n_mels, 3000) of 16 kHz mono float audio, padded/cut to 30 s; with `frames`,
+        only the first `frames` of them (`slim.mel.LogMel`)."""
         if self.log_mel is None:
             raise ExportDirError(f"{self.dir / PROCESSOR_FILES[0]}: missing, the export has no feature "
                                  "extractor (export with a processor to transcribe audio)")
         t = self.clock()
-        feats = self.log_mel(list(audios))
+        feats = self.log_mel(list(audios), frames)
         self.timings.features_s += self.clock() - t
         return feats
 
@@ -198,8 +203,7 @@ class OnnxEngine:
         texts: list[str] = []
         for i in range(0, len(audios), batch_size):
             chunk = [np.asarray(a, np.float32) for a in audios[i:i + batch_size]]
-            feats = self.features(chunk)
-            feats = feats[..., :window_frames(self.audio_window, max(map(clip_frames, chunk)), feats.shape[-1])]
+            feats = self.features(chunk, self.window(chunk))
             tokens = self.generate_tokens(feats, token_budget(chunk, max_new_tokens))
             texts += self.decode_text(tokens)
         return texts

@@ -65,6 +65,19 @@ def test_bad_window_is_named(window, key):
         check_audio_window(window)
 
 
+def test_window_features_are_the_first_frames_of_the_30_s_features():
+    from slim.mel import LogMel
+    from slim.sources import tiny_random_processor
+
+    clip = np.random.RandomState(0).randn(int(16000 * 2.5)).astype(np.float32) * 0.1
+    full = LogMel()([clip])
+    assert np.array_equal(LogMel()([clip], 416), full[..., :416])  # numpy: bit for bit
+    fe = tiny_random_processor().feature_extractor  # transformers, with max_length the window
+    hf = fe([clip], sampling_rate=16000, return_tensors="np").input_features
+    short = fe([clip], sampling_rate=16000, return_tensors="np", max_length=416 * 160).input_features
+    np.testing.assert_allclose(short, hf[..., :416], atol=1e-6)
+
+
 def test_full_window_is_hf_encoder_exactly_and_a_short_one_encodes_only_its_frames():
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
@@ -109,6 +122,24 @@ def test_training_inputs_trim_the_student_and_compare_it_on_the_teachers_first_f
     with torch.no_grad():
         t2 = forward(copy.deepcopy(teacher), batch, dec, hidden=True)
     assert float(hidden_states_loss(t2, t, batch["labels"])) == 0.0
+
+
+def test_qat_calibrates_on_the_window_and_the_int8_model_runs_it():
+    from qat.convert import convert_to_int8
+    from qat.prepare import QuantConfig, ptq
+
+    m = _model(WINDOW)
+    shapes = _Shapes(m.model.encoder)
+    batch = {"input_features": _features(batch=2), "labels": torch.tensor([[50362, 400, 50256]] * 2),
+             "audio_frames": torch.tensor([120, 230])}
+    fq = ptq(m, QuantConfig(embeddings=True), [batch])
+    assert shapes.seen == [416]  # the observers saw the window's frames, not 30 s of padding
+    int8 = convert_to_int8(fq)
+    x = _features()[..., :416]
+    with torch.no_grad():
+        a, b = fq.model.encoder(x).last_hidden_state, int8.model.encoder(x).last_hidden_state
+    assert a.shape == b.shape == (1, 208, 64)
+    assert float((a - b).abs().max()) < 0.05 * float(a.abs().max())
 
 
 # ---------------------------------------------------------------------------------------------
