@@ -19,7 +19,8 @@ Engines (greedy, batch 1, English without timestamps, the same prompt and suppre
   --whisper-cpp        whisper.cpp (pywhispercpp) on --model as ggml fp16, full context and with audio_ctx set
                        to the same window (its untrained truncation: benchmarks/convert_ggml.py)
 Every 30 s engine gets the same log-mel features (WhisperFeatureExtractor, timed once and added to each); an
-engine on a window computes its window's features inside its time, and whisper.cpp its own from the audio.
+engine on a window gets their first frames (exactly its window's features) and is charged what computing
+only those takes; whisper.cpp computes its own from the audio inside its time.
 
 Timing: after a warm-up, clips are run round-robin over the engines `--repeats` times; each engine's time on
 a clip is the minimum over repeats (other processes on the machine only ever add time), and the figures
@@ -54,10 +55,11 @@ CLOCK = time.perf_counter  # --clock cpu: time.process_time (CPU seconds of this
 
 
 def load_clips(sources: list[str]) -> list[dict]:
-    """{"id", "audio", "text" (or None)} from audio folders (texts from their manifest.jsonl) and manifests."""
-    from slim.audio import load_audio
+    """{"id", "audio", "text" (or None)} from audio folders (texts from their manifest.jsonl) and manifests;
+    clips over 30 s are skipped and counted, as the eval sets skip them."""
+    from slim.audio import MAX_SECONDS, SAMPLING_RATE, load_audio
 
-    clips = []
+    clips, too_long = [], 0
     for src in sources:
         p = Path(src)
         texts = {}
@@ -69,7 +71,13 @@ def load_clips(sources: list[str]) -> list[dict]:
                     texts[str((manifest.parent / row["audio"]).resolve())] = row["text"]
         files = sorted(p.glob("*.wav")) if p.is_dir() else [Path(k) for k in texts]
         for f in files:
-            clips.append({"id": f.name, "audio": load_audio(f), "text": texts.get(str(f.resolve()))})
+            audio = load_audio(f)
+            if len(audio) > MAX_SECONDS * SAMPLING_RATE:
+                too_long += 1
+                continue
+            clips.append({"id": f.name, "audio": audio, "text": texts.get(str(f.resolve()))})
+    if too_long:
+        print(f"[bench] skipped {too_long} clip(s) over {MAX_SECONDS:g} s")
     if not clips:
         raise SystemExit(f"no clips found in {sources}")
     return clips
@@ -212,26 +220,35 @@ class HFEngine:
 
 class OrtEngine:
     """Our export in the slim runtime, on the window its model was trained for (30 s if none), or with
-    `audio_window` forced on it (untrained truncation). On a window it computes the window's features
-    itself, inside its time (the same feature extractor, `max_length` the window: the first frames of the
-    30 s features, without the FFTs of the padding)."""
+    `audio_window` forced on it (untrained truncation). On a window it is fed the first frames of the 30 s
+    features, which are exactly the window's own features (`max_length` the window), and is charged the time
+    the feature extractor takes for those (`window_features_s`, timed once per clip beforehand like the 30 s
+    features: timing it inside the run would leave torch's threads spinning beside the encoder)."""
 
-    def __init__(self, name: str, export_dir: Path, threads: int, feature_extractor, audio_window="model"):
+    own_features = False
+
+    def __init__(self, name: str, export_dir: Path, threads: int, audio_window="model"):
         from slim.runtime import OnnxEngine
 
         self.name, self.engine = name, OnnxEngine(export_dir, threads=threads, audio_window=audio_window)
         self.engine.clock = CLOCK
         self.bytes, self.weights_bytes = self.engine.model_bytes, self.engine.graph_bytes
-        self.fe, self.own_features = feature_extractor, self.engine.audio_window is not None
+
+    @property
+    def windowed(self) -> bool:
+        return self.engine.audio_window is not None
+
+    def window_features_s(self, fe, clips: list[dict]) -> float:
+        t = CLOCK()
+        for c in clips:
+            fe([c["audio"]], sampling_rate=16000, return_tensors="np",
+               max_length=self.engine.window([c["audio"]]) * fe.hop_length)
+        return (CLOCK() - t) / len(clips)
 
     def run(self, clip: dict):
         t = self.engine.timings
         t.reset()
-        feats = clip["feats"]
-        if self.own_features:
-            frames = self.engine.window([clip["audio"]])
-            feats = self.fe([clip["audio"]], sampling_rate=16000, return_tensors="np",
-                            max_length=frames * self.fe.hop_length).input_features
+        feats = clip["feats"][..., :self.engine.window([clip["audio"]])]
         tokens = self.engine.generate_tokens(feats)[0]
         return tokens, t.encoder_s, t.decoder_s, t.decoder_steps
 
@@ -364,11 +381,11 @@ def main(argv=None) -> int:
         elif name == "ct2-int8" and dirs["ct2"] is not None:
             engines.append(CT2Engine(dirs["ct2"], args.threads, decode))
         elif name.startswith("onnx-"):
-            engines.append(OrtEngine(name, dirs[name], args.threads, processor.feature_extractor))
+            engines.append(OrtEngine(name, dirs[name], args.threads))
     window = {"margin_s": args.window_margin, "frame_multiple": args.frame_multiple}
     for spec, forced in [(x, "model") for x in args.extra] + [(x, window) for x in args.truncate]:
         name, _, d = spec.partition("=")
-        engines.append(OrtEngine(name, Path(d), args.threads, processor.feature_extractor, audio_window=forced))
+        engines.append(OrtEngine(name, Path(d), args.threads, audio_window=forced))
     if args.whisper_cpp:
         engines += whisper_cpp_engines(dirs["hf"], Path(args.work), args.threads, window, processor.tokenizer,
                                        args.reexport)
@@ -380,6 +397,10 @@ def main(argv=None) -> int:
              for c in clips]
     features_s = (CLOCK() - t) / len(clips)
     inputs = [{"feats": f, "frames": clip_frames(c["audio"]), "audio": c["audio"]} for f, c in zip(feats, clips)]
+    # what each engine is charged for its features: the 30 s features, its window's, or none (own inside)
+    engine_features_s = {e.name: 0.0 if e.own_features else
+                         e.window_features_s(processor.feature_extractor, clips) if getattr(e, "windowed", False)
+                         else features_s for e in engines}
     load_before = os.getloadavg()
     for e in engines:  # warm-up: first-call allocations, ORT/CT2 thread pools, torch kernels
         e.run(inputs[0])
@@ -406,7 +427,8 @@ def main(argv=None) -> int:
         timed = None not in (r[0]["encoder"], r[0]["decoder"])
         results[e.name] = {
             # whisper.cpp computes its own features from the audio, inside its time
-            "seconds_per_utterance": (0.0 if e.own_features else features_s) + float(np.mean([x["total"] for x in r])),
+            "seconds_per_utterance": engine_features_s[e.name] + float(np.mean([x["total"] for x in r])),
+            "features_s": engine_features_s[e.name],
             "encoder_s": float(np.mean([x["encoder"] for x in r])) if timed else None,
             "decoder_s": float(np.mean([x["decoder"] for x in r])) if timed else None,
             "decoder_ms_per_token": 1e3 * sum(x["decoder"] for x in r) / sum(x["steps"] for x in r) if timed else None,
