@@ -10,6 +10,10 @@ Three criteria, all returning the same `Scores`, so selection does not care whic
   head is removed (Michel et al. 2019, "Are Sixteen Heads Really Better than One?"; Molchanov et al.
   2017/2019 for neurons). Accumulated as the sum over calibration examples of each example's |dL/dg|
   (Michel's expectation over examples), or optionally per batch.
+* `ablation_scores`: measured, not estimated. Each head is removed alone and the KL divergence from the
+  model's own next-token distribution to the one without it is summed over the calibration tokens (what the
+  removal costs, in the quantity distillation later restores, on one scale across layers). FFN neurons are
+  too many to remove one at a time: they get the Taylor scores.
 * `random_scores`: the control that shows a criterion beats chance.
 
 Higher score = more important = kept first. Scores are computed on whatever the model currently has
@@ -18,6 +22,7 @@ Higher score = more important = kept first. Scores are computed on whatever the 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -119,6 +124,54 @@ def _split(batch: dict) -> list[dict]:
              for k, v in batch.items()} for i in range(n)]
 
 
+@contextlib.contextmanager
+def _gated(model, attn: dict, layers: dict, gates: dict):
+    """Within: each head's slice of `out_proj`'s input and each neuron's `fc2` input is scaled by
+    `gates[("heads"|"ffn", kind, layer)]` (forward pre-hooks) and the model is in eval mode (no dropout noise in
+    the scores). Afterwards the hooks are gone and the model is back in the mode it was in."""
+
+    def head_hook(gate, head_dim):
+        def hook(module, args):  # out_proj's input is the heads' outputs side by side, head_dim each
+            x = args[0]
+            return (x * gate.to(x.dtype).repeat_interleave(head_dim),) + tuple(args[1:])
+
+        return hook
+
+    def ffn_hook(gate):
+        def hook(module, args):
+            return (args[0] * gate.to(args[0].dtype),) + tuple(args[1:])
+
+        return hook
+
+    handles = []
+    for (what, kind, i), g in gates.items():
+        if what == "heads":
+            a = attn[kind][i]
+            handles.append(a.out_proj.register_forward_pre_hook(head_hook(g, a.head_dim)))
+        else:
+            handles.append(layers[kind][i].fc2.register_forward_pre_hook(ffn_hook(g)))
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
+def _calibration(batches: Iterable[dict], max_batches: int | None, device, who: str):
+    """The batches (at most `max_batches`) moved to `device`; an error naming `who` when there are none."""
+    n = 0
+    for batch in batches:
+        if max_batches is not None and n >= max_batches:
+            break
+        n += 1
+        yield {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if n == 0:
+        raise ValueError(f"{who}: no calibration batches (batches was empty or max_batches=0)")
+
+
 def taylor_scores(model, batches: Iterable[dict], loss_fn: Callable | None = None,
                   max_batches: int | None = None, per_example: bool = True) -> Scores:
     """Sum of |g · ∂L/∂g| at g = 1 for a gate on every head and FFN neuron, over calibration data.
@@ -145,51 +198,66 @@ def taylor_scores(model, batches: Iterable[dict], loss_fn: Callable | None = Non
                   for k, ls in layers.items() for i, l in enumerate(ls)})
     totals = {key: torch.zeros(g.numel()) for key, g in gates.items()}
 
-    def head_hook(gate, head_dim):
-        def hook(module, args):  # out_proj's input is the heads' outputs side by side, head_dim each
-            x = args[0]
-            return (x * gate.to(x.dtype).repeat_interleave(head_dim),) + tuple(args[1:])
-
-        return hook
-
-    def ffn_hook(gate):
-        def hook(module, args):
-            return (args[0] * gate.to(args[0].dtype),) + tuple(args[1:])
-
-        return hook
-
-    handles = []
-    for (what, kind, i), g in gates.items():
-        if what == "heads":
-            a = attn[kind][i]
-            handles.append(a.out_proj.register_forward_pre_hook(head_hook(g, a.head_dim)))
-        else:
-            handles.append(layers[kind][i].fc2.register_forward_pre_hook(ffn_hook(g)))
-    was_training = model.training
-    model.eval()
     keys, params = list(gates), list(gates.values())
-    n = 0
-    try:
-        with torch.enable_grad():
-            for batch in batches:
-                if max_batches is not None and n >= max_batches:
-                    break
-                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                for part in (_split(batch) if per_example else [batch]):
-                    grads = torch.autograd.grad(loss_fn(model, part), params, allow_unused=True)
-                    for key, g, gr in zip(keys, params, grads):
-                        if gr is not None:
-                            totals[key] += (g.detach() * gr).abs().float().cpu()
-                n += 1
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    if n == 0:
-        raise ValueError("taylor_scores: no calibration batches (batches was empty or max_batches=0)")
+    with _gated(model, attn, layers, gates), torch.enable_grad():
+        for batch in _calibration(batches, max_batches, device, "taylor_scores"):
+            for part in (_split(batch) if per_example else [batch]):
+                grads = torch.autograd.grad(loss_fn(model, part), params, allow_unused=True)
+                for key, g, gr in zip(keys, params, grads):
+                    if gr is not None:
+                        totals[key] += (g.detach() * gr).abs().float().cpu()
     heads = {k: [totals[("heads", k, i)] for i in range(len(attn[k]))] for k in HEAD_KINDS}
     ffn = {k: [totals[("ffn", k, i)] for i in range(len(layers[k]))] for k in FFN_KINDS}
     return Scores(heads=heads, ffn=ffn, criterion="taylor")
+
+
+# ---------------------------------------------------------------------------------------------
+# ablation
+
+
+def _kl_sum(ref_logp: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> float:
+    """sum over the masked tokens of KL(ref || softmax(logits))."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return float((ref_logp.exp() * (ref_logp - logp)).sum(-1)[mask].sum())
+
+
+@torch.no_grad()
+def ablation_scores(model, batches: Iterable[dict], max_batches: int | None = None,
+                    ffn: dict[str, list[torch.Tensor]] | None = None) -> Scores:
+    """Each head's score: sum over the calibration tokens of KL(model || model without that head alone),
+    teacher-forced on the labels (positions labelled -100 left out).
+
+    Taylor's first-order estimate ranks heads by the label loss's slope at the full model; this measures the
+    removal itself against the model's own outputs, so the labels' domain (synthetic voices) does not steer
+    it and scores of different layers are in the same unit (nats). One forward per head and batch: the
+    decoder's self- and cross-attention heads reuse the batch's encoder output. `ffn`: the FFN neurons'
+    scores to return beside them (`taylor_scores(...).ffn`; zeros when None). The model runs in eval mode
+    and is put back in the mode it was in; its weights are untouched (the removal is a gate of 0 on the
+    head's slice of `out_proj`'s input).
+    """
+    device = next(model.parameters()).device
+    attn, layers = attention_modules(model), ffn_layers(model)
+    gates = {("heads", k, i): torch.ones(a.num_heads, device=device)
+             for k, mods in attn.items() for i, a in enumerate(mods)}
+    totals = {key: torch.zeros(g.numel()) for key, g in gates.items()}
+    with _gated(model, attn, layers, gates):
+        for batch in _calibration(batches, max_batches, device, "ablation_scores"):
+            kw = model_inputs(batch, model=model)
+            mask = kw["labels"] != -100
+            ref = model(**kw)
+            ref_logp = torch.log_softmax(ref.logits.float(), dim=-1)
+            dec_kw = {k: v for k, v in kw.items() if k != "input_features"}
+            dec_kw["encoder_outputs"] = (ref.encoder_last_hidden_state,)
+            for key, g in gates.items():
+                for h in range(g.numel()):
+                    g[h] = 0.0
+                    out = model(**(kw if key[1] == "encoder" else dec_kw))
+                    g[h] = 1.0
+                    totals[key][h] += _kl_sum(ref_logp, out.logits, mask)
+    heads = {k: [totals[("heads", k, i)] for i in range(len(attn[k]))] for k in HEAD_KINDS}
+    if ffn is None:
+        ffn = {k: [torch.zeros(l.fc1.out_features) for l in ls] for k, ls in layers.items()}
+    return Scores(heads=heads, ffn=ffn, criterion="ablation")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,21 +272,28 @@ def random_scores(model, seed: int = 0) -> Scores:
     return Scores(heads=heads, ffn=ffn, criterion="random")
 
 
-CRITERIA = ("l1", "l1_out", "taylor", "random")
+CRITERIA = ("l1", "l1_out", "taylor", "ablation", "random")
+DATA_CRITERIA = ("taylor", "ablation")
+"""The criteria that need calibration batches."""
 
 
 def compute_scores(model, criterion: str, batches: Iterable[dict] | None = None, seed: int = 0,
                    loss_fn: Callable | None = None, max_batches: int | None = None,
                    per_example: bool = True) -> Scores:
-    """Scores by name: `l1`, `l1_out` (l1 with out-proj columns), `taylor` (needs `batches`), `random`."""
+    """Scores by name: `l1`, `l1_out` (l1 with out-proj columns), `taylor` and `ablation` (need `batches`;
+    ablation's FFN neurons get Taylor scores), `random`."""
     if criterion == "l1":
         return l1_scores(model)
     if criterion == "l1_out":
         return l1_scores(model, include_out_proj=True)
     if criterion == "random":
         return random_scores(model, seed)
-    if criterion == "taylor":
+    if criterion in DATA_CRITERIA:
         if batches is None:
-            raise ValueError("criterion 'taylor' needs calibration batches ({'input_features', 'labels'} dicts)")
-        return taylor_scores(model, batches, loss_fn=loss_fn, max_batches=max_batches, per_example=per_example)
+            raise ValueError(f"criterion {criterion!r} needs calibration batches ({{'input_features', 'labels'}} dicts)")
+        batches = list(batches)  # iterated twice by ablation
+        taylor = taylor_scores(model, batches, loss_fn=loss_fn, max_batches=max_batches, per_example=per_example)
+        if criterion == "taylor":
+            return taylor
+        return ablation_scores(model, batches, max_batches=max_batches, ffn=taylor.ffn)
     raise ValueError(f"unknown pruning criterion {criterion!r}; choose one of {CRITERIA}")

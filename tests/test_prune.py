@@ -12,7 +12,7 @@ import torch  # noqa: E402
 from transformers import GenerationConfig  # noqa: E402
 
 from prune.apply import apply_keep, head_rows, mask_model, prune_heads, slice_linear_in, slice_linear_out
-from prune.importance import Scores, compute_scores, l1_scores, random_scores, taylor_scores
+from prune.importance import Scores, ablation_scores, compute_scores, l1_scores, random_scores, taylor_scores
 from prune.report import pruning_report
 from prune.select import Keep, PruneSelection, prune_model, select
 from slim.model import (STRUCTURE_FILE, Structure, count_parameters, install_explicit_attention, load_model,
@@ -215,6 +215,31 @@ def test_taylor_scores_are_zero_for_a_dead_head_and_match_the_weight_gradient(ba
     assert torch.equal(taylor_scores(model, list(half), max_batches=1).heads["cross"][0], parts[0].heads["cross"][0])
     with pytest.raises(ValueError, match="needs calibration batches"):
         compute_scores(model, "taylor")
+
+
+def test_ablation_score_is_the_kl_of_removing_that_head_alone(dense, batch):
+    labels = batch["labels"].clone()
+    labels[1, -3:] = -100  # padding: left out of the sum
+    b = {**batch, "labels": labels}
+    mask = labels != -100
+    before = _logits(dense, b)
+    ref = torch.log_softmax(before, -1)
+    scores = ablation_scores(dense, [b])
+    assert scores.criterion == "ablation" and scores.sizes()["cross"] == [HEADS, HEADS]
+    for kind, layer, head in [("encoder", 1, 2), ("decoder", 0, 3), ("cross", 1, 0)]:
+        keep = Keep.everything(scores.sizes())
+        keep.heads[kind][layer].remove(head)
+        logp = torch.log_softmax(_logits(apply_keep(copy.deepcopy(dense), keep), b), -1)
+        kl = (ref.exp() * (ref - logp)).sum(-1)[mask].sum()
+        assert scores.heads[kind][layer][head] == pytest.approx(float(kl), rel=1e-4, abs=1e-7)
+    assert all((t >= 0).all() for ts in scores.heads.values() for t in ts)
+    # through compute_scores the FFN neurons get Taylor's scores; the model is left as it was
+    both = compute_scores(dense, "ablation", batches=[b])
+    assert torch.equal(both.ffn["decoder"][1], taylor_scores(dense, [b]).ffn["decoder"][1])
+    assert torch.allclose(both.heads["cross"][1], scores.heads["cross"][1])
+    assert torch.equal(_logits(dense, b), before) and not dense.training  # gates removed
+    with pytest.raises(ValueError, match="'ablation' needs calibration batches"):
+        compute_scores(dense, "ablation")
 
 
 def test_random_scores_are_seeded_and_shaped_like_the_model(dense):

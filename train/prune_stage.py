@@ -27,7 +27,7 @@ def on_every_process(stage: StageConfig) -> bool:
 
 
 def run(ctx: RunContext, stage: StageConfig, prev: Path, model_out: Path) -> None:
-    from prune.importance import compute_scores
+    from prune.importance import DATA_CRITERIA, compute_scores
     from prune.select import prune_model
     from slim.model import save_model
 
@@ -36,11 +36,11 @@ def run(ctx: RunContext, stage: StageConfig, prev: Path, model_out: Path) -> Non
     main = ctx.state.is_main_process
     model = load_float(prev, ctx.recipe)
     if on_every_process(stage):
-        batches = calibration_batches(ctx, p.calibration_batches) if main and p.criterion == "taylor" else None
+        batches = calibration_batches(ctx, p.calibration_batches) if main and p.criterion in DATA_CRITERIA else None
         gradual_prune(ctx, stage, model, batches, sdir)
         save_final(ctx, model, model_out)
         return
-    batches = calibration_batches(ctx, p.calibration_batches) if p.criterion == "taylor" else None
+    batches = calibration_batches(ctx, p.calibration_batches) if p.criterion in DATA_CRITERIA else None
     reference = repair_reference(stage, model)
     prune_model(model, compute_scores(model, p.criterion, batches=batches, seed=p.seed), p.selection)
     repair(ctx, stage, model, reference, sdir)

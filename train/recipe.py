@@ -15,6 +15,7 @@ from typing import Literal
 
 import yaml
 
+from prune.importance import DATA_CRITERIA
 from prune.repair import RepairConfig
 from prune.select import PruneSelection
 from qat.prepare import QuantConfig
@@ -108,8 +109,9 @@ class EvalConfig:
 
 @dataclass
 class PruneStage:
-    criterion: Literal["l1", "taylor", "random"] = "taylor"
-    """Importance score: L1 of each head's Q/K/V rows, first-order Taylor on gates, or a random control."""
+    criterion: Literal["l1", "taylor", "ablation", "random"] = "taylor"
+    """Importance score: L1 of each head's Q/K/V rows, first-order Taylor on gates, ablation (each head
+    removed alone, scored by the KL to the unremoved model; FFN neurons by Taylor), or a random control."""
     selection: PruneSelection = field(default_factory=PruneSelection)
     """How many heads/neurons to remove and where (ratios per kind, scope, minimums, rounding)."""
     schedule: Literal["oneshot", "gradual"] = "oneshot"
@@ -119,7 +121,7 @@ class PruneStage:
     recover_steps: int = 50
     """Trainer steps between gradual rounds (uses the next `recover` stage's settings otherwise defaults)."""
     calibration_batches: int = 8
-    """Batches of training data for data-driven scores (taylor)."""
+    """Batches of training data for data-driven scores (taylor, ablation)."""
     repair: RepairConfig | None = None
     """Refit each layer that consumes removed units to the input model's outputs (label-free least squares,
     `prune.repair`); none: keep the sliced weights as they are."""
@@ -259,7 +261,7 @@ class Recipe:
                                       f"({self.data.train}), which has no lengths up front; set it to 0")
         if self.data.synth is None and (self.data.train is None or self.data.eval is None):
             needs_train = any(s.kind in ("recover", "audio-context", "qat", "ptq") or
-                              (s.kind == "prune" and s.prune.criterion == "taylor") for s in self.stages)
+                              (s.kind == "prune" and s.prune.criterion in DATA_CRITERIA) for s in self.stages)
             if self.data.eval is None or (needs_train and self.data.train is None):
                 raise ConfigError("data: set data.synth, or data.eval (and data.train for training stages)")
 
