@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from prune.apply import FFN_KINDS, HEAD_KINDS, attention_modules, ffn_layers
-from slim.model import model_inputs
+from slim.model import SlimEncoder, model_inputs
 
 NORMALIZATIONS = ("none", "layer_l2")
 
@@ -221,39 +221,77 @@ def _kl_sum(ref_logp: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) ->
     return float((ref_logp.exp() * (ref_logp - logp)).sum(-1)[mask].sum())
 
 
+@contextlib.contextmanager
+def _layer_inputs(layers):
+    """Within: {layer index: the hidden states that layer was last called on}."""
+    seen: dict[int, torch.Tensor] = {}
+    handles = [layer.register_forward_pre_hook(lambda mod, args, i=i: seen.__setitem__(i, args[0]))
+               for i, layer in enumerate(layers)]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _encoder_from(encoder, layer: int, x: torch.Tensor) -> torch.Tensor:
+    """The encoder's output, computed from `x`, the input of `layer` (as `SlimEncoder.forward` runs it)."""
+    for lay in encoder.layers[layer:]:
+        x = lay(x, None)
+    return encoder.layer_norm(x)
+
+
 @torch.no_grad()
 def ablation_scores(model, batches: Iterable[dict], max_batches: int | None = None,
-                    ffn: dict[str, list[torch.Tensor]] | None = None) -> Scores:
+                    ffn: dict[str, list[torch.Tensor]] | None = None, progress: bool = True) -> Scores:
     """Each head's score: sum over the calibration tokens of KL(model || model without that head alone),
     teacher-forced on the labels (positions labelled -100 left out).
 
     Taylor's first-order estimate ranks heads by the label loss's slope at the full model; this measures the
     removal itself against the model's own outputs, so the labels' domain (synthetic voices) does not steer
     it and scores of different layers are in the same unit (nats). One forward per head and batch: the
-    decoder's self- and cross-attention heads reuse the batch's encoder output. `ffn`: the FFN neurons'
+    decoder's self- and cross-attention heads reuse the batch's encoder output, an encoder head's removal reruns
+    the encoder from its layer on. `ffn`: the FFN neurons'
     scores to return beside them (`taylor_scores(...).ffn`; zeros when None). The model runs in eval mode
     and is put back in the mode it was in; its weights are untouched (the removal is a gate of 0 on the
     head's slice of `out_proj`'s input).
     """
     device = next(model.parameters()).device
     attn, layers = attention_modules(model), ffn_layers(model)
+    encoder = model.model.encoder
+    if not isinstance(encoder, SlimEncoder):
+        raise TypeError("ablation_scores needs the explicit-attention model (slim.model.install_explicit_attention)")
     gates = {("heads", k, i): torch.ones(a.num_heads, device=device)
              for k, mods in attn.items() for i, a in enumerate(mods)}
     totals = {key: torch.zeros(g.numel()) for key, g in gates.items()}
-    with _gated(model, attn, layers, gates):
+    from tqdm.auto import tqdm
+
+    n = len(batches) if hasattr(batches, "__len__") else None
+    n = min(n, max_batches) if n is not None and max_batches is not None else n
+    bar = tqdm(total=None if n is None else n * sum(g.numel() for g in gates.values()), desc="ablation",
+               unit="head", disable=not progress)
+    with _gated(model, attn, layers, gates), bar:
         for batch in _calibration(batches, max_batches, device, "ablation_scores"):
             kw = model_inputs(batch, model=model)
             mask = kw["labels"] != -100
-            ref = model(**kw)
+            with _layer_inputs(encoder.layers) as layer_in:
+                ref = model(**kw)
             ref_logp = torch.log_softmax(ref.logits.float(), dim=-1)
             dec_kw = {k: v for k, v in kw.items() if k != "input_features"}
-            dec_kw["encoder_outputs"] = (ref.encoder_last_hidden_state,)
+
+            def removed(kind: str, layer: int):
+                # an encoder head's removal changes its layer and those after it: rerun only those
+                enc = (_encoder_from(encoder, layer, layer_in[layer]) if kind == "encoder"
+                       else ref.encoder_last_hidden_state)
+                return model(**dec_kw, encoder_outputs=(enc,))
+
             for key, g in gates.items():
                 for h in range(g.numel()):
                     g[h] = 0.0
-                    out = model(**(kw if key[1] == "encoder" else dec_kw))
+                    out = removed(key[1], key[2])
                     g[h] = 1.0
                     totals[key][h] += _kl_sum(ref_logp, out.logits, mask)
+                    bar.update()
     heads = {k: [totals[("heads", k, i)] for i in range(len(attn[k]))] for k in HEAD_KINDS}
     if ffn is None:
         ffn = {k: [torch.zeros(l.fc1.out_features) for l in ls] for k, ls in layers.items()}

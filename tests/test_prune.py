@@ -226,7 +226,7 @@ def test_ablation_score_is_the_kl_of_removing_that_head_alone(dense, batch):
     ref = torch.log_softmax(before, -1)
     scores = ablation_scores(dense, [b])
     assert scores.criterion == "ablation" and scores.sizes()["cross"] == [HEADS, HEADS]
-    for kind, layer, head in [("encoder", 1, 2), ("decoder", 0, 3), ("cross", 1, 0)]:
+    for kind, layer, head in [("encoder", 0, 1), ("encoder", 1, 2), ("decoder", 0, 3), ("cross", 1, 0)]:
         keep = Keep.everything(scores.sizes())
         keep.heads[kind][layer].remove(head)
         logp = torch.log_softmax(_logits(apply_keep(copy.deepcopy(dense), keep), b), -1)
