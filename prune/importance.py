@@ -317,9 +317,10 @@ DATA_CRITERIA = ("taylor", "ablation")
 
 def compute_scores(model, criterion: str, batches: Iterable[dict] | None = None, seed: int = 0,
                    loss_fn: Callable | None = None, max_batches: int | None = None,
-                   per_example: bool = True) -> Scores:
+                   per_example: bool = True, ablation_batches: int | None = None) -> Scores:
     """Scores by name: `l1`, `l1_out` (l1 with out-proj columns), `taylor` and `ablation` (need `batches`;
-    ablation's FFN neurons get Taylor scores), `random`."""
+    ablation's FFN neurons get Taylor scores; `ablation_batches`: the first that many of them remove the heads,
+    all of them score the neurons), `random`."""
     if criterion == "l1":
         return l1_scores(model)
     if criterion == "l1_out":
@@ -333,5 +334,6 @@ def compute_scores(model, criterion: str, batches: Iterable[dict] | None = None,
         taylor = taylor_scores(model, batches, loss_fn=loss_fn, max_batches=max_batches, per_example=per_example)
         if criterion == "taylor":
             return taylor
-        return ablation_scores(model, batches, max_batches=max_batches, ffn=taylor.ffn)
+        n = min(x for x in (max_batches, ablation_batches, len(batches)) if x is not None)
+        return ablation_scores(model, batches[:n], ffn=taylor.ffn)
     raise ValueError(f"unknown pruning criterion {criterion!r}; choose one of {CRITERIA}")

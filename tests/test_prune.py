@@ -238,6 +238,11 @@ def test_ablation_score_is_the_kl_of_removing_that_head_alone(dense, batch):
     assert torch.equal(both.ffn["decoder"][1], taylor_scores(dense, [b]).ffn["decoder"][1])
     assert torch.allclose(both.heads["cross"][1], scores.heads["cross"][1])
     assert torch.equal(_logits(dense, b), before) and not dense.training  # gates removed
+    # ablation_batches: the heads are removed on the first batches only, the neurons scored on all
+    other = {k: v.flip(0) for k, v in b.items()}
+    first = compute_scores(dense, "ablation", batches=[b, other], ablation_batches=1)
+    assert torch.allclose(first.heads["encoder"][0], scores.heads["encoder"][0])
+    assert torch.equal(first.ffn["encoder"][0], taylor_scores(dense, [b, other]).ffn["encoder"][0])
     with pytest.raises(ValueError, match="'ablation' needs calibration batches"):
         compute_scores(dense, "ablation")
 

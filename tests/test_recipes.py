@@ -112,6 +112,21 @@ def test_bad_quant_setting_is_named(tmp_path):
         load_recipe(p)
 
 
+
+@pytest.mark.parametrize("prune, message", [
+    ("{criterion: taylor, ablation_batches: 2}", r"ablation_batches is for criterion ablation \(criterion is 'taylor'\)"),
+    ("{criterion: ablation, calibration_batches: 4, ablation_batches: 5}",
+     r"ablation_batches must be between 1 and calibration_batches \(4\), got 5"),
+    ("{criterion: ablation, ablation_batches: 0}", r"ablation_batches must be between 1 and calibration_batches"),
+    ("{criterion: ablations}", r"criterion"),
+])
+def test_bad_prune_setting_is_named(tmp_path, prune, message):
+    p = _write(tmp_path, BASE + f"  - name: p\n    kind: prune\n    prune: {prune}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(p)
+    ok = _write(tmp_path, BASE + "  - name: p\n    kind: prune\n    prune: {criterion: ablation, ablation_batches: 2}\n")
+    assert load_recipe(ok).stages[-1].prune.ablation_batches == 2
+
 def test_optional_eval_names_and_paths_are_checked(tmp_path):
     ok = BASE.replace("data: {eval: a.jsonl, train: b.jsonl}",
                       "data: {eval: a.jsonl, train: b.jsonl, extra_eval: {real: r.jsonl},\n"

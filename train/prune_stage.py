@@ -42,7 +42,8 @@ def run(ctx: RunContext, stage: StageConfig, prev: Path, model_out: Path) -> Non
         return
     batches = calibration_batches(ctx, p.calibration_batches) if p.criterion in DATA_CRITERIA else None
     reference = repair_reference(stage, model)
-    prune_model(model, compute_scores(model, p.criterion, batches=batches, seed=p.seed), p.selection)
+    prune_model(model, compute_scores(model, p.criterion, batches=batches, seed=p.seed,
+                                       ablation_batches=p.ablation_batches), p.selection)
     repair(ctx, stage, model, reference, sdir)
     save_model(model, model_out, processor=ctx.processor)
 
@@ -98,7 +99,8 @@ def gradual_prune(ctx: RunContext, stage: StageConfig, model, batches, sdir: Pat
     for it in range(1, p.iterations + 1):
         frac = it / p.iterations
         sel = p.selection.scaled(frac)
-        scores = from_main(ctx.state, lambda: compute_scores(model, p.criterion, batches=batches, seed=p.seed + it))
+        scores = from_main(ctx.state, lambda: compute_scores(model, p.criterion, batches=batches, seed=p.seed + it,
+                                                                  ablation_batches=p.ablation_batches))
         reference = repair_reference(stage, model)
         prune_model(model, scores, sel)
         repair(ctx, stage, model, reference, sdir, every_process=True)

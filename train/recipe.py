@@ -122,10 +122,21 @@ class PruneStage:
     """Trainer steps between gradual rounds (uses the next `recover` stage's settings otherwise defaults)."""
     calibration_batches: int = 8
     """Batches of training data for data-driven scores (taylor, ablation)."""
+    ablation_batches: int | None = None
+    """criterion=ablation: how many of those batches the head removals run on (the first ones; none: all).
+    Each costs one forward per head; the FFN neurons' Taylor scores use every calibration batch."""
     repair: RepairConfig | None = None
     """Refit each layer that consumes removed units to the input model's outputs (label-free least squares,
     `prune.repair`); none: keep the sliced weights as they are."""
     seed: int = 0
+
+    def __post_init__(self):
+        if self.ablation_batches is not None:
+            if self.criterion != "ablation":
+                raise ValueError(f"ablation_batches is for criterion ablation (criterion is {self.criterion!r})")
+            if not 1 <= self.ablation_batches <= self.calibration_batches:
+                raise ValueError(f"ablation_batches must be between 1 and calibration_batches "
+                                 f"({self.calibration_batches}), got {self.ablation_batches}")
 
 
 @dataclass
