@@ -20,7 +20,7 @@ models trained for a shorter audio window, on the same tiny.en weights (benchmar
 
 --ftype f32 writes what whisper.cpp's loader asks for an all-f32 model (conv kernels included), but the
 whisper.cpp that pywhispercpp 1.5.1 bundles (1.8.5) then aborts at the first encode: ggml_conv_1d always
-makes an f16 im2col, which asserts on an f32 kernel (whisper.cpp issue #2557). Benchmark with f16.
+makes an f16 im2col, which asserts on an f32 kernel. Benchmark with f16.
 
 Only dense, unquantized models convert: whisper.cpp builds every layer with the same head count and a 4x
 FFN, so a pruned or quantization-aware directory (one with slim_structure.json) is refused. Weights are
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", help="the ggml .bin file to write")
     p.add_argument("--ftype", choices=sorted(FTYPES), default="f16",
                    help="f16 (whisper.cpp's usual): matrices and convs in f16, the rest f32; f32: all f32 "
-                        "(loads, but whisper.cpp 1.8.x aborts in the encoder's conv on it: issue #2557)")
+                        "(loads, but whisper.cpp 1.8.x aborts in the encoder's conv on it)")
     a = p.parse_args(argv)
     try:
         out = convert(a.model_dir, a.out, a.ftype)

@@ -85,7 +85,7 @@ class WhisperCppEngine(Engine):
             raise ValueError(f"{path}: whisper.cpp could not load it:\n{errors.strip()}")
         if pw.whisper_model_ftype(self._ctx) == 0:
             # ggml_conv_1d always builds an f16 im2col, which asserts on an f32 kernel: whisper.cpp aborts the
-            # whole process at the first encode (whisper.cpp issue #2557), so refuse the file here
+            # whole process at the first encode (whisper.cpp 1.8.x), so refuse the file here
             self.close()
             raise ValueError(f"{path}: an all-f32 ggml model, which this whisper.cpp aborts on; convert with "
                              "--ftype f16")
