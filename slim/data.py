@@ -34,6 +34,7 @@ from urllib.parse import parse_qsl
 import numpy as np
 import torch
 
+from slim.augment import AugmentConfig, augment_audio, item_rng
 from slim.audio import MAX_SECONDS, SAMPLING_RATE, AudioError, decode_audio, load_audio
 from slim.window import clip_frames
 
@@ -359,15 +360,31 @@ class SpeechDataset(torch.utils.data.Dataset):
         return out
 
 
-def _train_example(item: Item, processor, features: bool, max_seconds: float) -> dict:
-    """Decode, check and featurize one item in a DataLoader worker: the example, or `{"skip": reason}`
+@dataclass
+class Augmentation:
+    """A training set's augmentation (`slim.augment`) and the seed and epoch its draws depend on."""
+
+    config: AugmentConfig
+    seed: int
+    epoch: int = 0
+    part: int = 0
+    """Which process's part of a streamed set (its rows are numbered from 0 in every part)."""
+
+    def __call__(self, audio: np.ndarray, index: int) -> np.ndarray:
+        return augment_audio(audio, self.config, item_rng(self.seed, self.epoch, index, self.part))
+
+
+def _train_example(item: Item, processor, features: bool, max_seconds: float, index: int,
+                   augmentation: Augmentation | None = None) -> dict:
+    """Decode, check, augment and featurize one item in a DataLoader worker: the example, or `{"skip": reason}`
     (logged there; `SpeechCollator` drops it and counts it in the batch, so the count reaches the
     training process whichever worker saw the item)."""
     stats = SkipStats()
     ex = check_item(item, stats, processor.tokenizer, max_seconds)
     if ex is None:
         return {"skip": next(iter(stats.by_reason))}
-    return {"id": ex["id"], **features_and_labels(ex["audio"], ex["text"], processor, features)}
+    audio = ex["audio"] if augmentation is None else augmentation(ex["audio"], index)
+    return {"id": ex["id"], **features_and_labels(audio, ex["text"], processor, features)}
 
 
 class LazySpeechDataset(torch.utils.data.Dataset):
@@ -376,15 +393,20 @@ class LazySpeechDataset(torch.utils.data.Dataset):
     across processes (`train.loop`). `lengths()` (transcript characters) feeds the length bucketing."""
 
     def __init__(self, items, processor, features: bool = True, max_seconds: float = MAX_SECONDS,
-                 texts: list[str | None] | None = None):
+                 texts: list[str | None] | None = None, augmentation: Augmentation | None = None):
         self.items, self.processor, self.features, self.max_seconds = items, processor, features, max_seconds
-        self._texts = texts
+        self._texts, self.augmentation = texts, augmentation
 
     def __len__(self) -> int:
         return len(self.items)
 
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the augmentation draws for (workers copy the dataset when an epoch's iterator starts)."""
+        if self.augmentation is not None:
+            self.augmentation.epoch = epoch
+
     def __getitem__(self, i: int) -> dict:
-        return _train_example(self.items[i], self.processor, self.features, self.max_seconds)
+        return _train_example(self.items[i], self.processor, self.features, self.max_seconds, i, self.augmentation)
 
     def lengths(self) -> list[int]:
         texts = self._texts if self._texts is not None else [it.text for it in self.items]
@@ -417,24 +439,29 @@ class StreamingSpeechDataset(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, ds, spec: HFSpec, text_column: str, processor, features: bool = True,
-                 max_seconds: float = MAX_SECONDS):
+                 max_seconds: float = MAX_SECONDS, augmentation: Augmentation | None = None):
         self.ds, self.spec, self.text_column = ds, spec, text_column
         self.processor, self.features, self.max_seconds = processor, features, max_seconds
+        self.augmentation = augmentation
 
     def for_process(self, rank: int, world: int) -> StreamingSpeechDataset:
         from datasets.distributed import split_dataset_by_node
 
         ds = split_dataset_by_node(self.ds, rank=rank, world_size=world) if world > 1 else self.ds
+        aug = None if self.augmentation is None else Augmentation(self.augmentation.config,
+                                                                  self.augmentation.seed, part=rank)
         return StreamingSpeechDataset(ds, self.spec, self.text_column, self.processor, self.features,
-                                      self.max_seconds)
+                                      self.max_seconds, aug)
 
     def set_epoch(self, epoch: int) -> None:
         self.ds.set_epoch(epoch)
+        if self.augmentation is not None:
+            self.augmentation.epoch = epoch
 
     def __iter__(self) -> Iterator[dict]:
         for i, row in enumerate(self.ds):
             yield _train_example(_hf_item(row, i, self.spec, self.text_column), self.processor, self.features,
-                                 self.max_seconds)
+                                 self.max_seconds, i, self.augmentation)
 
     def state_dict(self) -> dict:
         return self.ds.state_dict()
@@ -444,25 +471,27 @@ class StreamingSpeechDataset(torch.utils.data.IterableDataset):
 
 
 def open_train_source(data: str | Path | dict, processor, limit: int | None = None, features: bool = True,
-                      max_seconds: float = MAX_SECONDS
+                      max_seconds: float = MAX_SECONDS, augment: AugmentConfig | None = None, seed: int = 0
                       ) -> tuple[LazySpeechDataset | StreamingSpeechDataset, SkipStats]:
     """DATA as a lazy training set, and the SkipStats of what was dropped while indexing it (manifest lines
-    that are not entries). Nothing is decoded here; `limit` keeps the first LIMIT items (good or bad)."""
+    that are not entries). Nothing is decoded here; `limit` keeps the first LIMIT items (good or bad).
+    `augment` (when enabled) transforms each clip's waveform as it is decoded, drawn from (seed, epoch, item)."""
     stats = SkipStats()
+    aug = Augmentation(augment, seed) if augment is not None and augment.enabled else None
     if isinstance(data, dict) or (isinstance(data, str) and data.startswith("hf:")):
         spec = HFSpec.parse(data)
         if not (spec.path == "audiofolder" and spec.data_dir):
             ds, text_column = _load_hf(spec)
             if spec.streaming:
                 ds = ds.take(limit) if limit is not None else ds
-                return StreamingSpeechDataset(ds, spec, text_column, processor, features, max_seconds), stats
+                return StreamingSpeechDataset(ds, spec, text_column, processor, features, max_seconds, aug), stats
             if limit is not None:
                 ds = ds.select(range(min(limit, len(ds))))
             return LazySpeechDataset(_HFRows(ds, spec, text_column), processor, features, max_seconds,
-                                     texts=ds[text_column]), stats
+                                     texts=ds[text_column], augmentation=aug), stats
     items, _ = open_items(data, stats)
     items = list(itertools.islice(items, limit))
-    return LazySpeechDataset(items, processor, features, max_seconds), stats
+    return LazySpeechDataset(items, processor, features, max_seconds, augmentation=aug), stats
 
 
 @dataclass

@@ -94,12 +94,16 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def run_lazy(data, out, steps, save_every=2, num_workers=2, batch_size=2, resume=False, on_batch=None):
-    """The run the tests compare: tiny random Whisper, lazy data through DataLoader workers."""
+def run_lazy(data, out, steps, save_every=2, num_workers=2, batch_size=2, resume=False, on_batch=None,
+             augment=False):
+    """The run the tests compare: tiny random Whisper, lazy data through DataLoader workers (`augment`: every
+    transform of slim.augment on every clip)."""
+    from slim.augment import AugmentConfig
     from slim.sources import tiny_random_processor, tiny_random_whisper
 
     proc = tiny_random_processor()
-    ds, _ = open_train_source(data, proc)
+    aug = AugmentConfig(enabled=True, speed_p=1.0, reverb_p=1.0, lowpass_p=1.0, noise_p=1.0) if augment else None
+    ds, _ = open_train_source(data, proc, augment=aug, seed=0)
     model = tiny_random_whisper(seed=0)
     cfg = TrainConfig(max_steps=steps, batch_size=batch_size, lr=1e-3, warmup_steps=1, save_every=save_every,
                       keep_last=2, log_every=1, num_workers=num_workers)
@@ -123,10 +127,11 @@ def env() -> dict:
     return e
 
 
-def run_killed(data, out: Path, steps: int, kill_at: int) -> None:
+def run_killed(data, out: Path, steps: int, kill_at: int, augment: bool = False) -> None:
     """This file's worker in a subprocess, SIGKILLed by the loop's test hook right after step `kill_at`."""
     arg = json.dumps(data) if isinstance(data, dict) else str(data)
-    proc = subprocess.run([sys.executable, __file__, arg, str(out), "--steps", str(steps)],
+    proc = subprocess.run([sys.executable, __file__, arg, str(out), "--steps", str(steps)]
+                          + (["--augment"] if augment else []),
                           env=dict(env(), **{KILL_ENV: f"train:{kill_at}"}), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
@@ -247,6 +252,20 @@ def test_kill_9_mid_epoch_then_resume_with_2_workers_is_bit_identical(manifest, 
     assert_same_weights(weights(model), weights(ref_model))
 
 
+def test_augmented_run_killed_and_resumed_is_bit_identical(manifest, tmp_path):
+    """Augmentation draws from (seed, epoch, item) in whichever worker decodes the item: 10 steps (two
+    epochs) killed at step 5 and resumed from step 4 (checkpoint 4, then the start of epoch 1) end bit-identical to the uninterrupted
+    augmented run, which trains on other inputs than the plain run (other losses from the first step)."""
+    plain_model, plain = run_lazy(manifest, tmp_path / "plain", steps=10, save_every=0)
+    ref_model, ref = run_lazy(manifest, tmp_path / "whole", steps=10, augment=True)
+    assert all(a != b for a, b in zip(ref.losses, plain.losses))
+    out = tmp_path / "cut"
+    run_killed(manifest, out, steps=10, kill_at=5, augment=True)
+    model, r = run_lazy(manifest, out, steps=10, resume=True, augment=True)
+    assert (r.start_step, r.losses) == (4, ref.losses[4:])
+    assert_same_weights(weights(model), weights(ref_model))
+
+
 def test_streamed_parquet_trains_skips_and_resumes_bit_identical(tmp_path):
     """A streamed `datasets` source (two local parquet shards of 5 rows, one row garbage) with 2 workers:
     each worker reads one shard, 2 batches of 2 each (the fifth row is dropped with the partial batch),
@@ -314,6 +333,7 @@ def _worker(argv=None) -> None:
     p.add_argument("out")
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--record-ids", action="store_true", help="write the ids each process trained on")
+    p.add_argument("--augment", action="store_true", help="augment the training audio (run_lazy)")
     p.add_argument("--then", nargs=3, metavar=("DATA", "OUT", "STEPS"), help="a second run in the same processes")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -324,7 +344,8 @@ def _worker(argv=None) -> None:
     for data, out, steps in runs:
         data = json.loads(data) if data.startswith("{") else data
         ids: list[str] = []
-        run_lazy(data, out, steps=steps, save_every=0 if a.record_ids else 2, on_batch=lambda b: ids.extend(b["ids"]))
+        run_lazy(data, out, steps=steps, save_every=0 if a.record_ids else 2, on_batch=lambda b: ids.extend(b["ids"]),
+                 augment=a.augment)
         if a.record_ids:
             Path(out, f"ids-{state.process_index}.json").write_text(json.dumps(ids))
     state.destroy_process_group()

@@ -44,7 +44,7 @@ stages:
 
 def test_unknown_key_is_named_with_suggestion(tmp_path):
     p = _write(tmp_path, BASE.replace("max_steps: 10", "max_stepz: 10"))
-    with pytest.raises(ConfigError, match=r"unknown key 'stages\[1\]\.train\.max_stepz'.*max_steps"):
+    with pytest.raises(ConfigError, match=r"unknown key 'stages\[\d+\]\.train\.max_stepz'.*max_steps"):
         load_recipe(p)
 
 
@@ -126,6 +126,22 @@ def test_bad_prune_setting_is_named(tmp_path, prune, message):
         load_recipe(p)
     ok = _write(tmp_path, BASE + "  - name: p\n    kind: prune\n    prune: {criterion: ablation, ablation_batches: 2}\n")
     assert load_recipe(ok).stages[-1].prune.ablation_batches == 2
+
+
+@pytest.mark.parametrize("augment,message", [
+    ("{noise_p: 1.5}", r"stages\[\d+\]\.train\.augment: augment\.noise_p must be in \[0, 1\], got 1.5"),
+    ("{snr_db: [30, 10]}", r"augment.snr_db must be \[low, high\]"),
+    ("{speed: [0.9]}", r"augment.speed must be \[low, high\]"),
+    ("{lowpass_hz: [3000, 9000]}", r"augment.lowpass_hz must be .* <= 8000"),
+    ("{noise: 0.5}", r"unknown key 'stages\[\d+\]\.train\.augment\.noise'; did you mean .*noise_p"),
+])
+def test_bad_augment_setting_is_named(tmp_path, augment, message):
+    stage = "  - name: r\n    kind: recover\n    train: {max_steps: 2, augment: %s}\n"
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(_write(tmp_path, BASE + stage % augment))
+    ok = load_recipe(_write(tmp_path, BASE + stage % "{enabled: true, rt60_s: [0.2, 0.3]}"))
+    assert ok.stages[-1].train.augment.enabled and ok.stages[-1].train.augment.rt60_s == (0.2, 0.3)
+
 
 def test_optional_eval_names_and_paths_are_checked(tmp_path):
     ok = BASE.replace("data: {eval: a.jsonl, train: b.jsonl}",

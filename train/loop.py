@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
+from slim.augment import AugmentConfig
 from slim.data import REASONS
 from slim.model import model_inputs
 from train.checkpoint import (CheckpointError, TrainState, clean_temp, list_checkpoints, load_latest,
@@ -123,6 +124,9 @@ class TrainConfig:
     falls back to eval_loss when absent)."""
     distill: DistillConfig = field(default_factory=DistillConfig)
     """Loss weights and temperature (CE on labels + KL to the teacher)."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Waveform augmentation of the training audio (slim.augment: speed, reverberation, band limit, noise;
+    a teacher sees the same augmented audio)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """Optional LoRA adapters instead of full fine-tuning."""
     seed: int = 0
@@ -565,6 +569,9 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
     try:
         while state.step < cfg.max_steps:
             (shard if streaming else loader).set_epoch(state.epoch)
+            if not streaming and hasattr(train_dataset, "set_epoch"):
+                # Accelerate's set_epoch reaches the sampler only; the augmentation draws per epoch too
+                train_dataset.set_epoch(state.epoch)
             data_rng.manual_seed(epoch_seed(cfg.seed, state.epoch))
             if streaming:  # a resumed loader continues from its loaded state by itself
                 batches = loader
