@@ -237,15 +237,42 @@ def compare_reports(base: dict, other: dict, samples: int = 2000) -> dict:
     return paired_wer_difference([h["ref"] for h in a], [h["hyp"] for h in a], [h["hyp"] for h in b], samples)
 
 
+def load_report(spec: str) -> dict:
+    """An eval report by SPEC: `REPORT.json` of `./launch.sh eval`, or `RUN/report.json:STAGE[:SET]`, one stage's
+    evaluation in a recipe run's report (SET: `eval`, the default, or a name of `data.extra_eval` /
+    `data.optional_eval`)."""
+    path, _, sel = spec.partition(".json:")
+    path = path + ".json" if sel else spec
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such report")
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, list):
+        if sel:
+            raise ValueError(f"{spec}: {path} is an eval report, not a run's report.json; name it without :STAGE")
+        return data
+    stages = {e["stage"]: e for e in data if "wer" in e}
+    stage, _, name = sel.partition(":")
+    if stage not in stages:
+        raise ValueError(f"{spec}: a run's report needs :STAGE, one of {sorted(stages)}")
+    entry = stages[stage]
+    if name in ("", "eval"):
+        return entry
+    extra = entry.get("extra", {})
+    if name not in extra:
+        raise ValueError(f"{spec}: stage {stage} has no eval set {name!r} (it has eval, {', '.join(sorted(extra))})")
+    return extra[name]
+
+
 def compare_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="./launch.sh compare",
                                 description="WER differences of eval reports against a base report, paired "
                                             "bootstrap 95% intervals (same utterances).")
-    p.add_argument("base", help="REPORT.json of `./launch.sh eval` (e.g. the float model)")
-    p.add_argument("others", nargs="+", help="REPORT.json files to compare with it (e.g. PTQ, QAT)")
+    p.add_argument("base", help="REPORT.json of `./launch.sh eval` (e.g. the float model), or a run's "
+                                "RUN/report.json:STAGE[:SET] (SET: eval, the default, or an extra eval set's name)")
+    p.add_argument("others", nargs="+", help="reports to compare with it, named the same ways (e.g. PTQ, QAT)")
     p.add_argument("--samples", type=int, default=2000, help="bootstrap resamples")
     a = p.parse_args(argv)
-    reports = {path: json.loads(Path(path).read_text()) for path in [a.base, *a.others]}
+    reports = {spec: load_report(spec) for spec in [a.base, *a.others]}
     base = reports[a.base]
     print(f"{'report':50s} {'WER %':>7s} {'Δ vs base':>10s} {'95% interval':>18s}")
     print(f"{a.base:50s} {100 * base['wer']:7.2f}")

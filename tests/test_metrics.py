@@ -142,3 +142,28 @@ def test_compare_command_checks_the_utterances_match(tmp_path, capsys):
         compare_reports(a, c)
     with pytest.raises(ValueError, match="per-utterance hypotheses"):
         compare_reports(a, {"wer": 0.1})
+
+
+def test_compare_reads_a_stage_and_eval_set_of_a_run_report(tmp_path, capsys):
+    from eval.run import compare_main, load_report
+
+    def hyps(words):
+        return [{"id": f"u{i}", "ref": "red green blue gold", "hyp": w} for i, w in enumerate(words)]
+
+    full, cut = ["red green blue gold"] * 4, ["red green blue"] + ["red green blue gold"] * 3
+    run = [{"stage": "dense", "wer": 0.0, "hypotheses": hyps(full), "extra": {"real": {"wer": 0.0, "hypotheses": hyps(full)}}},
+           {"stage": "convert", "kind": "convert"},  # not evaluated
+           {"stage": "qat", "wer": 0.0, "hypotheses": hyps(full), "extra": {"real": {"wer": 1 / 16, "hypotheses": hyps(cut)}}}]
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(run))
+    assert load_report(f"{path}:qat:real")["wer"] == 1 / 16
+    assert load_report(f"{path}:dense") is not None and load_report(f"{path}:dense:eval")["wer"] == 0.0
+    assert compare_main([f"{path}:dense:real", f"{path}:qat:real", f"{path}:qat", "--samples", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "+6.25" in out and "+0.00" in out
+    with pytest.raises(ValueError, match=r"needs :STAGE, one of \['dense', 'qat'\]"):
+        load_report(str(path))
+    with pytest.raises(ValueError, match="has no eval set 'prompts' \\(it has eval, real\\)"):
+        load_report(f"{path}:qat:prompts")
+    with pytest.raises(FileNotFoundError, match="no such report"):
+        load_report(str(tmp_path / "missing.json"))

@@ -221,8 +221,9 @@ def _evaluate(ctx: RunContext, stage: StageConfig, model_dir: Path) -> dict:
             if name == "eval":
                 entry.update(r)
             else:
+                # hypotheses kept so `./launch.sh compare report.json:STAGE:SET` can pair any two stages
                 entry.setdefault("extra", {})[name] = {k: r[k] for k in ("wer", "cer", "utterances", "skipped",
-                                                                         "seconds_per_utterance")}
+                                                                         "seconds_per_utterance", "hypotheses")}
     finally:
         torch.set_num_threads(threads)
     return entry
