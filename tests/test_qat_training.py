@@ -60,7 +60,7 @@ def _fit(monkeypatch, tmp_path, out, cfg, qcfg, resume=False, stop_at=None):
         return REAL_TRAIN(*args, on_step=on_step, **kw)
 
     monkeypatch.setattr(loop, "train", stopping_train)
-    monkeypatch.setattr(context, "train_dataset", lambda ctx, limit=None, features=True: (Speech(), None))
+    monkeypatch.setattr(context, "train_dataset", lambda ctx, **kw: (Speech(), None))
     monkeypatch.setattr(context, "eval_fn", lambda ctx: None)
     monkeypatch.setattr(slim.data, "make_collator", lambda processor: collate)
     stage = StageConfig(name="qat", kind="qat", teacher="none", quant=qcfg, train=cfg)
@@ -123,7 +123,7 @@ def test_qat_stage_teacher_input_is_the_float_model(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loop, "train", fake_train)
     monkeypatch.setattr(quant_stage, "calibration_batches", lambda ctx, n, batch_size=4: [batch] * n)
-    monkeypatch.setattr(context, "train_dataset", lambda ctx, limit=None, features=True: (None, None))
+    monkeypatch.setattr(context, "train_dataset", lambda ctx, **kw: (None, None))
     stage = StageConfig(name="q", kind="qat", teacher="input", quant=QuantConfig(calibration_batches=1),
                         train=TrainConfig(max_steps=1))
     ctx = _ctx(tmp_path, stage)
