@@ -7,7 +7,7 @@ widens the inputs on which the student learns to copy the teacher without needin
 Each clip's augmentation is a function of (seed, epoch, item index) only (`augment_audio`), so a resumed run
 draws exactly what the uninterrupted one drew, whichever DataLoader worker decodes the item.
 
-Written with numpy (and soxr, which the audio loader already uses, for the speed change) rather than with
+Written with numpy (and the audio loader's resampler for the speed change) rather than with
 audiomentations: that library pulls librosa, numba and scipy into every training install, JIT-compiles in
 each DataLoader worker, and its reverberation needs impulse-response files we do not have. The four
 transforms here are a few lines each.
@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SAMPLING_RATE = 16_000
-MAX_SAMPLES = 30 * SAMPLING_RATE
+from slim.audio import MAX_SECONDS, SAMPLING_RATE, to_mono_16k
+
+MAX_SAMPLES = int(MAX_SECONDS * SAMPLING_RATE)
 
 
 def _check_range(name: str, lo_hi, lo_bound: float, hi_bound: float) -> None:
@@ -67,11 +68,25 @@ def item_rng(seed: int, epoch: int, index: int, part: int = 0) -> np.random.Gene
     return np.random.default_rng([seed, epoch, index, part, 0xA6])
 
 
-def change_speed(audio: np.ndarray, factor: float) -> np.ndarray:
-    """AUDIO played `factor` times faster (shorter and higher for factor > 1)."""
-    import soxr
+@dataclass
+class Augmentation:
+    """A training set's augmentation and the seed and epoch its draws depend on (the datasets of slim.data
+    hold one; the training loop sets `epoch` through their `set_epoch`)."""
 
-    return soxr.resample(audio, SAMPLING_RATE * factor, SAMPLING_RATE).astype(np.float32)
+    config: AugmentConfig
+    seed: int
+    epoch: int = 0
+    part: int = 0
+    """Which process's part of a streamed set (its rows are numbered from 0 in every part)."""
+
+    def __call__(self, audio: np.ndarray, index: int) -> np.ndarray:
+        return augment_audio(audio, self.config, item_rng(self.seed, self.epoch, index, self.part))
+
+
+def change_speed(audio: np.ndarray, factor: float) -> np.ndarray:
+    """AUDIO played `factor` times faster (shorter and higher for factor > 1): read as if recorded at
+    factor x 16 kHz and resampled to 16 kHz."""
+    return to_mono_16k(audio, SAMPLING_RATE * factor)
 
 
 def _fft_convolve(x: np.ndarray, h: np.ndarray) -> np.ndarray:
@@ -138,16 +153,16 @@ def augment_audio(audio: np.ndarray, cfg: AugmentConfig, rng: np.random.Generato
     cutoff = rng.uniform(*cfg.lowpass_hz)
     snr = rng.uniform(*cfg.snr_db)
     colour = ("white", "pink", "brown")[int(rng.integers(3))]
-    room_seed, noise_seed = rng.integers(2 ** 63, size=2)
+    room_rng, noise_rng = rng.spawn(2)
     out = np.asarray(audio, dtype=np.float32)
     if u[0] < cfg.speed_p and len(out):
         speed = max(speed, len(out) / MAX_SAMPLES)  # never over 30 s
         if speed != 1.0:
             out = change_speed(out, speed)
     if u[1] < cfg.reverb_p and len(out):
-        out = reverberate(out, np.random.default_rng(room_seed), rt60)
+        out = reverberate(out, room_rng, rt60)
     if u[2] < cfg.lowpass_p and len(out):
         out = lowpass(out, cutoff)
     if u[3] < cfg.noise_p and len(out):
-        out = add_noise(out, np.random.default_rng(noise_seed), snr, colour)
+        out = add_noise(out, noise_rng, snr, colour)
     return out

@@ -34,7 +34,7 @@ from urllib.parse import parse_qsl
 import numpy as np
 import torch
 
-from slim.augment import AugmentConfig, augment_audio, item_rng
+from slim.augment import AugmentConfig, Augmentation
 from slim.audio import MAX_SECONDS, SAMPLING_RATE, AudioError, decode_audio, load_audio
 from slim.window import clip_frames
 
@@ -358,20 +358,6 @@ class SpeechDataset(torch.utils.data.Dataset):
         if self.cache:
             self._cached[i] = out
         return out
-
-
-@dataclass
-class Augmentation:
-    """A training set's augmentation (`slim.augment`) and the seed and epoch its draws depend on."""
-
-    config: AugmentConfig
-    seed: int
-    epoch: int = 0
-    part: int = 0
-    """Which process's part of a streamed set (its rows are numbered from 0 in every part)."""
-
-    def __call__(self, audio: np.ndarray, index: int) -> np.ndarray:
-        return augment_audio(audio, self.config, item_rng(self.seed, self.epoch, index, self.part))
 
 
 def _train_example(item: Item, processor, features: bool, max_seconds: float, index: int,

@@ -256,9 +256,20 @@ def test_augmented_run_killed_and_resumed_is_bit_identical(manifest, tmp_path):
     """Augmentation draws from (seed, epoch, item) in whichever worker decodes the item: 10 steps (two
     epochs) killed at step 5 and resumed from step 4 (checkpoint 4, then the start of epoch 1) end bit-identical to the uninterrupted
     augmented run, which trains on other inputs than the plain run (other losses from the first step)."""
-    plain_model, plain = run_lazy(manifest, tmp_path / "plain", steps=10, save_every=0)
-    ref_model, ref = run_lazy(manifest, tmp_path / "whole", steps=10, augment=True)
+    def recorder(seen):  # every item's features, one entry per epoch it was drawn in
+        def on_batch(b):
+            for i, x in zip(b["ids"], b["input_features"]):
+                seen.setdefault(i, []).append(x.clone())
+        return on_batch
+
+    plain_seen, aug_seen = {}, {}
+    plain_model, plain = run_lazy(manifest, tmp_path / "plain", steps=10, save_every=0, on_batch=recorder(plain_seen))
+    ref_model, ref = run_lazy(manifest, tmp_path / "whole", steps=10, augment=True, on_batch=recorder(aug_seen))
     assert all(a != b for a, b in zip(ref.losses, plain.losses))
+    # the loop tells the dataset the epoch: each clip is drawn anew in epoch 1, a plain clip is the same
+    assert sorted(aug_seen) == sorted(plain_seen) and all(len(v) == 2 for v in aug_seen.values())
+    assert all(torch.equal(*plain_seen[i]) for i in plain_seen)
+    assert not any(torch.equal(*aug_seen[i]) for i in aug_seen)
     out = tmp_path / "cut"
     run_killed(manifest, out, steps=10, kill_at=5, augment=True)
     model, r = run_lazy(manifest, out, steps=10, resume=True, augment=True)

@@ -96,18 +96,17 @@ def save_final(ctx: RunContext, model, model_out: Path, quant=None) -> None:
 # data and training
 
 
-def train_dataset(ctx: RunContext, limit: int | None = None, features: bool = True, train_cfg=None):
+def train_dataset(ctx: RunContext, limit: int | None = None, features: bool = True, augment=None, seed: int = 0):
     """The recipe's training data, read lazily (slim.data.open_train_source): decoded and featurized in the
     DataLoader workers as batches are drawn; `features=False` leaves the features to the training device.
-    `train_cfg` (a stage's TrainConfig) adds its waveform augmentation, seeded by its seed; calibration
-    passes none and reads the audio as it is."""
+    `augment` (a stage's `train.augment`, drawn from `seed`) transforms the waveforms; calibration passes
+    none and reads the audio as it is."""
     from slim.data import open_train_source
 
     if ctx.train_data is None:
         raise RunError("this stage trains but the recipe has no training data (data.train or data.synth)")
     ds, skipped = open_train_source(ctx.train_data, ctx.processor, limit=limit or ctx.recipe.data.max_train,
-                                    features=features, augment=None if train_cfg is None else train_cfg.augment,
-                                    seed=0 if train_cfg is None else train_cfg.seed)
+                                    features=features, augment=augment, seed=seed)
     if skipped.total:
         log.warning("training data: skipped %d bad entries while indexing (%s)", skipped.total, skipped.as_dict())
     return ds, skipped
@@ -165,7 +164,7 @@ def fit(ctx: RunContext, stage: StageConfig, model, sdir: Path, quant=None, teac
     from train.loop import train
 
     on_device = stage.train.features == "device"
-    ds, _ = train_dataset(ctx, features=not on_device, train_cfg=stage.train)
+    ds, _ = train_dataset(ctx, features=not on_device, augment=stage.train.augment, seed=stage.train.seed)
     if stage.teacher == "input":
         teacher_model = teacher if teacher is not None else input_teacher(stage, model)
     else:

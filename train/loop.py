@@ -568,10 +568,8 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc=stage_name, disable=not main, dynamic_ncols=True)
     try:
         while state.step < cfg.max_steps:
+            # Accelerate's set_epoch reaches the sampler and the dataset (its augmentation draws per epoch)
             (shard if streaming else loader).set_epoch(state.epoch)
-            if not streaming and hasattr(train_dataset, "set_epoch"):
-                # Accelerate's set_epoch reaches the sampler only; the augmentation draws per epoch too
-                train_dataset.set_epoch(state.epoch)
             data_rng.manual_seed(epoch_seed(cfg.seed, state.epoch))
             if streaming:  # a resumed loader continues from its loaded state by itself
                 batches = loader
