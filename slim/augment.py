@@ -71,7 +71,7 @@ def item_rng(seed: int, epoch: int, index: int, part: int = 0) -> np.random.Gene
 @dataclass
 class Augmentation:
     """A training set's augmentation and the seed and epoch its draws depend on (the datasets of slim.data
-    hold one; the training loop sets `epoch` through their `set_epoch`)."""
+    hold one; their `set_epoch`, which the DataLoader calls each epoch, sets `epoch`)."""
 
     config: AugmentConfig
     seed: int
