@@ -12,9 +12,11 @@ MODEL: a fake-quant (QAT/PTQ) or float model directory; each is exported once in
                      arithmetic that is not bit-identical to the reference can be expected to reach)
   slim-runtime       the same engine as shipped, torch-free (numpy log-mel, `tokenizers`)
   sherpa-onnx        sherpa-onnx's OfflineRecognizer.from_whisper (its own features and greedy search,
-                     tail_paddings=3000: the 30 s window the other rows see) on the sherpa-onnx layout
-  sherpa-onnx-lead-5ms  the same, each clip led by 80 zero samples: kaldi-native-fbank's Whisper frames
-                     start half a hop (5 ms) after Whisper's own, and with this lead its features are ours
+                     tail_paddings=3000: the 30 s window the other rows see) on the sherpa-onnx layout, each
+                     clip as it is
+  sherpa-onnx-lead-5ms  the same, each clip led by 80 zero samples, as our sherpa-onnx engine does
+                     (`eval.runtimes.GRID_LEAD`): kaldi-native-fbank's Whisper frames start half a hop (5 ms)
+                     after Whisper's own, and with this lead they fall on Whisper's grid
   transformers.js    transformers.js's automatic-speech-recognition pipeline in Node (`eval/js`) on the hf
                      layout (its own features, generate() and tokenizer)
   onnx-asr           onnx-asr's Whisper model on the hf layout (multilingual models only: its prompt always
@@ -115,12 +117,13 @@ class Runtime:
 class Sherpa:
     name = "sherpa-onnx"
     layout = "sherpa-onnx"
+    lead_samples = 0
 
     def __init__(self, d: Path, threads: int):
         from eval.runtimes import SherpaOnnxEngine
         from qat.export_sherpa import tokens_of
 
-        self.engine = SherpaOnnxEngine(d, threads=threads)
+        self.engine = SherpaOnnxEngine(d, threads=threads, lead_samples=self.lead_samples)
         self.ids = {b.decode("utf-8", errors="replace"): i for i, b in sorted(tokens_of(d).items(), reverse=True)}
 
     def run(self, audio):
@@ -130,10 +133,7 @@ class Sherpa:
 
 class SherpaLead(Sherpa):
     name = "sherpa-onnx-lead-5ms"
-    lead = np.zeros(80, np.float32)
-
-    def run(self, audio):
-        return super().run(np.concatenate([self.lead, np.asarray(audio, np.float32)]))
+    lead_samples = 80  # eval.runtimes.GRID_LEAD: 5 ms at 16 kHz, as the row is named
 
 
 class TextOnly:

@@ -11,7 +11,8 @@
 
 Each is the registry package as users install it; nothing here reimplements them. sherpa-onnx pads a clip
 with `tail_paddings` feature frames (its default: 1000, at most to 30 s); we pass 3000, the full window
-our engines and the training see, unless told otherwise. None of them has a per-call token budget
+our engines and the training see, unless told otherwise, and leads each clip with half a hop of silence
+(`GRID_LEAD`), which puts its frames on Whisper's grid. None of them has a per-call token budget
 (`slim.decoding.token_budget`): each decodes to eot or to the decoder's last position.
 """
 
@@ -29,6 +30,10 @@ from eval.engines import Engine
 from slim.audio import SAMPLING_RATE
 
 FULL_WINDOW = 3000
+GRID_LEAD = 80
+"""Zero samples put before each clip for sherpa-onnx: kaldi-native-fbank's Whisper frames start half a hop
+(80 samples, 5 ms) after Whisper's own, so with this lead they fall on Whisper's grid (docs/runtimes.md
+measures what it changes)."""
 
 
 def _describe(engine: Engine, d: Path, config: dict, name: str) -> None:
@@ -52,7 +57,7 @@ class SherpaOnnxEngine(Engine):
     """sherpa-onnx's Whisper recognizer on a `--format sherpa-onnx` export."""
 
     def __init__(self, export_dir: str | Path, threads: int = 2, tail_paddings: int = FULL_WINDOW,
-                 language: str | None = None):
+                 language: str | None = None, lead_samples: int = GRID_LEAD):
         try:
             import sherpa_onnx
         except ImportError as e:
@@ -67,13 +72,14 @@ class SherpaOnnxEngine(Engine):
             encoder=str(d / info["encoder"]), decoder=str(d / info["decoder"]), tokens=str(d / TOKENS),
             num_threads=threads, tail_paddings=tail_paddings, language=language or "")
         _describe(self, d, config, "sherpa-onnx")
+        self.lead = np.zeros(lead_samples, np.float32)
         self.last_tokens: list[list[str]] = []  # the token strings of the last call (sherpa reports no ids)
 
     def transcribe(self, audios: list[np.ndarray], batch_size: int = 1) -> list[str]:
         streams = []
         for a in audios:
             s = self.recognizer.create_stream()
-            s.accept_waveform(SAMPLING_RATE, np.asarray(a, np.float32))
+            s.accept_waveform(SAMPLING_RATE, np.concatenate([self.lead, np.asarray(a, np.float32)]))
             streams.append(s)
         self.recognizer.decode_streams(streams)
         self.last_tokens = [list(s.result.tokens) for s in streams]

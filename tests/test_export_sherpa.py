@@ -133,6 +133,49 @@ def test_sherpa_onnx_recognizer_transcribes_like_the_slim_engine(exports):
     assert compared > 2 * len(clips)
 
 
+class _RecordingRecognizer:
+    """sherpa-onnx's recognizer with every waveform its streams accept recorded."""
+
+    def __init__(self, real):
+        self.real, self.waveforms = real, []
+
+    def create_stream(self):
+        stream, outer = self.real.create_stream(), self
+
+        class Stream:
+            result = property(lambda _: stream.result)
+
+            def accept_waveform(self, rate, samples):
+                outer.waveforms.append(np.array(samples, copy=True))
+                stream.accept_waveform(rate, samples)
+
+            real = stream
+        return Stream()
+
+    def decode_streams(self, streams):
+        self.real.decode_streams([s.real for s in streams])
+
+
+def test_sherpa_engine_leads_each_clip_onto_whispers_frame_grid(exports):
+    """The engine hands sherpa-onnx each clip behind GRID_LEAD zero samples (half of Whisper's hop), and
+    `lead_samples=0` hands it the clip as it is."""
+    from eval.runtimes import GRID_LEAD, SherpaOnnxEngine
+    from slim.audio import SAMPLING_RATE
+    from slim.window import MEL_FRAMES_PER_SECOND
+
+    assert 2 * GRID_LEAD == SAMPLING_RATE // MEL_FRAMES_PER_SECOND
+    d = exports["qdq", "sherpa-onnx"]
+    audios = [load_audio(c) for c in _clips()[:3]]
+    for lead in (GRID_LEAD, 0):
+        engine = SherpaOnnxEngine(d, threads=1, lead_samples=lead)
+        engine.recognizer = rec = _RecordingRecognizer(engine.recognizer)
+        texts = engine.transcribe(audios)
+        assert len(texts) == 3 and all(isinstance(t, str) for t in texts) and len(engine.last_tokens) == 3
+        for got, a in zip(rec.waveforms, audios):
+            assert len(got) == len(a) + lead
+            assert not got[:lead].any() and np.array_equal(got[lead:], np.asarray(a, np.float32))
+
+
 def test_eval_runs_a_sherpa_export_in_sherpa_onnx(exports):
     from eval.run import evaluate_model
 
