@@ -117,13 +117,13 @@ class Runtime:
 class Sherpa:
     name = "sherpa-onnx"
     layout = "sherpa-onnx"
-    lead_samples = 0
+    lead = False  # the clip as it is, not led onto Whisper's frame grid
 
     def __init__(self, d: Path, threads: int):
-        from eval.runtimes import SherpaOnnxEngine
+        from eval.runtimes import GRID_LEAD, SherpaOnnxEngine
         from qat.export_sherpa import tokens_of
 
-        self.engine = SherpaOnnxEngine(d, threads=threads, lead_samples=self.lead_samples)
+        self.engine = SherpaOnnxEngine(d, threads=threads, lead_samples=GRID_LEAD if self.lead else 0)
         self.ids = {b.decode("utf-8", errors="replace"): i for i, b in sorted(tokens_of(d).items(), reverse=True)}
 
     def run(self, audio):
@@ -133,7 +133,7 @@ class Sherpa:
 
 class SherpaLead(Sherpa):
     name = "sherpa-onnx-lead-5ms"
-    lead_samples = 80  # eval.runtimes.GRID_LEAD: 5 ms at 16 kHz, as the row is named
+    lead = True
 
 
 class TextOnly:

@@ -28,9 +28,10 @@ import numpy as np
 
 from eval.engines import Engine
 from slim.audio import SAMPLING_RATE
+from slim.window import MEL_FRAMES_PER_SECOND
 
 FULL_WINDOW = 3000
-GRID_LEAD = 80
+GRID_LEAD = SAMPLING_RATE // MEL_FRAMES_PER_SECOND // 2
 """Zero samples put before each clip for sherpa-onnx: kaldi-native-fbank's Whisper frames start half a hop
 (80 samples, 5 ms) after Whisper's own, so with this lead they fall on Whisper's grid (docs/runtimes.md
 measures what it changes)."""
