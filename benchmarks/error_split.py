@@ -21,15 +21,11 @@ sys.path.insert(0, str(ROOT))
 
 
 def split(report: dict, vocabulary: set[str]) -> dict:
-    import jiwer
+    from eval.metrics import word_alignment
 
-    from eval.metrics import normalize
-
-    pairs = [(normalize(h["ref"]), normalize(h["hyp"])) for h in report["hypotheses"]]
-    pairs = [(r, y) for r, y in pairs if r.strip()]
-    out = jiwer.process_words([r for r, _ in pairs], [y for _, y in pairs])
+    refs, out = word_alignment([h["ref"] for h in report["hypotheses"]], [h["hyp"] for h in report["hypotheses"]])
     words, missed = Counter(), Counter()
-    for (ref, _), chunks in zip(pairs, out.alignments):
+    for ref, chunks in zip(refs, out.alignments):
         ref_words = ref.split()
         for w in ref_words:
             words[w in vocabulary] += 1

@@ -68,10 +68,16 @@ def char_error_rate(refs: Sequence[str], hyps: Sequence[str], normalize: bool = 
     return float(jiwer.cer(r, h))
 
 
+def word_alignment(refs: Sequence[str], hyps: Sequence[str], normalize: bool = True):
+    """The normalized references and jiwer's word alignment of the normalized pairs (the counts and the
+    per-utterance chunks that WER is computed from; empty references included, as in `word_error_rate`)."""
+    r, h = _pairs(refs, hyps, normalize)
+    return r, jiwer.process_words(r, h)
+
+
 def error_counts(refs: Sequence[str], hyps: Sequence[str], normalize: bool = True) -> dict[str, int]:
     """Word-level hits, substitutions, deletions, insertions and reference words (for reports)."""
-    r, h = _pairs(refs, hyps, normalize)
-    o = jiwer.process_words(r, h)
+    _, o = word_alignment(refs, hyps, normalize)
     return {"hits": o.hits, "substitutions": o.substitutions, "deletions": o.deletions,
             "insertions": o.insertions, "reference_words": o.hits + o.substitutions + o.deletions}
 

@@ -26,6 +26,22 @@ def test_wer_hand_computed():
         "hits": 4, "substitutions": 1, "deletions": 1, "insertions": 0, "reference_words": 6}
 
 
+def test_error_split_counts_what_wer_counts_empty_references_included():
+    """A reference that normalizes to nothing adds its hypothesis' words as insertions, in the WER, in
+    `error_counts` and in benchmarks/error_split.py's split (which once dropped such utterances)."""
+    from benchmarks.error_split import split
+
+    refs, hyps = ["the cat sat", "uh", "on the mat"], ["the cat sit", "oh no", "on mat"]
+    assert normalize("uh") == ""
+    c = error_counts(refs, hyps)
+    assert (c["substitutions"], c["deletions"], c["insertions"], c["reference_words"]) == (1, 1, 2, 6)
+    assert word_error_rate(refs, hyps) == pytest.approx(4 / 6)
+    s = split({"hypotheses": [{"ref": r, "hyp": h} for r, h in zip(refs, hyps)]}, vocabulary={"the", "cat"})
+    assert (s["substitutions"], s["deletions"], s["insertions"], s["reference_words"]) == (1, 1, 2, 6)
+    # missed: "sat" (unseen) and "the" of "on the mat" (seen); seen words the, cat, the; unseen sat, on, mat
+    assert (s["seen_words"], s["missed_seen"], s["missed_unseen"]) == (3, pytest.approx(1 / 3), pytest.approx(1 / 3))
+
+
 def test_wer_is_corpus_level_not_mean_of_utterances():
     # utterance 1: 0 errors / 4 words; utterance 2: 2 substitutions + 1 insertion / 2 words (rate 1.5).
     # corpus: 3 / 6 = 0.5 (the mean of rates would be 0.75)
