@@ -22,7 +22,8 @@ projection); the fast deployment path is the ONNX Runtime export (`qat.onnx_expo
 
 Saved state (plain tensors, safetensors; the packed weights are rebuilt on first use):
 `<linear>.weight_int8` int8 (out, in), `.weight_scale` float32 (out,), `.bias` float32,
-`.input_scale` float32 (), `.input_zero_point` int32 () on the uint8 grid; `<matmul>.a_scale`,
+`.input_scale` float32 (), `.input_zero_point` int32 () on the uint8 grid (unused where the input is
+quantized per row, `QuantConfig.dynamic`, which the saved settings rebuild); `<matmul>.a_scale`,
 `.a_zero_point`, `.b_scale`, `.b_zero_point`; `model.decoder.embed_tokens.weight_int8` / `.weight_scale`.
 """
 
@@ -40,7 +41,7 @@ from torch import nn
 
 from qat.prepare import (QATConv1d, QATEmbedding, QATLinear, QuantConfig, QuantMatMul, conv_windows, int8_weight,
                          prepare_qat)
-from qat.quantizers import fake_quant
+from qat.quantizers import fake_quant, row_qparams
 from slim.attention import MatMul
 
 ENGINES = ("x86", "fbgemm")
@@ -69,6 +70,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self.register_buffer("input_scale", torch.tensor(1.0))
         self.register_buffer("input_zero_point", torch.tensor(0, dtype=torch.int32))
+        self.per_row = False  # the input's grid per row, at each call (`QuantConfig.dynamic`): set by _load_qat
         self._packed = None
 
     @classmethod
@@ -86,13 +88,16 @@ class Int8Linear(nn.Module):
         self.weight_scale.copy_(ws)
         if m.bias is not None:
             self.bias.copy_(m.bias.detach())
-        s, z = m.input_quant.qparams()
-        self.input_scale.copy_(s)
-        self.input_zero_point.copy_(z)
+        self.per_row = m.input_quant.dynamic
+        if not self.per_row:
+            s, z = m.input_quant.qparams()
+            self.input_scale.copy_(s)
+            self.input_zero_point.copy_(z)
         return self
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._packed = None  # new int8 weights: repack on next use
+        self.__dict__.pop("_w_float", None)
         return super()._load_from_state_dict(*args, **kwargs)
 
     def _pack(self):
@@ -110,6 +115,8 @@ class Int8Linear(nn.Module):
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.per_row:
+            return self._forward_per_row(x)
         packed, scale, zp = self._packed or self._pack()
         shape = x.shape
         x = x.reshape(-1, shape[-1]).float()
@@ -121,8 +128,23 @@ class Int8Linear(nn.Module):
         y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x.contiguous(), scale, zp, packed)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
+    def _forward_per_row(self, x: torch.Tensor) -> torch.Tensor:
+        """Each input row on its own uint8 grid, times the int8 weight: fake quant's arithmetic, in float.
+        PyTorch's quantized Linear kernels take one input scale per call (its dynamic one, one range over
+        the whole input), so the exact per-row product runs as a float matmul of the integer codes' values
+        (the ONNX export runs it as MatMulInteger)."""
+        cache = self.__dict__.get("_w_float")
+        if cache is None or cache[0] != self.weight_int8._version:
+            cache = (self.weight_int8._version, self.weight_int8.float() * self.weight_scale[:, None])
+            self.__dict__["_w_float"] = cache
+        xf = x.float()
+        scale, zp = row_qparams(xf)
+        y = F.linear(fake_quant(xf, scale, zp, 0, 255), cache[1], self.bias)
+        return y.to(x.dtype)
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, engine={self.engine}, exact={self.exact}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, engine={self.engine}, "
+                f"exact={self.exact}" + (", input per row" if self.per_row else ""))
 
 
 class Int8Conv1d(Int8Linear):

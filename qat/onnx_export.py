@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qat.quantizers import ActQuant, QuantPlan, WeightQuant
+from qat.quantizers import ROW_EPS, ActQuant, QuantPlan, WeightQuant, row_qparams
 from slim.attention import SlimAttention
 from slim.export_format import (CONFIG_FILE, DECODER_FILE, ENCODER_FILE, EXPORT_FORMAT, LAYOUTS, TOKENIZER_FILE,
                                 DecodeConfig, file_digest, has_processor, session_options)
@@ -62,6 +62,7 @@ from slim.model import install_explicit_attention, structure_of
 MODES = ("float", "dynamic-int8", "qdq")
 OPSET = 17
 _NEG = torch.finfo(torch.float32).min
+PER_ROW = ("per-row", 0)  # `_Tables.linears` value of a Linear whose input is quantized per row at run time
 
 
 def quantize_weight_per_row(w: torch.Tensor, bits: int = 8) -> WeightQuant:
@@ -142,10 +143,7 @@ class _DynamicQuantMatMul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, wq, wscale, wcolsum):
-        lo = torch.clamp(x.amin(-1, keepdim=True), max=0)
-        hi = torch.clamp(x.amax(-1, keepdim=True), min=0)
-        scale = torch.clamp((hi - lo) / 255, min=1e-30)
-        zp = torch.clamp(torch.round(-lo / scale), 0, 255)
+        scale, zp = row_qparams(x)
         q = torch.clamp(torch.round(x / scale) + zp, 0, 255)
         acc = torch.matmul(q.double(), wq.double()).float()  # exact integer sums
         return ((acc - zp * wcolsum) * (scale * wscale)).to(x.dtype)
@@ -158,7 +156,7 @@ class _DynamicQuantMatMul(torch.autograd.Function):
         lo = g.op("Min", g.op("ReduceMin", x, axes_i=[-1], keepdims_i=1), zero)  # opset 17: axes attribute
         hi = g.op("Max", g.op("ReduceMax", x, axes_i=[-1], keepdims_i=1), zero)
         scale = g.op("Max", g.op("Div", g.op("Sub", hi, lo), g.op("Constant", value_t=torch.tensor(255.0))),
-                     g.op("Constant", value_t=torch.tensor(1e-30)))
+                     g.op("Constant", value_t=torch.tensor(ROW_EPS)))
         top = g.op("Constant", value_t=torch.tensor(255.0))
         zp = g.op("Clip", g.op("Round", g.op("Div", g.op("Neg", lo), scale)), zero, top)
         q = g.op("Clip", g.op("Add", g.op("Round", g.op("Div", x, scale)), zp), zero, top)
@@ -192,17 +190,22 @@ class _Tables(nn.Module):
     def __init__(self, model: nn.Module, plan: QuantPlan | None):
         super().__init__()
         self.names = {id(m): n for n, m in model.named_modules()}
-        self.linears: dict[str, tuple[float, int]] = {}  # quantized Linear (or conv) -> its input (scale, zero point)
+        # quantized Linear (or conv) -> its input (scale, zero point), or PER_ROW
+        self.linears: dict[str, tuple[float, int] | tuple[str, int]] = {}
         self.matmuls: set[str] = set()
         self.groups: dict[tuple[str, ...], list[int]] = {}  # fused projections -> output widths
         if plan is None:
             return
         for name, (act, w) in plan.linears.items():
-            self._act(name, "in", act)
             self._buf(name, "wq", w.q.t().contiguous())  # (in, out): MatMul's B layout, axis 1 = channel
             self._buf(name, "ws", w.scale.float())
             self._buf(name, "wz", torch.zeros_like(w.scale, dtype=torch.int8))
-            self.linears[name] = (float(act.scale), int(act.zero_point))
+            if act.per_row:
+                self._buf(name, "wsum", w.q.float().sum(1))  # per output column, for the zero points
+                self.linears[name] = PER_ROW
+            else:
+                self._act(name, "in", act)
+                self.linears[name] = (float(act.scale), int(act.zero_point))
         for name, (a, b) in plan.matmuls.items():
             # b (keys, values) on the int8 grid: with a uint8 `a`, ORT runs u8 x s8 kernels (AVX-512 VNNI,
             # faster than u8 x u8 on the encoder's attention, see `session_options`); same values, see
@@ -234,8 +237,11 @@ class _Tables(nn.Module):
         if None in acts:
             self._buf(key, "w", torch.cat([m.weight.detach() for m in mods]).t().contiguous())
         else:
-            scale, zp = acts.pop()
-            self._act(key, "in", ActQuant(scale, zp))
+            act = acts.pop()
+            if act == PER_ROW:
+                self._buf(key, "wsum", torch.cat([self.get(n, "wsum") for n in names]))
+            else:
+                self._act(key, "in", ActQuant(*act))
             self._buf(key, "wq", torch.cat([self.get(n, "wq") for n in names], dim=1))
             self._buf(key, "ws", torch.cat([self.get(n, "ws") for n in names]))
             self._buf(key, "wz", torch.cat([self.get(n, "wz") for n in names]))
@@ -281,11 +287,18 @@ class _Graph(nn.Module):
     def weight(self, name: str):
         return _Dequant.apply(self.t.get(name, "wq"), self.t.get(name, "ws"), self.t.get(name, "wz"), 1)
 
+    def int8_matmul(self, x, key: str, per_row: bool):
+        """x @ the int8 weight of `key` (a Linear, or a fused group): input per tensor on its calibrated grid
+        (Q/DQ, which ORT fuses into MatMulIntegerToFloat), or per row at run time (`_DynamicQuantMatMul`)."""
+        if per_row:
+            return _DynamicQuantMatMul.apply(x, self.t.get(key, "wq"), self.t.get(key, "ws"), self.t.get(key, "wsum"))
+        return torch.matmul(self.fq(x, key, "in"), self.weight(key))
+
     def linear(self, x, mod: nn.Linear):
         name = self.t.name(mod)
         if name not in self.t.linears:
             return F.linear(x, mod.weight, mod.bias)
-        y = torch.matmul(self.fq(x, name, "in"), self.weight(name))
+        y = self.int8_matmul(x, name, self.t.linears[name] == PER_ROW)
         return y if mod.bias is None else y + mod.bias
 
     def conv(self, x, mod: nn.Conv1d, channels_first: bool):
@@ -299,6 +312,8 @@ class _Graph(nn.Module):
         from qat.prepare import conv_windows
 
         name = self.t.name(mod)
+        if self.t.linears.get(name) == PER_ROW:
+            raise ValueError(f"{name}: a conv's input is quantized per tensor (quant.dynamic selects Linears)")
         if name not in self.t.linears:  # the module's own weights: a QATConv1d's forward would trace its fake quant
             y = F.conv1d(x if channels_first else x.transpose(1, 2), mod.weight, mod.bias, mod.stride, mod.padding)
             return y.transpose(1, 2)
@@ -317,11 +332,10 @@ class _Graph(nn.Module):
             return [self.linear(x, m) for m in mods]
         key = "+".join(names)
         if names[0] in self.t.linears:
-            x = self.fq(x, key, "in")
-            w = self.weight(key)
+            y = self.int8_matmul(x, key, self.t.linears[names[0]] == PER_ROW)
         else:
-            w = self.t.get(key, "w")
-        return list(torch.split(torch.matmul(x, w) + self.t.get(key, "b"), widths, dim=-1))
+            y = torch.matmul(x, self.t.get(key, "w"))
+        return list(torch.split(y + self.t.get(key, "b"), widths, dim=-1))
 
     def quantized(self, mm: nn.Module) -> bool:
         return self.t.name(mm) in self.t.matmuls

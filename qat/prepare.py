@@ -1,7 +1,8 @@
 """Prepare a Whisper for quantization-aware training: a layer swap that keeps the same Parameters.
 
     prepare_qat(model, cfg)   every matched nn.Linear -> QATLinear (same weight/bias Parameters,
-                              + `input_quant` uint8 per tensor, `weight_quant` int8 per channel);
+                              + `input_quant` uint8 per tensor, or per row with `dynamic`,
+                              `weight_quant` int8 per channel);
                               with `conv`, the encoder's conv front end -> QATConv1d (the same two
                               quantizers: a Linear over its kernel windows);
                               every matched attention MatMul (`qk`, `pv`) -> QuantMatMul
@@ -62,6 +63,11 @@ class QuantConfig:
     `conv`, `model.encoder.conv1` / `conv2`."""
     exclude: list[str] = field(default_factory=list)
     """fnmatch patterns of modules kept in float (e.g. from `qat.sensitivity.most_sensitive`)."""
+    dynamic: list[str] = field(default_factory=list)
+    """fnmatch patterns of quantized Linears whose input gets a uint8 grid per row (per token / frame) computed
+    at each call from that row's own range, as CTranslate2 and the output projection do, instead of one
+    calibrated per-tensor scale: no calibration, and a long window or a loud clip keeps its resolution
+    (docs/results.md measures what it holds on real speech and what it costs). ["*"]: every Linear."""
     quantize_matmuls: bool = True
     """Quantize both inputs of the attention matmuls Q·Kᵀ (`qk`) and P·V (`pv`)."""
     embeddings: bool = False
@@ -94,7 +100,7 @@ class QuantConfig:
             raise ValueError(f"quant.momentum must be in (0, 1], got {self.momentum!r}")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"quant.percentile must be in (50, 100], got {self.percentile!r}")
-        for name in ("include", "exclude"):
+        for name in ("include", "exclude", "dynamic"):
             v = getattr(self, name)
             if isinstance(v, str) or not all(isinstance(p, str) for p in v):
                 raise ValueError(f"quant.{name} must be a list of fnmatch patterns, got {v!r}")
@@ -136,7 +142,8 @@ class QuantConfig:
 
 
 class QATLinear(nn.Linear):
-    """nn.Linear with fake-quantized input (uint8 per tensor) and weight (int8 per output channel).
+    """nn.Linear with fake-quantized input (uint8 per tensor, or per row: `QuantConfig.dynamic`) and weight (int8
+    per output channel).
 
     Built by `from_linear`, which reuses the Linear's Parameters (optimizer state and tying survive);
     `to_linear` gives the plain Linear back. `input_quant=None` is weight-only (the output projection).
@@ -284,15 +291,17 @@ def prepare_qat(model: nn.Module, cfg: QuantConfig) -> nn.Module:
         raise ValueError("model is already prepared for QAT (it holds FakeQuantizer modules)")
     install_explicit_attention(model)
 
-    def act():
-        return activation_quantizer(cfg.activation_bits, cfg.observer, cfg.momentum, cfg.percentile, cfg.lsq)
+    def act(name: str | None = None):
+        dynamic = name is not None and any(fnmatch.fnmatchcase(name, p) for p in cfg.dynamic)
+        return activation_quantizer(cfg.activation_bits, "dynamic" if dynamic else cfg.observer, cfg.momentum,
+                                    cfg.percentile, cfg.lsq)
 
     for name, m in quantizable_modules(model):
         if not cfg.selects(name):
             continue
         if isinstance(m, nn.Linear):
             wq = weight_quantizer(m.out_features, cfg.weight_bits, cfg.lsq)
-            model.set_submodule(name, QATLinear.from_linear(m, wq, act()))
+            model.set_submodule(name, QATLinear.from_linear(m, wq, act(name)))
         elif cfg.quantize_matmuls:
             model.set_submodule(name, QuantMatMul(act(), act()).train(m.training))
     if cfg.conv:
@@ -492,6 +501,10 @@ def export_quant_plan(model: nn.Module):
     quantized matmul (ActQuant of a, ActQuant of b), and the int8 embedding when `embeddings` was on. Disabled quantizers are left out (those modules stay float);
     an enabled activation quantizer that never saw data is an error."""
     def act(name: str, q: FakeQuantizer) -> ActQuant:
+        if q.dynamic:
+            if q.bits != 8:
+                raise ValueError(f"{name}: only 8-bit activations export, got {q.bits} bits")
+            return ActQuant(1.0, 0, per_row=True)
         if not q.calibrated and q.is_observing:
             raise ValueError(f"{name}: activation quantizer was never calibrated (run qat.prepare.calibrate)")
         if q.bits != 8 or q.symmetric:

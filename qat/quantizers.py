@@ -29,6 +29,9 @@ Observers (activations update only while the quantizer is in training mode, so e
     percentile      the (100-p)th / p-th percentile of each batch, averaged over batches
     current         the range of the latest tensor only: the weight quantizers' observer, so the
                     weight scale follows the weight while it trains (and convert sees the same)
+    dynamic         no statistics: every row (last axis) of every tensor gets its own uint8 grid from
+                    its own range at each call (`row_qparams`), as the INT8 engines compute it at run
+                    time; nothing to calibrate, and a long window or a loud clip keeps its resolution
 
 Learned scales (LSQ, Esser et al. 2020): the scale is an `nn.Parameter` initialised from the observer;
 its gradient comes from autograd through `fake_quant` (which gives exactly LSQ's step-size gradient)
@@ -44,9 +47,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-Observer = Literal["minmax", "moving_average", "percentile", "current"]
-OBSERVERS = ("minmax", "moving_average", "percentile", "current")
+Observer = Literal["minmax", "moving_average", "percentile", "current", "dynamic"]
+OBSERVERS = ("minmax", "moving_average", "percentile", "current", "dynamic")
 EPS = 1e-8  # smallest scale: an all-zero channel quantizes to 0 instead of dividing by zero
+ROW_EPS = 1e-30  # smallest per-row scale of a dynamic grid (an all-zero row: codes = zero point, value 0)
 PERCENTILE_SAMPLES = 1 << 22  # elements per batch a percentile is taken over (see _percentiles)
 
 
@@ -121,6 +125,17 @@ def symmetric_qparams(lo: torch.Tensor, hi: torch.Tensor, qmax: int) -> tuple[to
     amax = torch.maximum(lo.abs(), hi.abs())
     scale = torch.clamp(amax / qmax, min=EPS)
     return scale.float(), torch.zeros_like(scale, dtype=torch.int32)
+
+
+def row_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The uint8 affine grid of each row (last axis) of `x`, from that row's own range widened to include 0:
+    scale (..., 1) and zero point (..., 1), both float. DynamicQuantizeLinear's arithmetic, but per row
+    (ONNX Runtime's op takes one range over the whole tensor, which would make a clip's output depend on the
+    rest of its batch); the fake quant, the PyTorch INT8 model and the ONNX graphs all compute it so."""
+    lo = torch.clamp(x.amin(-1, keepdim=True), max=0)
+    hi = torch.clamp(x.amax(-1, keepdim=True), min=0)
+    scale = torch.clamp((hi - lo) / 255, min=ROW_EPS)
+    return scale, torch.clamp(torch.round(-lo / scale), 0, 255)
 
 
 def _percentiles(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,7 +231,12 @@ class FakeQuantizer(nn.Module):
 
     @property
     def calibrated(self) -> bool:
-        return int(self.num_batches) > 0
+        return self.observer == "dynamic" or int(self.num_batches) > 0
+
+    @property
+    def dynamic(self) -> bool:
+        """Per-row grids computed at each call (observer "dynamic"): no stored scale."""
+        return self.observer == "dynamic"
 
     # -- observing --------------------------------------------------------------------------
 
@@ -281,6 +301,11 @@ class FakeQuantizer(nn.Module):
     # -- forward ----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer == "dynamic":
+            if not self.is_enabled:
+                return x
+            scale, zero_point = row_qparams(x.detach().float())
+            return fake_quant(x.float(), scale, zero_point, self.qmin, self.qmax).to(x.dtype)
         if self.is_observing and (self.training or self.observer == "current"):
             self.update_stats(x)
         if not self.is_enabled:
@@ -316,7 +341,8 @@ class FakeQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         grid = "int8 symmetric" if self.symmetric else f"uint{self.bits} affine"
-        where = f"per channel (axis {self.axis})" if self.axis is not None else "per tensor"
+        where = (f"per channel (axis {self.axis})" if self.axis is not None else
+                 "per row, at each call" if self.dynamic else "per tensor")
         state = "disabled" if not self.is_enabled else ("observing" if self.is_observing else "frozen")
         return f"{grid}, {where}, observer={self.observer}, {state}" + (", lsq" if self.lsq else "")
 
@@ -328,9 +354,9 @@ def weight_quantizer(channels: int, bits: int = 8, lsq: bool = False) -> FakeQua
 
 def activation_quantizer(bits: int = 8, observer: Observer = "minmax", momentum: float = 0.1,
                          percentile: float = 99.99, lsq: bool = False) -> FakeQuantizer:
-    """uint8 affine per tensor."""
+    """uint8 affine per tensor (observer "dynamic": per row, computed at each call; no scale to learn)."""
     return FakeQuantizer(bits=bits, symmetric=False, observer=observer, momentum=momentum,
-                         percentile=percentile, lsq=lsq)
+                         percentile=percentile, lsq=lsq and observer != "dynamic")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,10 +368,12 @@ class ActQuant:
     """Per-tensor affine activation quantizer on the uint8 grid: q = clamp(round(x / scale) + zero_point, 0, 255).
 
     A signed int8 quantizer with zero point z is the same grid shifted by 128 (zero_point = z + 128).
+    `per_row`: each row gets its own grid at run time (`row_qparams`); scale and zero point are then unused.
     """
 
     scale: float
     zero_point: int
+    per_row: bool = False
 
     def __post_init__(self):
         if not self.scale > 0:

@@ -115,6 +115,25 @@ def test_save_and_load_int8_model(fq, int8, tmp_path):
         load_int8_model(tmp_path / "fq")
 
 
+def test_per_row_inputs_convert_to_the_fake_quant_arithmetic_and_round_trip(tmp_path):
+    float_model = install_explicit_attention(tiny_random_whisper(seed=0, max_source_positions=FRAMES // 2).eval())
+    fq = ptq(float_model, QuantConfig(embeddings=True, dynamic=["model.encoder.*", "*.fc2"]), _batches(1))
+    int8 = convert_to_int8(fq)
+    enc_fc1, dec_fc1 = int8.model.encoder.layers[0].fc1, int8.model.decoder.layers[0].fc1
+    assert isinstance(enc_fc1, Int8Linear) and enc_fc1.per_row and not dec_fc1.per_row
+    assert int8.model.decoder.layers[1].fc2.per_row
+    b = _batches(1, seed=5)[0]
+    # per-row layers compute exactly what fake quant does (same codes, same float products); the static
+    # ones go through the int8 kernel (accumulation order only)
+    assert float((_logits(fq, b) - _logits(int8, b)).abs().max()) < 1e-3
+    x = torch.randn(2, 7, enc_fc1.in_features) * 3
+    with torch.no_grad():
+        assert torch.equal(enc_fc1(x), fq.model.encoder.layers[0].fc1(x))
+    loaded = load_int8_model(save_int8_model(int8, tmp_path / "int8"))
+    assert loaded.model.encoder.layers[0].fc1.per_row and not loaded.model.decoder.layers[0].fc1.per_row
+    assert torch.equal(_logits(loaded, b), _logits(int8, b))
+
+
 def test_float_embeddings_stay_tied_and_speed_options(tmp_path):
     m = install_explicit_attention(tiny_random_whisper(seed=1, max_source_positions=FRAMES // 2).eval())
     fq = ptq(m, QuantConfig(exclude=["*.fc2"]), _batches(1))

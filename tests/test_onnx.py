@@ -359,6 +359,25 @@ def test_qdq_export_agrees_with_the_fake_quant_model(exports, fake_quant, feats)
     assert r["token_agreement"] >= 0.99
 
 
+def test_per_row_linear_inputs_export_as_integer_matmuls_that_agree_with_fake_quant(dense, feats, tmp_path):
+    from slim.model import save_model
+
+    ids = torch.tensor([[50257, 50362] + list(range(400, 420))] * len(feats))
+    fq, cfg = _ptq(dense, feats, ids, dynamic=["*"])
+    out = export_model(save_model(fq, tmp_path / "ptq", processor=tiny_random_processor(), quant=cfg.to_dict()),
+                       tmp_path / "qdq", mode="qdq")
+    enc, dec = int8_kernel_counts(out / "encoder.onnx"), int8_kernel_counts(out / "decoder.onnx")
+    # every Linear one MatMulInteger on its input's per-row codes: encoder q, k, v, out, fc1, fc2 of 2 layers
+    # and the cross k, v of 2 decoder layers; decoder qkv (fused), out, cross q, cross out, fc1, fc2 of 2
+    # layers and the logits. The attention matmuls keep their calibrated grids (int8 kernels, no float MatMul
+    # but the decoder's 2 per layer over its small float cache).
+    assert enc.get("MatMulInteger", 0) == 2 * 6 + 2 * 2 and enc.get("MatMul", 0) == 0
+    assert dec.get("MatMulInteger", 0) == 2 * 6 + 1 and dec.get("MatMul", 0) == 2 * 2
+    assert enc.get("MatMulIntegerToFloat", 0) + enc.get("QLinearMatMul", 0) == 2 * 2 * 4
+    r = parity(fq, out, feats, threads=1, max_new_tokens=NEW)
+    assert r["tokens_torch"] == len(feats) * NEW and r["token_agreement"] >= 0.99
+
+
 @pytest.mark.parametrize("float_convs", [[], ["model.encoder.conv1"], ["model.encoder.conv2"]])
 def test_qdq_export_runs_the_quantized_conv_front_end_as_int8_gemms(float_convs, dense, feats, tmp_path):
     """quant.conv: no float Conv left in the encoder ORT runs (two more int8 GEMMs, over the windows of the

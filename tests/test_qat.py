@@ -130,6 +130,32 @@ def test_observers_exact_values():
     assert q(b2) is b2
 
 
+def test_dynamic_quantizer_puts_each_row_on_its_own_grid():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 5, 48, generator=g) * torch.logspace(-3, 2, 5)[None, :, None] + 0.5  # rows 1e5 apart
+    q = activation_quantizer(observer="dynamic").train()
+    y = q(x)
+    assert q.calibrated and q.dynamic and not q.lsq and int(q.num_batches) == 0  # nothing observed or stored
+    lo, hi = x.amin(-1).clamp(max=0), x.amax(-1).clamp(min=0)
+    step = (hi - lo) / 255
+    err = (y - x).abs().amax(-1)
+    assert bool((err <= step / 2 * (1 + 1e-5)).all())  # every row at its own resolution
+    codes = y / step[..., None]  # (q - zero point): whole steps from 0, at most 255 of them across a row
+    assert float((codes - codes.round()).abs().max()) < 1e-3
+    assert int((codes.round().amax(-1) - codes.round().amin(-1)).max()) <= 255
+    # a row's grid depends on that row alone: the same row in another batch gets the same values
+    assert torch.equal(q(x[:1, 2:3]), y[:1, 2:3])
+    # straight-through gradient, and off means off
+    xg = x.clone().requires_grad_(True)
+    q(xg).sum().backward()
+    assert torch.equal(xg.grad, torch.ones_like(x))
+    assert q.enable(False)(x) is x
+    cfg = QuantConfig(dynamic=["*.fc1", "*.q_proj"])
+    assert QuantConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="quant.dynamic"):
+        QuantConfig(dynamic="*.fc1")
+
+
 def test_quant_config_validation_names_the_field():
     with pytest.raises(ValueError, match="quant.observer"):
         QuantConfig(observer="histogramm")
@@ -165,6 +191,21 @@ def test_prepare_swaps_layers_keeping_parameters(float_model):
     assert type(lin) is nn.Linear and lin.weight is params["model.encoder.layers.0.fc1.weight"]
     with pytest.raises(ValueError, match="already prepared"):
         prepare_qat(m, QuantConfig())
+
+
+def test_dynamic_patterns_choose_which_linear_inputs_get_per_row_grids(float_model):
+    m = prepare_qat(copy.deepcopy(float_model), QuantConfig(dynamic=["*.fc1", "*.encoder_attn.q_proj"], conv=True))
+    dynamic = {n.rpartition(".")[0] for n, q in quantizers(m) if q.dynamic}
+    assert dynamic == ({f"model.{s}.layers.{i}.fc1" for s in ("encoder", "decoder") for i in range(2)}
+                       | {f"model.decoder.layers.{i}.encoder_attn.q_proj" for i in range(2)})
+    calibrate(m, _batches(1))
+    plan = export_quant_plan(m)
+    assert plan.linears["model.encoder.layers.0.fc1"][0].per_row
+    assert not plan.linears["model.encoder.layers.0.fc2"][0].per_row
+    assert plan.linears["model.encoder.layers.0.fc2"][0].scale != 1.0  # calibrated
+    # the conv front end's windows keep their calibrated per-tensor grid under "*"
+    m = prepare_qat(copy.deepcopy(float_model), QuantConfig(dynamic=["*"], conv=True))
+    assert not m.model.encoder.conv1.input_quant.dynamic and m.model.encoder.layers[0].fc2.input_quant.dynamic
 
 
 def test_include_exclude_patterns(float_model):
@@ -252,8 +293,9 @@ def test_float_weights_rounded_to_fp16_only_where_the_engine_keeps_float(float_m
 # state: state_dict, safetensors through the model format, resume
 
 
-@pytest.mark.parametrize("cfg", [QuantConfig(embeddings=True), QuantConfig(observer="percentile", lsq=True)],
-                         ids=["minmax-embeddings", "percentile-lsq"])
+@pytest.mark.parametrize("cfg", [QuantConfig(embeddings=True), QuantConfig(observer="percentile", lsq=True),
+                                 QuantConfig(dynamic=["*"], lsq=True, embeddings=True)],
+                         ids=["minmax-embeddings", "percentile-lsq", "dynamic-lsq"])
 def test_quant_state_roundtrips_bit_exactly(float_model, tmp_path, cfg):
     m = prepare_qat(copy.deepcopy(float_model), cfg)
     calibrate(m, _batches(1))
