@@ -84,8 +84,10 @@ def load_clips(sources: list[str]) -> list[dict]:
 
 
 def concat_clips(clips: list[dict], seconds: float, gap: float = 0.3) -> list[dict]:
-    """Join consecutive clips (with `gap` s of silence) into windows of up to `seconds` (at most 30):
+    """Join consecutive clips, each followed by `gap` s of silence, into windows whose clips and gaps but the
+    last gap fit in `seconds` (so a window lasts at most `seconds` + `gap`, and never over Whisper's 30 s):
     long utterances, where decoding many tokens rather than the fixed 30-s encoder pass dominates."""
+    seconds = min(seconds, 30.0 - gap)
     out, cur = [], []
     for c in clips + [None]:
         length = sum(len(x["audio"]) + gap * 16000 for x in cur)
@@ -369,7 +371,7 @@ def main(argv=None) -> int:
         sources.append(str(synthetic_set(Path(args.work), args.calib, args.synth_eval)["eval"]))
     clips = load_clips(sources)
     if args.concat:
-        clips = concat_clips(clips, min(args.concat, 30.0))
+        clips = concat_clips(clips, args.concat)
     dirs = prepare_models(args, Path(args.work))
     processor = load_processor(dirs["hf"])
     decode = DecodeConfig(**json.loads((dirs["onnx-float"] / "export_config.json").read_text())["decode"])

@@ -72,6 +72,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("input_zero_point", torch.tensor(0, dtype=torch.int32))
         self.per_row = False  # the input's grid per row, at each call (`QuantConfig.dynamic`): set by _load_qat
         self._packed = None
+        self._w_float = None  # per_row: the dequantized weight, built on first use
 
     @classmethod
     def from_qat(cls, m: QATLinear, engine: str = "x86", exact: bool = True) -> "Int8Linear":
@@ -96,8 +97,7 @@ class Int8Linear(nn.Module):
         return self
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._packed = None  # new int8 weights: repack on next use
-        self.__dict__.pop("_w_float", None)
+        self._packed = self._w_float = None  # new int8 weights: repack / dequantize on next use
         return super()._load_from_state_dict(*args, **kwargs)
 
     def _pack(self):
@@ -133,14 +133,11 @@ class Int8Linear(nn.Module):
         PyTorch's quantized Linear kernels take one input scale per call (its dynamic one, one range over
         the whole input), so the exact per-row product runs as a float matmul of the integer codes' values
         (the ONNX export runs it as MatMulInteger)."""
-        cache = self.__dict__.get("_w_float")
-        if cache is None or cache[0] != self.weight_int8._version:
-            cache = (self.weight_int8._version, self.weight_int8.float() * self.weight_scale[:, None])
-            self.__dict__["_w_float"] = cache
+        if self._w_float is None:
+            self._w_float = self.weight_int8.float() * self.weight_scale[:, None]
         xf = x.float()
         scale, zp = row_qparams(xf)
-        y = F.linear(fake_quant(xf, scale, zp, 0, 255), cache[1], self.bias)
-        return y.to(x.dtype)
+        return F.linear(fake_quant(xf, scale, zp, 0, 255), self._w_float, self.bias).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, engine={self.engine}, "

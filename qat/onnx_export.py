@@ -312,8 +312,6 @@ class _Graph(nn.Module):
         from qat.prepare import conv_windows
 
         name = self.t.name(mod)
-        if self.t.linears.get(name) == PER_ROW:
-            raise ValueError(f"{name}: a conv's input is quantized per tensor (quant.dynamic selects Linears)")
         if name not in self.t.linears:  # the module's own weights: a QATConv1d's forward would trace its fake quant
             y = F.conv1d(x if channels_first else x.transpose(1, 2), mod.weight, mod.bias, mod.stride, mod.padding)
             return y.transpose(1, 2)

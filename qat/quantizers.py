@@ -231,7 +231,7 @@ class FakeQuantizer(nn.Module):
 
     @property
     def calibrated(self) -> bool:
-        return self.observer == "dynamic" or int(self.num_batches) > 0
+        return self.dynamic or int(self.num_batches) > 0
 
     @property
     def dynamic(self) -> bool:
@@ -301,7 +301,7 @@ class FakeQuantizer(nn.Module):
     # -- forward ----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observer == "dynamic":
+        if self.dynamic:
             if not self.is_enabled:
                 return x
             scale, zero_point = row_qparams(x.detach().float())

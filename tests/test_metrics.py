@@ -183,3 +183,25 @@ def test_compare_reads_a_stage_and_eval_set_of_a_run_report(tmp_path, capsys):
         load_report(f"{path}:qat:prompts")
     with pytest.raises(FileNotFoundError, match="no such report"):
         load_report(str(tmp_path / "missing.json"))
+
+
+def test_concat_windows_writes_the_benchs_long_windows_as_an_eval_set(tmp_path):
+    """benchmarks/concat_windows.py: the windows `bench_engines.py --concat` times, on disk and readable by eval."""
+    import numpy as np
+
+    from benchmarks.bench_engines import concat_clips, load_clips
+    from benchmarks.concat_windows import write_windows
+    from slim.audio import load_audio
+    from slim.data import load_examples
+
+    manifest = Path(__file__).resolve().parents[1] / "data" / "real-speech" / "manifest.jsonl"
+    rows = write_windows([str(manifest)], 12.0, tmp_path / "w")
+    want = concat_clips(load_clips([str(manifest)]), 12.0)
+    assert 1 < len(rows) == len(want) < 11  # 11 clips of 1-8 s: joined, but not all into one
+    for row, w in zip(rows, want):
+        assert row["text"] == w["text"] and row["seconds"] <= 12.0 + 0.3  # the last clip's gap included
+        np.testing.assert_allclose(load_audio(tmp_path / "w" / row["audio"]), w["audio"], atol=1 / 32768)
+    examples, stats = load_examples(tmp_path / "w" / "manifest.jsonl")
+    texts = [ex["text"] for ex in examples]
+    assert texts == [w["text"] for w in want] and stats.total == 0  # none skipped (none over 30 s)
+    assert " ".join(texts).split() == " ".join(json.loads(l)["text"] for l in manifest.read_text().splitlines()).split()
