@@ -289,6 +289,32 @@ def test_lora_trains_adapters_then_merges_into_the_model(tmp_path):
     assert all(torch.equal(saved[k], after[k]) for k in saved)
 
 
+def test_trainable_patterns_train_only_the_matching_parameters(tmp_path):
+    model = tiny_whisper(0)
+    before = weights(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    cfg = TrainConfig(max_steps=2, batch_size=1, lr=1e-2, save_every=0, mixed_precision="no",
+                      trainable=["model.encoder.layers.1.*", "*.encoder.layer_norm.weight"])
+    assert train(model, cfg, FakeSpeech(4), collate, tmp_path).steps_run == 2
+    after = weights(model)
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    matching = {k for k in after if k.startswith("model.encoder.layers.1.") or k == "model.encoder.layer_norm.weight"}
+    assert changed == matching  # every matching tensor moved, nothing else did
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags  # unfrozen again after training
+    saved = load_file(tmp_path / "last" / "model.safetensors")
+    assert all(torch.equal(saved[k], after[k]) for k in saved)
+
+
+def test_trainable_pattern_that_matches_nothing_fails_before_a_step(tmp_path):
+    cfg = TrainConfig(max_steps=2, batch_size=1, save_every=0, mixed_precision="no",
+                      trainable=["model.encoder.*", "model.encodr.*"])
+    with pytest.raises(ValueError, match=r"trainable: 'model.encodr.\*' matches no parameter"):
+        train(tiny_whisper(0), cfg, FakeSpeech(4), collate, tmp_path)
+    assert not (tmp_path / "last").exists()
+    with pytest.raises(ValueError, match="trainable and lora.enabled"):
+        TrainConfig(trainable=["model.encoder.*"], lora=LoraSettings(enabled=True))
+
+
 def test_nan_loss_stops_with_training_diverged_and_keeps_last_good_checkpoint(tmp_path):
     model = tiny_whisper(0)
 

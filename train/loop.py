@@ -13,6 +13,7 @@ run on CPU, and N processes with batch B equal one process with batch B and grad
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import time
@@ -129,6 +130,9 @@ class TrainConfig:
     a teacher sees the same augmented audio)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """Optional LoRA adapters instead of full fine-tuning."""
+    trainable: list[str] = field(default_factory=list)
+    """fnmatch patterns of the parameter names that train (e.g. `model.encoder.*`); every other parameter
+    stays frozen. Empty: every parameter trains. Each pattern must match at least one parameter."""
     seed: int = 0
     """Seeds the data order, dropout and LoRA initialisation."""
     num_workers: int = 0
@@ -159,6 +163,11 @@ class TrainConfig:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) is larger than max_steps ({self.max_steps})")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
+        if self.trainable and self.lora.enabled:
+            raise ValueError("trainable and lora.enabled are both set: LoRA already chooses what trains "
+                             "(lora.target_modules); use one of them")
+        if any(not isinstance(p, str) or not p for p in self.trainable):
+            raise ValueError(f"trainable must be a list of non-empty name patterns, got {self.trainable!r}")
         cpus = os.cpu_count() or 1
         if self.num_workers > 4 * cpus:
             raise ValueError(f"num_workers ({self.num_workers}) is more than 4 per CPU core ({cpus} here): each "
@@ -305,6 +314,19 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     if not groups:
         raise ValueError("the model has no trainable parameters (requires_grad is False everywhere)")
     return groups
+
+
+def _freeze_except(model: torch.nn.Module, patterns: list[str]) -> None:
+    """Freeze every parameter whose name matches none of `patterns` (fnmatch); a pattern that matches no
+    parameter is an error, so a misspelt name cannot silently freeze the whole model."""
+    names = [n for n, _ in model.named_parameters()]
+    for pat in patterns:
+        if not fnmatch.filter(names, pat):
+            raise ValueError(f"trainable: {pat!r} matches no parameter of the model (names look like "
+                             f"{names[0]!r})")
+    for n, p in model.named_parameters():
+        if not any(fnmatch.fnmatchcase(n, pat) for pat in patterns):
+            p.requires_grad_(False)
 
 
 def _make_accelerator(cfg: TrainConfig, tracking: TrackingConfig | None):
@@ -458,6 +480,8 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
     config = model.config
     lora = cfg.lora.enabled
     trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+    if cfg.trainable:
+        _freeze_except(model, cfg.trainable)
     net = _apply_lora(model, cfg.lora) if lora else model
     net.train()
     optimizer = torch.optim.AdamW(_param_groups(net, cfg.weight_decay), lr=cfg.lr)
@@ -687,6 +711,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
         final = accelerator.unwrap_model(net, keep_fp32_wrapper=False)
         if lora:
             final = final.merge_and_unload()  # replaces the adapted Linears inside `model` itself
+        if lora or cfg.trainable:
             for n, p in model.named_parameters():
                 p.requires_grad_(trainable.get(n, True))
         if main:
