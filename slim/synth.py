@@ -230,6 +230,9 @@ def _kokoro_voice():
         except ImportError:
             raise RuntimeError("voice kokoro: pip install kokoro-onnx (./launch.sh installs it for run, synth and "
                                "test)") from None
+        # phonemizer warns on every line whose phoneme words do not pair up one to one with the text's
+        # ("words count mismatch"): harmless for voicing, and it would flood the build's log
+        logging.getLogger("phonemizer").setLevel(logging.ERROR)
         model, voices = kokoro_assets()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = opts.inter_op_num_threads = 1
