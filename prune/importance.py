@@ -14,6 +14,11 @@ Three criteria, all returning the same `Scores`, so selection does not care whic
   model's own next-token distribution to the one without it is summed over the calibration tokens (what the
   removal costs, in the quantity distillation later restores, on one scale across layers). FFN neurons are
   too many to remove one at a time: they get the Taylor scores.
+* `unrepaired_shares` (criterion `taylor_repair`: Taylor scores times these shares): the share of each
+  unit's contribution to its consumer's output (`out_proj` for a head, `fc2` for a neuron) that the
+  least-squares repair (`prune.repair`) could not restore from the other units of its layer, were it removed
+  alone. A head whose output the others can rebuild costs little once the repair has run, however large its
+  Taylor score.
 * `random_scores`: the control that shows a criterion beats chance.
 
 Higher score = more important = kept first. Scores are computed on whatever the model currently has
@@ -299,6 +304,85 @@ def ablation_scores(model, batches: Iterable[dict], max_batches: int | None = No
 
 
 # ---------------------------------------------------------------------------------------------
+# what the repair cannot restore
+
+
+def _consumer_inputs(model):
+    """(kind, layer, consumer Linear, units, unit width) of every head (`out_proj`) and FFN neuron (`fc2`) group."""
+    for kind, mods in attention_modules(model).items():
+        for i, a in enumerate(mods):
+            yield "heads", kind, i, a.out_proj, a.num_heads, a.head_dim
+    for kind, ls in ffn_layers(model).items():
+        for i, l in enumerate(ls):
+            yield "ffn", kind, i, l.fc2, l.fc1.out_features, 1
+
+
+@torch.no_grad()
+def unrepaired_shares(model, batches: Iterable[dict], max_batches: int | None = None,
+                      ridge: float = 1e-2) -> Scores:
+    """Per head and neuron: the share of its contribution to its consumer's output that a ridge refit of the
+    consumer on the layer's other units (and its bias) leaves unrestored, were it removed alone; in [0, 1].
+
+    With x the consumer's input on the calibration data (teacher-forced decoder positions with a label,
+    every encoder frame), C its covariance plus `ridge` times the mean diagonal of E[x x^T] (the repair's
+    regularizer), P = C^-1 and S a unit's columns, the part of x_S the others cannot predict has covariance
+    (P_SS)^-1 (the Schur complement). The unit's contribution W_S x_S then leaves
+    tr(W_S (P_SS)^-1 W_S^T) of its tr(W_S E[x_S x_S^T] W_S^T) unrestored. One forward per batch; the
+    model's weights and mode are left as they were.
+
+    Not a library call: the pruning libraries score units without regard to a refit afterwards.
+    """
+    from prune.repair import Gram
+
+    device = next(model.parameters()).device
+    units = list(_consumer_inputs(model))
+    grams = {(u[0], u[1], u[2]): Gram(u[3].in_features, 0) for u in units}
+    mask: dict[str, torch.Tensor] = {}
+
+    def hook(key):
+        def fn(mod, args):
+            x = args[0].detach()
+            x = x[mask["decoder"]] if key[1] in ("decoder", "cross") else x.reshape(-1, x.shape[-1])
+            grams[key].add(x.cpu(), x[:, :0].cpu())
+        return fn
+
+    handles = [u[3].register_forward_pre_hook(hook((u[0], u[1], u[2]))) for u in units]
+    was = model.training
+    model.eval()
+    try:
+        for batch in _calibration(batches, max_batches, device, "unrepaired_shares"):
+            kw = model_inputs(batch, model=model)
+            mask["decoder"] = kw["labels"] != -100
+            model(**kw, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+
+    out = {"heads": {k: [None] * len(v) for k, v in attention_modules(model).items()},
+           "ffn": {k: [None] * len(v) for k, v in ffn_layers(model).items()}}
+    for group, kind, i, lin, n_units, width in units:
+        g = grams[(group, kind, i)]
+        k = lin.in_features
+        n = g.xtx[k, k].clamp_min(1.0)
+        second = g.xtx[:k, :k] / n
+        mean = g.xtx[:k, k] / n
+        cov = second - torch.outer(mean, mean)
+        lam = ridge * float(second.diagonal().mean())
+        prec = torch.linalg.inv(cov + lam * torch.eye(k, dtype=cov.dtype))
+        w = lin.weight.detach().double().cpu()
+        # per unit: its columns' block of the precision, inverted (width 1: a neuron, 1 / P_jj)
+        blocks = torch.stack([prec[u * width:(u + 1) * width, u * width:(u + 1) * width] for u in range(n_units)])
+        moments = torch.stack([second[u * width:(u + 1) * width, u * width:(u + 1) * width] for u in range(n_units)])
+        ws = w.reshape(w.shape[0], n_units, width).transpose(0, 1)          # (units, out, width)
+        lost = torch.einsum("uoi,uij,uoj->u", ws, torch.linalg.inv(blocks), ws)
+        energy = torch.einsum("uoi,uij,uoj->u", ws, moments, ws)
+        shares = torch.where(energy > 0, lost / energy.clamp_min(1e-30), torch.zeros_like(lost))
+        out[group][kind][i] = shares.clamp(0.0, 1.0).float()
+    return Scores(heads=out["heads"], ffn=out["ffn"], criterion="unrepaired_share")
+
+
+# ---------------------------------------------------------------------------------------------
 # random and dispatch
 
 
@@ -310,17 +394,18 @@ def random_scores(model, seed: int = 0) -> Scores:
     return Scores(heads=heads, ffn=ffn, criterion="random")
 
 
-CRITERIA = ("l1", "l1_out", "taylor", "ablation", "random")
-DATA_CRITERIA = ("taylor", "ablation")
+CRITERIA = ("l1", "l1_out", "taylor", "taylor_repair", "ablation", "random")
+DATA_CRITERIA = ("taylor", "taylor_repair", "ablation")
 """The criteria that need calibration batches."""
 
 
 def compute_scores(model, criterion: str, batches: Iterable[dict] | None = None, seed: int = 0,
                    loss_fn: Callable | None = None, max_batches: int | None = None,
-                   per_example: bool = True, ablation_batches: int | None = None) -> Scores:
-    """Scores by name: `l1`, `l1_out` (l1 with out-proj columns), `taylor` and `ablation` (need `batches`;
-    ablation's FFN neurons get Taylor scores; `ablation_batches`: the first that many of them remove the heads,
-    all of them score the neurons), `random`."""
+                   per_example: bool = True, ablation_batches: int | None = None, ridge: float = 1e-2) -> Scores:
+    """Scores by name: `l1`, `l1_out` (l1 with out-proj columns), `taylor`, `taylor_repair` and `ablation`
+    (need `batches`; `taylor_repair`: Taylor times `unrepaired_shares` at `ridge`; ablation's FFN neurons get
+    Taylor scores; `ablation_batches`: the first that many of them remove the heads, all of them score the
+    neurons), `random`."""
     if criterion == "l1":
         return l1_scores(model)
     if criterion == "l1_out":
@@ -334,6 +419,11 @@ def compute_scores(model, criterion: str, batches: Iterable[dict] | None = None,
         taylor = taylor_scores(model, batches, loss_fn=loss_fn, max_batches=max_batches, per_example=per_example)
         if criterion == "taylor":
             return taylor
+        if criterion == "taylor_repair":
+            share = unrepaired_shares(model, batches, max_batches=max_batches, ridge=ridge)
+            return Scores(heads={k: [t * s for t, s in zip(v, share.heads[k])] for k, v in taylor.heads.items()},
+                          ffn={k: [t * s for t, s in zip(v, share.ffn[k])] for k, v in taylor.ffn.items()},
+                          criterion="taylor_repair")
         n = min(x for x in (max_batches, ablation_batches, len(batches)) if x is not None)
         return ablation_scores(model, batches[:n], ffn=taylor.ffn)
     raise ValueError(f"unknown pruning criterion {criterion!r}; choose one of {CRITERIA}")

@@ -155,7 +155,7 @@ def refit_linear(linear: nn.Linear, xtx: torch.Tensor, xty: torch.Tensor, yty: t
     return before, (max(after, 0.0) if before - after > 1e-6 else before)
 
 
-class _Gram:
+class Gram:
     """[X, 1]^T [X, 1], [X, 1]^T Y and sum Y^2, accumulated in float64 batch by batch."""
 
     def __init__(self, k: int, d: int):
@@ -196,7 +196,7 @@ def repair_model(model, dense, batches: list[dict], ridge: float = 1e-2, target:
     report = []
 
     def refit(name, lin, pairs):
-        g = _Gram(lin.in_features, lin.out_features)
+        g = Gram(lin.in_features, lin.out_features)
         for x, y in pairs:
             g.add(x, y)
         before, after = refit_linear(lin, g.xtx, g.xty, g.yty, ridge)

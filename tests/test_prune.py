@@ -12,7 +12,8 @@ import torch  # noqa: E402
 from transformers import GenerationConfig  # noqa: E402
 
 from prune.apply import apply_keep, head_rows, mask_model, prune_heads, slice_linear_in, slice_linear_out
-from prune.importance import Scores, ablation_scores, compute_scores, l1_scores, random_scores, taylor_scores
+from prune.importance import (Scores, ablation_scores, compute_scores, l1_scores, random_scores, taylor_scores,
+                              unrepaired_shares)
 from prune.report import pruning_report
 from prune.select import Keep, PruneSelection, prune_model, select
 from slim.model import (STRUCTURE_FILE, Structure, count_parameters, install_explicit_attention, load_model,
@@ -245,6 +246,60 @@ def test_ablation_score_is_the_kl_of_removing_that_head_alone(dense, batch):
     assert torch.equal(first.ffn["encoder"][0], taylor_scores(dense, [b, other]).ffn["encoder"][0])
     with pytest.raises(ValueError, match="'ablation' needs calibration batches"):
         compute_scores(dense, "ablation")
+
+
+def _consumer_input(model, linear, b):
+    box = []
+    h = linear.register_forward_pre_hook(lambda mod, args: box.append(args[0].detach()))
+    with torch.no_grad():
+        model(**b)
+    h.remove()
+    return box[0]
+
+
+def test_unrepaired_share_is_what_least_squares_on_the_other_units_leaves(dense, batch):
+    # unregularized, the share is the residual of the unit's contribution after the best refit of the
+    # consumer on the layer's other inputs and a bias, over its energy: checked by lstsq on the captured inputs
+    labels = batch["labels"].clone()
+    labels[0, -2:] = -100
+    b = {**batch, "labels": labels}
+    shares = unrepaired_shares(dense, [b], ridge=0.0)
+    assert shares.sizes() == Scores.sizes(l1_scores(dense))
+    cases = [("heads", "encoder", 1, dense.model.encoder.layers[1].self_attn.out_proj, 2, HEAD_DIM, None),
+             ("heads", "cross", 0, dense.model.decoder.layers[0].encoder_attn.out_proj, 3, HEAD_DIM, labels != -100),
+             ("ffn", "decoder", 1, dense.model.decoder.layers[1].fc2, 7, 1, labels != -100)]
+    for group, kind, layer, lin, unit, width, mask in cases:
+        x = _consumer_input(dense, lin, b).double()
+        x = x[mask] if mask is not None else x.reshape(-1, x.shape[-1])
+        cols = torch.zeros(x.shape[1], dtype=torch.bool)
+        cols[unit * width:(unit + 1) * width] = True
+        contrib = x[:, cols] @ lin.weight.detach().double()[:, cols].T
+        rest = torch.cat([x[:, ~cols], torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        fit = rest @ torch.linalg.lstsq(rest, contrib).solution
+        expected = float(((contrib - fit) ** 2).sum() / (contrib ** 2).sum())
+        got = float(getattr(shares, group)[kind][layer][unit])
+        assert 0.0 < expected < 1.0 and got == pytest.approx(expected, rel=2e-3, abs=1e-6)
+    assert not dense.training
+
+
+def test_a_unit_the_others_duplicate_has_nothing_left_to_repair(batch):
+    model = _tiny()
+    fc1 = model.model.encoder.layers[0].fc1
+    with torch.no_grad():  # neuron 1 computes exactly what neuron 0 does
+        fc1.weight[1] = fc1.weight[0]
+        fc1.bias[1] = fc1.bias[0]
+    shares = unrepaired_shares(model, [batch], ridge=1e-8).ffn["encoder"][0]
+    assert shares[0] < 1e-4 and shares[1] < 1e-4 and (shares[2:] > 1e-3).all()
+    # taylor_repair: Taylor's score times the share, unit by unit
+    both = compute_scores(model, "taylor_repair", batches=[batch], ridge=1e-8)
+    taylor = taylor_scores(model, [batch])
+    for kind in ("encoder", "cross"):
+        for t, s, got in zip(taylor.heads[kind], unrepaired_shares(model, [batch], ridge=1e-8).heads[kind],
+                             both.heads[kind]):
+            assert torch.allclose(got, t * s)
+    assert both.criterion == "taylor_repair"
+    assert torch.allclose(both.ffn["decoder"][0],
+                          taylor.ffn["decoder"][0] * unrepaired_shares(model, [batch], ridge=1e-8).ffn["decoder"][0])
 
 
 def test_random_scores_are_seeded_and_shaped_like_the_model(dense):

@@ -119,6 +119,8 @@ def test_bad_quant_setting_is_named(tmp_path):
      r"ablation_batches must be between 1 and calibration_batches \(4\), got 5"),
     ("{criterion: ablation, ablation_batches: 0}", r"ablation_batches must be between 1 and calibration_batches"),
     ("{criterion: ablations}", r"criterion"),
+    ("{criterion: taylor_repair}", r"criterion taylor_repair scores what the repair cannot restore: set repair"),
+    ("{criterion: taylor_repair, repair: {enabled: false}}", r"criterion taylor_repair .* set repair"),
 ])
 def test_bad_prune_setting_is_named(tmp_path, prune, message):
     p = _write(tmp_path, BASE + f"  - name: p\n    kind: prune\n    prune: {prune}\n")

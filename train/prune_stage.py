@@ -43,9 +43,14 @@ def run(ctx: RunContext, stage: StageConfig, prev: Path, model_out: Path) -> Non
     batches = calibration_batches(ctx, p.calibration_batches) if p.criterion in DATA_CRITERIA else None
     reference = repair_reference(stage, model)
     prune_model(model, compute_scores(model, p.criterion, batches=batches, seed=p.seed,
-                                       ablation_batches=p.ablation_batches), p.selection)
+                                       ablation_batches=p.ablation_batches, ridge=_ridge(p)), p.selection)
     repair(ctx, stage, model, reference, sdir)
     save_model(model, model_out, processor=ctx.processor)
+
+
+def _ridge(p) -> float:
+    """The ridge criterion taylor_repair scores with: the repair's own."""
+    return p.repair.ridge if p.repair is not None else 1e-2
 
 
 def repair_reference(stage: StageConfig, model):
@@ -100,7 +105,8 @@ def gradual_prune(ctx: RunContext, stage: StageConfig, model, batches, sdir: Pat
         frac = it / p.iterations
         sel = p.selection.scaled(frac)
         scores = from_main(ctx.state, lambda: compute_scores(model, p.criterion, batches=batches, seed=p.seed + it,
-                                                                  ablation_batches=p.ablation_batches))
+                                                                  ablation_batches=p.ablation_batches,
+                                                                  ridge=_ridge(p)))
         reference = repair_reference(stage, model)
         prune_model(model, scores, sel)
         repair(ctx, stage, model, reference, sdir, every_process=True)

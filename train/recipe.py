@@ -109,9 +109,11 @@ class EvalConfig:
 
 @dataclass
 class PruneStage:
-    criterion: Literal["l1", "taylor", "ablation", "random"] = "taylor"
-    """Importance score: L1 of each head's Q/K/V rows, first-order Taylor on gates, ablation (each head
-    removed alone, scored by the KL to the unremoved model; FFN neurons by Taylor), or a random control."""
+    criterion: Literal["l1", "taylor", "taylor_repair", "ablation", "random"] = "taylor"
+    """Importance score: L1 of each head's Q/K/V rows, first-order Taylor on gates, taylor_repair (Taylor
+    times the share of the unit's output the repair could not restore from the rest of its layer; needs
+    `repair`), ablation (each head removed alone, scored by the KL to the unremoved model; FFN neurons by
+    Taylor), or a random control."""
     selection: PruneSelection = field(default_factory=PruneSelection)
     """How many heads/neurons to remove and where (ratios per kind, scope, minimums, rounding)."""
     schedule: Literal["oneshot", "gradual"] = "oneshot"
@@ -131,6 +133,9 @@ class PruneStage:
     seed: int = 0
 
     def __post_init__(self):
+        if self.criterion == "taylor_repair" and (self.repair is None or not self.repair.enabled):
+            raise ValueError("criterion taylor_repair scores what the repair cannot restore: set repair "
+                             "(e.g. repair: {calibration_batches: 8})")
         if self.ablation_batches is not None:
             if self.criterion != "ablation":
                 raise ValueError(f"ablation_batches is for criterion ablation (criterion is {self.criterion!r})")
