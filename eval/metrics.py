@@ -126,6 +126,20 @@ def load_metric(**kwargs):
     return evaluate.load(str(METRIC_DIR), **kwargs)
 
 
+def utterance_errors(refs: Sequence[str], hyps: Sequence[str], normalize: bool = True) -> list[int]:
+    """Word errors (substitutions + deletions + insertions) per utterance; they sum to the corpus WER's
+    numerator. An empty reference counts every hypothesized word as an insertion (jiwer refuses it)."""
+    r, h = _pairs(refs, hyps, normalize)
+    out = []
+    for ref, hyp in zip(r, h):
+        if not ref.split():
+            out.append(len(hyp.split()))
+            continue
+        o = jiwer.process_words(ref, hyp)
+        out.append(o.substitutions + o.deletions + o.insertions)
+    return out
+
+
 def paired_wer_difference(refs: Sequence[str], hyps_a: Sequence[str], hyps_b: Sequence[str],
                           samples: int = 2000, seed: int = 0, normalize: bool = True) -> dict[str, float]:
     """WER(b) - WER(a) on the same utterances, with a 95% paired-bootstrap interval.
@@ -142,17 +156,8 @@ def paired_wer_difference(refs: Sequence[str], hyps_a: Sequence[str], hyps_b: Se
     if words.sum() == 0:
         raise ValueError("every reference is empty after normalization; WER is undefined")
 
-    def errors(hyps: list[str]) -> np.ndarray:
-        out = []
-        for ref, hyp in zip(r, hyps):
-            if not ref.split():  # jiwer refuses an empty reference: every hypothesized word is an insertion
-                out.append(len(hyp.split()))
-                continue
-            o = jiwer.process_words(ref, hyp)
-            out.append(o.substitutions + o.deletions + o.insertions)
-        return np.array(out, dtype=np.float64)
-
-    diff = errors(hb) - errors(ha)
+    diff = (np.array(utterance_errors(r, hb, normalize=False), dtype=np.float64)
+            - np.array(utterance_errors(r, ha, normalize=False), dtype=np.float64))
     idx = np.random.default_rng(seed).integers(0, len(r), size=(samples, len(r)))
     boot = diff[idx].sum(1) / np.maximum(words[idx].sum(1), 1)
     low, high = np.percentile(boot, [2.5, 97.5])

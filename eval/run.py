@@ -271,6 +271,8 @@ def compare_main(argv: list[str] | None = None) -> int:
                                 "RUN/report.json:STAGE[:SET] (SET: eval, the default, or an extra eval set's name)")
     p.add_argument("others", nargs="+", help="reports to compare with it, named the same ways (e.g. PTQ, QAT)")
     p.add_argument("--samples", type=int, default=2000, help="bootstrap resamples")
+    p.add_argument("--worst", type=int, default=0, metavar="N",
+                   help="also list the N utterances where each report gains the most word errors over the base")
     a = p.parse_args(argv)
     reports = {spec: load_report(spec) for spec in [a.base, *a.others]}
     base = reports[a.base]
@@ -280,7 +282,23 @@ def compare_main(argv: list[str] | None = None) -> int:
         d = compare_reports(base, reports[path], a.samples)
         print(f"{path:50s} {100 * reports[path]['wer']:7.2f} {100 * d['delta']:+10.2f} "
               f"[{100 * d['low']:+6.2f}, {100 * d['high']:+6.2f}]")
+        if a.worst > 0:
+            _print_worst(base, reports[path], a.worst)
     return 0
+
+
+def _print_worst(base: dict, other: dict, n: int) -> None:
+    """The n utterances with the largest gain in word errors of `other` over `base` (same utterances, as
+    `compare_reports` has checked), with the total gain they carry."""
+    from eval.metrics import utterance_errors
+
+    refs = [h["ref"] for h in base["hypotheses"]]
+    ea = utterance_errors(refs, [h["hyp"] for h in base["hypotheses"]])
+    eb = utterance_errors(refs, [h["hyp"] for h in other["hypotheses"]])
+    rows = sorted(zip((b - x for x, b in zip(ea, eb)), range(len(refs))), key=lambda t: -t[0])[:n]
+    print(f"  word errors {sum(eb) - sum(ea):+d} in all; the {len(rows)} largest gains:")
+    for gain, i in rows:
+        print(f"  {gain:+4d}  {base['hypotheses'][i]['id']}: {other['hypotheses'][i]['hyp'][:100]!r}")
 
 
 def transcribe_main(argv: list[str] | None = None) -> int:

@@ -336,14 +336,14 @@ def unrepaired_shares(model, batches: Iterable[dict], max_batches: int | None = 
 
     device = next(model.parameters()).device
     units = list(_consumer_inputs(model))
-    grams = {(u[0], u[1], u[2]): Gram(u[3].in_features, 0) for u in units}
+    grams = {(u[0], u[1], u[2]): Gram(u[3].in_features) for u in units}
     mask: dict[str, torch.Tensor] = {}
 
     def hook(key):
         def fn(mod, args):
             x = args[0].detach()
             x = x[mask["decoder"]] if key[1] in ("decoder", "cross") else x.reshape(-1, x.shape[-1])
-            grams[key].add(x.cpu(), x[:, :0].cpu())
+            grams[key].add(x.cpu())
         return fn
 
     handles = [u[3].register_forward_pre_hook(hook((u[0], u[1], u[2]))) for u in units]

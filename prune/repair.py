@@ -156,21 +156,22 @@ def refit_linear(linear: nn.Linear, xtx: torch.Tensor, xty: torch.Tensor, yty: t
 
 
 class Gram:
-    """[X, 1]^T [X, 1], [X, 1]^T Y and sum Y^2, accumulated in float64 batch by batch."""
+    """[X, 1]^T [X, 1], [X, 1]^T Y and sum Y^2, accumulated in float64 batch by batch (d = 0: X's alone)."""
 
-    def __init__(self, k: int, d: int):
+    def __init__(self, k: int, d: int = 0):
         self.xtx = torch.zeros(k + 1, k + 1, dtype=torch.float64)
         self.xty = torch.zeros(k + 1, d, dtype=torch.float64)
         self.yty = torch.zeros((), dtype=torch.float64)
 
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         # one batch's products in float32 (a 6000 x 1153 Gram matrix costs a few times more in float64 on a
         # CPU), summed over batches in float64
         x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1).float()
-        y = y.float()
         self.xtx += (x.T @ x).double()
-        self.xty += (x.T @ y).double()
-        self.yty += (y.double() * y.double()).sum()
+        if y is not None:
+            y = y.float()
+            self.xty += (x.T @ y).double()
+            self.yty += (y.double() * y.double()).sum()
 
 
 @torch.no_grad()

@@ -123,6 +123,25 @@ def test_evaluate_loads_the_module_offline_and_matches_the_functions(tmp_path):
     assert (out["substitutions"], out["deletions"], out["insertions"], out["reference_words"]) == (1, 1, 0, 12)
 
 
+def test_compare_lists_the_utterances_that_carry_the_difference(tmp_path, capsys):
+    from eval.metrics import utterance_errors
+    from eval.run import compare_main
+
+    refs = ["the cat sat", "a dog", "", "red green blue black"]
+    base = ["the cat sat", "a dog", "", "red green blue black"]
+    other = ["the cat", "a dog dog dog", "no way", "red green blue black"]
+    assert utterance_errors(refs, other) == [1, 2, 2, 0]
+    assert sum(utterance_errors(refs, other)) == round(word_error_rate(refs, other) * 9)
+    for name, hyps in (("a", base), ("b", other)):
+        rep = {"wer": word_error_rate(refs, hyps),
+               "hypotheses": [{"id": f"u{i}", "ref": r, "hyp": h} for i, (r, h) in enumerate(zip(refs, hyps))]}
+        (tmp_path / f"{name}.json").write_text(json.dumps(rep))
+    assert compare_main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--worst", "2", "--samples", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "word errors +5 in all; the 2 largest gains:" in out
+    assert "+2  u1: 'a dog dog dog'" in out and "+2  u2: 'no way'" in out and "u0" not in out
+
+
 def test_paired_wer_difference_is_exact_and_its_interval_brackets_it():
     from eval.metrics import paired_wer_difference
 

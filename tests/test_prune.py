@@ -288,18 +288,18 @@ def test_a_unit_the_others_duplicate_has_nothing_left_to_repair(batch):
     with torch.no_grad():  # neuron 1 computes exactly what neuron 0 does
         fc1.weight[1] = fc1.weight[0]
         fc1.bias[1] = fc1.bias[0]
-    shares = unrepaired_shares(model, [batch], ridge=1e-8).ffn["encoder"][0]
+    all_shares = unrepaired_shares(model, [batch], ridge=1e-8)
+    shares = all_shares.ffn["encoder"][0]
     assert shares[0] < 1e-4 and shares[1] < 1e-4 and (shares[2:] > 1e-3).all()
     # taylor_repair: Taylor's score times the share, unit by unit
     both = compute_scores(model, "taylor_repair", batches=[batch], ridge=1e-8)
     taylor = taylor_scores(model, [batch])
-    for kind in ("encoder", "cross"):
-        for t, s, got in zip(taylor.heads[kind], unrepaired_shares(model, [batch], ridge=1e-8).heads[kind],
-                             both.heads[kind]):
+    for kind in ("encoder", "decoder", "cross"):
+        for t, s, got in zip(taylor.heads[kind], all_shares.heads[kind], both.heads[kind]):
             assert torch.allclose(got, t * s)
     assert both.criterion == "taylor_repair"
-    assert torch.allclose(both.ffn["decoder"][0],
-                          taylor.ffn["decoder"][0] * unrepaired_shares(model, [batch], ridge=1e-8).ffn["decoder"][0])
+    assert torch.allclose(both.ffn["decoder"][0], taylor.ffn["decoder"][0] * all_shares.ffn["decoder"][0])
+    assert torch.allclose(both.ffn["encoder"][0], taylor.ffn["encoder"][0] * shares)
 
 
 def test_random_scores_are_seeded_and_shaped_like_the_model(dense):

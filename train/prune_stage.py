@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from prune.repair import RepairConfig
 from slim.io import atomic_write_json
 from train.context import (RunContext, calibration_batches, fit, from_main, load_float, save_final,
                            say)
@@ -49,8 +50,8 @@ def run(ctx: RunContext, stage: StageConfig, prev: Path, model_out: Path) -> Non
 
 
 def _ridge(p) -> float:
-    """The ridge criterion taylor_repair scores with: the repair's own."""
-    return p.repair.ridge if p.repair is not None else 1e-2
+    """The ridge criterion taylor_repair scores with: the repair's own (its default without one)."""
+    return (p.repair or RepairConfig()).ridge
 
 
 def repair_reference(stage: StageConfig, model):
