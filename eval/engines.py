@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from slim.decoding import token_budget
+from slim.decoding import repeat_ban_index, token_budget
 from slim.audio import SAMPLING_RATE
 from slim.export_format import CONFIG_FILE as EXPORT_CONFIG
 from slim.export_format import DecodeConfig, export_layout
@@ -70,6 +70,25 @@ class _BudgetOverridesMaxLength(logging.Filter):
 logging.getLogger("transformers.generation.utils").addFilter(_BudgetOverridesMaxLength())
 
 
+class RepeatGuard:
+    """The repetition guard (`slim.decoding.repeat_bans`) as a transformers logits processor, so generate
+    decodes under the same rule as the ONNX runtime. One per generate call: the first call's length is the
+    prompt's, and only the tokens after it count."""
+
+    def __init__(self, max_repeats: int):
+        self.max_repeats, self.prompt_len = max_repeats, None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.prompt_len is None:
+            self.prompt_len = input_ids.shape[1]
+        outs = input_ids[:, self.prompt_len:].tolist()
+        rows, cols = repeat_ban_index(outs, [True] * len(outs), self.max_repeats)
+        if rows:
+            scores = scores.clone()
+            scores[rows, cols] = float("-inf")
+        return scores
+
+
 class Engine:
     """Transcribes 16 kHz mono float32 clips (at most 30 s each) greedily.
 
@@ -82,10 +101,18 @@ class Engine:
     model_bytes: int = 0
     files: list[str] = []
     info: dict = {}
+    max_repeats: int | None = None  # the repetition guard it decodes under; None: a runtime with its own loop
     tokenizer = None  # the model's tokenizer when known (the data loader skips transcripts over 448 tokens)
 
     def transcribe(self, audios: list[np.ndarray], batch_size: int = 1) -> list[str]:
         raise NotImplementedError
+
+    def set_max_repeats(self, n: int) -> None:
+        """Decode under the repetition guard with `n` copies allowed (0: off); see slim.decoding."""
+        if self.max_repeats is None:
+            raise ValueError(f"{self.name} decodes with its own loop: max_repeats applies to the torch and "
+                             "slim ONNX engines only")
+        self.max_repeats = n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,8 +132,10 @@ class TorchEngine(Engine):
         # the code for a multilingual model (and none for an English-only one)
         decode = DecodeConfig.from_model(model).with_language(language)
         self.generate_kw = {"language": language} if language and decode.languages else {}
+        self.max_repeats = decode.max_repeats
 
     def transcribe(self, audios: list[np.ndarray], batch_size: int = 1) -> list[str]:
+        from transformers import LogitsProcessorList
         from transformers.modeling_outputs import BaseModelOutput
 
         from slim.model import audio_window_of
@@ -130,6 +159,8 @@ class TorchEngine(Engine):
                 if param is not None and param.is_floating_point():
                     feats = feats.to(device, param.dtype)
                 kw = dict(self.generate_kw, max_new_tokens=token_budget(chunk, self.max_new_tokens))
+                if self.max_repeats:
+                    kw["logits_processor"] = LogitsProcessorList([RepeatGuard(self.max_repeats)])
                 with torch.inference_mode():
                     if frames != fe.nb_max_frames:  # HF's generate would pad the window to 30 s with zeros
                         kw["encoder_outputs"] = BaseModelOutput(last_hidden_state=model.model.encoder(feats)
@@ -249,8 +280,13 @@ class OnnxRuntimeEngine(Engine):
         self.files = [str(d / n) for n in self.ort.config["files"]] + [str(d / EXPORT_CONFIG)]
         self.info = {"structure": self.ort.config.get("structure")}
         self.max_new_tokens = max_new_tokens
+        self.max_repeats = self.ort.decode.max_repeats
         # transformers' tokenizer (the data loader counts transcript tokens with it); the engine decodes with its own
         self.tokenizer = _processor(d).tokenizer if self.ort.tokenizer is not None else None
+
+    def set_max_repeats(self, n: int) -> None:
+        self.ort.decode = dataclasses.replace(self.ort.decode, max_repeats=n)
+        self.max_repeats = n
 
     def transcribe(self, audios: list[np.ndarray], batch_size: int = 1) -> list[str]:
         return self.ort.transcribe(audios, batch_size=batch_size, max_new_tokens=self.max_new_tokens)
@@ -315,12 +351,20 @@ def resolve_engine(model_dir: str | Path, engine: str = "auto") -> str:
 
 def load_engine(model_dir: str | Path, engine: str = "auto", threads: int | None = None,
                 max_new_tokens: int | None = None, cache_dir: str | Path | None = None,
-                language: str | None = None) -> Engine:
+                language: str | None = None, max_repeats: int | None = None) -> Engine:
     """An engine for MODEL_DIR (see the module docstring). `threads` sets torch's intra-op threads
     (process-wide) and ORT's; None keeps torch's current setting for both, so the two compare fairly.
     `cache_dir`: where onnx-dynamic-int8 puts its export (default: beside the model). `language`: a
-    multilingual model's language code (None: the model's default, English); every engine takes it."""
-    model_dir = Path(model_dir)
+    multilingual model's language code (None: the model's default, English); every engine takes it.
+    `max_repeats`: the repetition guard's setting (slim.decoding; None: the model's, 0: off)."""
+    engine = _load_engine(Path(model_dir), engine, threads, max_new_tokens, cache_dir, language)
+    if max_repeats is not None:
+        engine.set_max_repeats(max_repeats)
+    return engine
+
+
+def _load_engine(model_dir: Path, engine: str, threads: int | None, max_new_tokens: int | None,
+                 cache_dir: str | Path | None, language: str | None) -> Engine:
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: model directory does not exist")
     engine = resolve_engine(model_dir, engine)

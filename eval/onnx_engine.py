@@ -13,7 +13,7 @@ import numpy as np
 
 from slim.decoding import token_budget
 from slim.export_format import DecodeConfig
-from slim.runtime import OnnxEngine, forced_schedule, greedy_step
+from slim.runtime import OnnxEngine, ban_repeats, forced_schedule, greedy_step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,6 +46,7 @@ def torch_greedy_tokens(model, features, decode: DecodeConfig, max_new_tokens: i
             h = model.model.decoder(input_ids=ids, encoder_hidden_states=enc, past_key_values=cache,
                                     use_cache=True).last_hidden_state[:, -1]
             logits = model.proj_out(h).float() + (begin if step == 0 else suppress)
+            ban_repeats(logits, step, out, done, forced, decode.max_repeats)
             nxt = greedy_step(logits.argmax(-1).tolist(), step, out, done, decode.eos_token_id, forced)
             if done.all():
                 break

@@ -135,9 +135,11 @@ def evaluate_engines(engines: list[Engine], data, batch_size: int = 1, limit: in
 
 def evaluate_model(model_dir, data, engine: str = "auto", batch_size: int = 1, out=None, limit: int | None = None,
                    threads: int | None = None, warmup: int = 1, max_new_tokens: int | None = None,
-                   cache_dir=None, progress: bool = True, language: str | None = None) -> dict:
+                   cache_dir=None, progress: bool = True, language: str | None = None,
+                   max_repeats: int | None = None) -> dict:
     """Evaluate MODEL_DIR on DATA (a JSONL manifest, an audio folder or a `datasets` spec); write OUT if given.
-    `language`: a multilingual model's language code (None: its default, English).
+    `language`: a multilingual model's language code (None: its default, English). `max_repeats`: the
+    repetition guard (slim.decoding; None: the model's setting, 0: off).
 
     Returns the report dict: wer, cer, utterances, skipped (+ skipped_by_reason), model_bytes,
     seconds_per_utterance, engine, failures (empty / repetition / overlong / runaway counts), hypotheses
@@ -149,12 +151,12 @@ def evaluate_model(model_dir, data, engine: str = "auto", batch_size: int = 1, o
         raise FileNotFoundError(f"{data}: no such manifest or audio folder (DATA is a JSONL manifest, an audio "
                                 "folder, or a datasets spec such as hf:librispeech_asr/clean/validation)")
     eng = load_engine(model_dir, engine, threads=threads, max_new_tokens=max_new_tokens, cache_dir=cache_dir,
-                      language=language)
+                      language=language, max_repeats=max_repeats)
     import torch
 
     report = evaluate_engine(eng, data, batch_size=batch_size, limit=limit, warmup=warmup, progress=progress)
     report = {"model": str(model_dir), "threads": threads or torch.get_num_threads(),
-              "model_files": eng.files, **report}
+              "model_files": eng.files, "max_repeats": eng.max_repeats, **report}
     if out is not None:
         write_json(out, report)
     return report
@@ -196,6 +198,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None, help="cap on generated tokens (default: 448)")
     p.add_argument("--language", default=None,
                    help="a multilingual model's language code, e.g. de (default: en; English-only models take en only)")
+    p.add_argument("--max-repeats", type=int, default=None, metavar="N",
+                   help="repetition guard: back-to-back copies of an n-gram a transcript may hold (default: the "
+                        "model's, 2; 0: off); the torch and slim ONNX engines")
     p.add_argument("--cache-dir", default=None, help="where onnx-dynamic-int8 writes its export "
                                                      "(default: <MODEL>.onnx-dynamic-int8 beside the model)")
 
@@ -214,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_transformers()
     r = evaluate_model(a.model, a.data, engine=a.engine, batch_size=a.batch_size, out=a.out, limit=a.limit,
                        threads=a.threads, warmup=a.warmup, max_new_tokens=a.max_new_tokens,
-                       cache_dir=a.cache_dir, progress=not a.no_progress, language=a.language)
+                       cache_dir=a.cache_dir, progress=not a.no_progress, language=a.language,
+                       max_repeats=a.max_repeats)
     print(summary(r) + (f"  -> {a.out}" if a.out else ""))
     return 0
 
@@ -312,7 +318,7 @@ def transcribe_main(argv: list[str] | None = None) -> int:
     from slim.audio import load_audio
 
     engine = load_engine(a.model, a.engine, threads=a.threads, max_new_tokens=a.max_new_tokens,
-                         cache_dir=a.cache_dir, language=a.language)
+                         cache_dir=a.cache_dir, language=a.language, max_repeats=a.max_repeats)
     failed = 0
     for path in a.audio:
         try:

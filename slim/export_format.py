@@ -17,6 +17,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from slim.decoding import MAX_REPEATS
+
 CONFIG_FILE = "export_config.json"
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
@@ -43,6 +45,8 @@ class DecodeConfig:
     """Prompt plus generated tokens, at most the decoder's `max_target_positions`."""
     languages: dict[str, int] = field(default_factory=dict)
     """A multilingual model's language tokens by code ("en": 50259, ...); empty for an English-only model."""
+    max_repeats: int = MAX_REPEATS
+    """Back-to-back copies of an n-gram a greedy transcript may hold (`slim.decoding.repeat_bans`; 0: no guard)."""
 
     def with_language(self, language: str | None) -> "DecodeConfig":
         """This config transcribing `language` (its token second in the prompt); None keeps the prompt."""

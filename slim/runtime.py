@@ -12,13 +12,14 @@ WhisperFeatureExtractor in numpy), text is the export's `tokenizer.json` decoded
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from slim.decoding import token_budget
+from slim.decoding import repeat_ban_index, token_budget
 from slim.export_format import (CONFIG_FILE, DECODER_FILE, ENCODER_FILE, PROCESSOR_FILES, TOKENIZER_FILE,
                                 DecodeConfig, ExportDirError, has_processor, load_export_config, session_options)
 from slim.mel import LogMel
@@ -51,11 +52,14 @@ class OnnxEngine:
     """What `timings` are measured with; a benchmark on a shared machine may set `time.process_time`."""
 
     def __init__(self, export_dir: str | Path, threads: int = 2, providers: list | None = None,
-                 verify: str = "sha256", language: str | None = None, audio_window=FROM_MODEL):
+                 verify: str = "sha256", language: str | None = None, audio_window=FROM_MODEL,
+                 max_repeats: int | None = None):
         self.dir = Path(export_dir)
         self.config = load_export_config(self.dir, verify=verify)
         self.audio_window = engine_window(self.config.get("structure", {}).get("audio_window"), audio_window)
         self.decode = DecodeConfig(**self.config["decode"]).with_language(language)
+        if max_repeats is not None:  # the repetition guard (slim.decoding); None: the export's setting
+            self.decode = dataclasses.replace(self.decode, max_repeats=max_repeats)
         self.mode = self.config.get("mode")
         so = session_options(threads)
         self.threads = threads
@@ -143,7 +147,8 @@ class OnnxEngine:
 
     def generate_tokens(self, features: np.ndarray | None, max_new_tokens: int | None = None,
                         forced: list[list[int]] | None = None, cross: list | None = None) -> list[list[int]]:
-        """Greedy tokens after the prompt (eos excluded) for each item of a feature batch.
+        """Greedy tokens after the prompt (eos excluded) for each item of a feature batch, under the
+        repetition guard (`ban_repeats`).
 
         forced: teacher forcing (see `forced_schedule`): each item's tokens are fed instead of the engine's
         own picks, and each item's list holds the engine's pick at every position of its forced tokens
@@ -180,6 +185,7 @@ class OnnxEngine:
             outs = io.get_outputs()
             logits, past = outs[0].numpy(), outs[1:]
             logits += self._begin if step == 0 else self._suppress
+            ban_repeats(logits, step, out, done, forced, d.max_repeats)
             nxt = logits.argmax(-1)
             self.timings.decoder_steps += 1
             offset = offset + ids.shape[1]
@@ -221,6 +227,18 @@ def forced_schedule(decode: DecodeConfig, max_new_tokens: int | None, forced: li
     if max(map(len, forced), default=0) >= steps:
         raise ValueError(f"a forced token list is longer than the decoder allows ({steps - 1} tokens)")
     return max(map(len, forced), default=0) + 1
+
+
+def ban_repeats(logits, step: int, out: list[list[int]], done, forced: list[list[int]] | None,
+                max_repeats: int) -> None:
+    """Set to -inf, in place, the logits of each live item's tokens the repetition guard rules out
+    (`slim.decoding.repeat_bans`) after the tokens fed so far: its own picks when free running, its forced
+    tokens when teacher forced (so fed its own greedy tokens, a loop picks them again). A numpy array or a
+    torch tensor of shape (batch, vocab); the ONNX and torch loops share it."""
+    fed = out if forced is None else [f[:step] for f in forced]
+    rows, cols = repeat_ban_index(fed, ~done, max_repeats)
+    if rows:
+        logits[rows, cols] = float("-inf")
 
 
 def greedy_step(picks: list[int], step: int, out: list[list[int]], done, eos: int,

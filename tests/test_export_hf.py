@@ -20,6 +20,7 @@ from uneven import (CROSS_HEADS, HEAD_DIM, ROOT, SELF_HEADS, export_all, real_cl
                     slim_prompt_logits, uneven_model)
 
 NEW = 10
+PLAIN = 0  # the slim engine's repetition guard off: onnx-asr and transformers.js run their own greedy loops
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +130,7 @@ def _hf_greedy(d: Path, feats: np.ndarray, prompt: list[int], eos: int, steps: i
 def test_hf_graphs_decode_like_the_slim_graphs(exports, kind):
     """On the same features the merged decoder's greedy tokens are the slim engine's (both branches run), the
     suppress masks are in its logits, and in float its first logits equal the slim decoder's to rounding."""
-    slim = OnnxEngine(exports[kind, "slim"], threads=1)
+    slim = OnnxEngine(exports[kind, "slim"], threads=1, max_repeats=PLAIN)
     d = slim.decode
     for clip in _clips(3):
         f = slim.features([load_audio(clip)])
@@ -155,7 +156,7 @@ def test_onnx_asr_transcribes_a_multilingual_export_like_the_slim_engine(exports
     """onnx-asr (PyPI) on the multilingual float export: the slim engine's text, with the English prompt."""
     from eval.engines import load_engine
 
-    slim = OnnxEngine(exports["multi", "slim"], threads=1)
+    slim = OnnxEngine(exports["multi", "slim"], threads=1, max_repeats=PLAIN)
     assert slim.decode.prompt == [50258, 50259, 50359, 50363]  # <|startoftranscript|><|en|><|transcribe|><|notimestamps|>
     asr = load_engine(exports["multi", "hf"], engine="onnx-asr", threads=1)
     audios = [load_audio(c) for c in _clips(2)]
@@ -176,7 +177,7 @@ def test_transformers_js_transcribes_like_the_slim_engine(exports, kind):
 
     assert JS.is_dir(), f"{JS}: missing (cd eval/js && npm ci --ignore-scripts)"
 
-    slim = OnnxEngine(exports[kind, "slim"], threads=1)
+    slim = OnnxEngine(exports[kind, "slim"], threads=1, max_repeats=PLAIN)
     js = load_engine(exports[kind, "hf"], threads=1)
     assert js.name == f"transformers.js-{kind}"
     audios = [load_audio(c) for c in _clips(2)]
@@ -186,7 +187,7 @@ def test_transformers_js_transcribes_like_the_slim_engine(exports, kind):
     finally:
         js.close()
     if kind == "float":  # a multilingual model in German: transformers.js puts the language token in its prompt
-        slim = OnnxEngine(exports["multi", "slim"], threads=1, language="de")
+        slim = OnnxEngine(exports["multi", "slim"], threads=1, language="de", max_repeats=PLAIN)
         js = load_engine(exports["multi", "hf"], threads=1, language="de")
         try:
             assert js.transcribe(audios) == _full_length(slim, audios)
@@ -232,11 +233,11 @@ def test_the_language_setting_reaches_every_engine_of_a_multilingual_model(model
         english.with_language("de")
 
     audios = [load_audio(c) for c in _clips(2)]
-    slim = OnnxEngine(exports["multi", "slim"], threads=1, language="de")
+    slim = OnnxEngine(exports["multi", "slim"], threads=1, language="de", max_repeats=PLAIN)
     assert slim.decode.prompt == [50258, de, 50359, 50363]
     want = slim.transcribe(audios)
-    assert want != OnnxEngine(exports["multi", "slim"], threads=1).transcribe(audios)  # the token matters
-    assert load_engine(models["multi"], threads=1, language="de").transcribe(audios) == want  # torch
+    assert want != OnnxEngine(exports["multi", "slim"], threads=1, max_repeats=PLAIN).transcribe(audios)  # the token matters
+    assert load_engine(models["multi"], threads=1, language="de", max_repeats=PLAIN).transcribe(audios) == want  # torch
     full = _full_length(slim, audios)
     assert load_engine(exports["multi", "hf"], engine="onnx-asr", threads=1, language="de").transcribe(audios) == full
     sherpa_dir = tmp_path / "multi-sherpa"

@@ -20,6 +20,7 @@ from uneven import (CROSS_HEADS, HEAD_DIM, REAL_SPEECH, ROOT, SELF_HEADS, export
                     save_uneven, slim_prompt_logits)
 
 NEW = 10
+PLAIN = 0  # the slim engine's repetition guard off: sherpa-onnx runs its own greedy loop
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,7 @@ def _sherpa_greedy(d: Path, feats: np.ndarray, prompt: list[int], eos: int, step
 def test_padded_sherpa_graphs_decode_like_the_slim_graphs(exports, kind):
     """The zero heads add nothing: on the same features, the sherpa graphs' greedy tokens are the slim
     engine's, and in float their logits (suppress masks included) agree to float rounding."""
-    slim = OnnxEngine(exports[kind, "slim"], threads=1)
+    slim = OnnxEngine(exports[kind, "slim"], threads=1, max_repeats=PLAIN)
     d = slim.decode
     for clip in _clips(3):
         f = slim.features([load_audio(clip)])
@@ -114,7 +115,7 @@ def test_sherpa_onnx_recognizer_transcribes_like_the_slim_engine(exports):
     """sherpa-onnx itself (the PyPI package) on the float export: the slim engine's text on every clip."""
     from eval.engines import load_engine
 
-    slim = OnnxEngine(exports["float", "slim"], threads=1)
+    slim = OnnxEngine(exports["float", "slim"], threads=1, max_repeats=PLAIN)
     sherpa = load_engine(exports["float", "sherpa-onnx"], threads=1)  # auto: the layout's runtime
     assert sherpa.name == "sherpa-onnx-float"
     clips = _clips()
@@ -219,7 +220,7 @@ def test_sherpa_encoder_turns_its_zero_padding_into_whispers(exports):
     the value Whisper's own padding (silence) has, the clip's max - 2, so both paddings encode alike."""
     import onnxruntime as ort
 
-    slim = OnnxEngine(exports["float", "slim"], threads=1)
+    slim = OnnxEngine(exports["float", "slim"], threads=1, max_repeats=PLAIN)
     whisper = slim.features([load_audio(_clips(1)[0])])  # (1, 80, 3000), the clip then Whisper's padding
     n = int(np.argmax((whisper[0] == whisper[0].max() - 2).all(axis=0)))  # the first padded frame
     assert 0 < n < 3000 and np.allclose(whisper[0, :, n:], whisper.max() - 2)

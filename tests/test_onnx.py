@@ -129,12 +129,18 @@ def test_uneven_float_export_parity(exports, uneven, feats):
 
 
 def test_torch_greedy_follows_hf_generate(dense_tokens, feats):
-    """The decoding rules shipped in export_config.json (prompt, suppress tokens) are HF generate's."""
+    """The decoding rules shipped in export_config.json (prompt, suppress tokens) are HF generate's, the
+    repetition guard that of the logits processor the torch engine hands generate."""
+    from transformers import LogitsProcessorList
+
+    from eval.engines import RepeatGuard
+
     stock = tiny_random_whisper(seed=0)  # stock SDPA attention, HF's own generate loop
     decode = DecodeConfig.from_model(stock, max_length=NEW + 2)
     assert decode.prompt == [50257, 50362] and decode.eos_token_id == 50256
     with torch.no_grad():
-        out = stock.generate(torch.tensor(np.stack(feats)), max_new_tokens=NEW)
+        out = stock.generate(torch.tensor(np.stack(feats)), max_new_tokens=NEW,
+                             logits_processor=LogitsProcessorList([RepeatGuard(decode.max_repeats)]))
     eos = decode.eos_token_id
     hf = [row.tolist() for row in out]  # transformers 5 returns the generated tokens only
     hf = [row[:row.index(eos)] if eos in row else row for row in hf]
