@@ -460,3 +460,30 @@ def test_real_tiny_en_pruned_equals_masked_and_meets_the_ratios(tmp_path):
     assert (_logits(pruned, batch) - _logits(masked, batch)).abs().max().item() <= 1e-4
     loaded = load_model(save_model(pruned, tmp_path / "p"))
     assert torch.equal(_logits(loaded, batch), _logits(pruned, batch))
+
+
+def test_gradual_rounds_repair_towards_the_stage_input(monkeypatch, tmp_path):
+    """Each round of a gradual prune refits to the model the stage started from, not to the last round's."""
+    from types import SimpleNamespace
+
+    from accelerate import PartialState
+
+    import train.prune_stage as prune_stage
+    from prune.repair import RepairConfig
+    from slim.model import install_explicit_attention
+    from slim.sources import tiny_random_whisper
+    from train.recipe import PruneStage, StageConfig
+
+    seen = []
+    monkeypatch.setattr(prune_stage, "repair", lambda ctx, stage, model, reference, sdir, every_process=False:
+                        seen.append((reference, [m.self_attn.num_heads for m in model.model.encoder.layers])))
+    model = install_explicit_attention(tiny_random_whisper(seed=0)).eval()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    stage = StageConfig(name="p", kind="prune", prune=PruneStage(
+        criterion="l1", schedule="gradual", iterations=2, recover_steps=0, repair=RepairConfig(),
+        selection=PruneSelection(head_ratio=0.5)))
+    prune_stage.gradual_prune(SimpleNamespace(state=PartialState()), stage, model, None, tmp_path)
+    assert len(seen) == 2 and seen[0][0] is seen[1][0]
+    assert seen[0][1] != seen[1][1]  # the second round did prune more
+    ref = seen[0][0].state_dict()
+    assert ref.keys() == start.keys() and all(torch.equal(ref[k], start[k]) for k in start)

@@ -102,13 +102,14 @@ def gradual_prune(ctx: RunContext, stage: StageConfig, model, batches, sdir: Pat
     from train.loop import TrainConfig
 
     p = stage.prune
+    # every round repairs towards the stage's input model, so the rounds' refits do not drift from it
+    reference = repair_reference(stage, model)
     for it in range(1, p.iterations + 1):
         frac = it / p.iterations
         sel = p.selection.scaled(frac)
         scores = from_main(ctx.state, lambda: compute_scores(model, p.criterion, batches=batches, seed=p.seed + it,
                                                                   ablation_batches=p.ablation_batches,
                                                                   ridge=_ridge(p)))
-        reference = repair_reference(stage, model)
         prune_model(model, scores, sel)
         repair(ctx, stage, model, reference, sdir, every_process=True)
         log.info("gradual prune %d/%d: %s", it, p.iterations, sel)
