@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from slim.decoding import repeat_ban_index, token_budget
+from slim.decoding import token_budget
 from slim.audio import SAMPLING_RATE
 from slim.export_format import CONFIG_FILE as EXPORT_CONFIG
 from slim.export_format import DecodeConfig, export_layout
@@ -79,13 +79,13 @@ class RepeatGuard:
         self.max_repeats, self.prompt_len = max_repeats, None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        from slim.runtime import ban_repeats
+
         if self.prompt_len is None:
             self.prompt_len = input_ids.shape[1]
-        outs = input_ids[:, self.prompt_len:].tolist()
-        rows, cols = repeat_ban_index(outs, [True] * len(outs), self.max_repeats)
-        if rows:
-            scores = scores.clone()
-            scores[rows, cols] = float("-inf")
+        scores = scores.clone()  # generate's processors return new scores, never edit theirs in place
+        ban_repeats(scores, 0, input_ids[:, self.prompt_len:].tolist(), np.zeros(len(scores), bool), None,
+                    self.max_repeats)
         return scores
 
 

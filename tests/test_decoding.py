@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from slim.decoding import MAX_NGRAM, repeat_ban_index, repeat_bans
+from slim.decoding import MAX_NGRAM, MAX_REPEATS, repeat_ban_index, repeat_bans
 
 
 @pytest.fixture(autouse=True)
@@ -106,11 +106,11 @@ def test_every_engine_decodes_under_the_same_guard(looping):
 
     model, processor, clip, feats, plain, export = looping
     decode = DecodeConfig.from_model(model)
-    assert decode.max_repeats == 2
+    assert decode.max_repeats == MAX_REPEATS == 2
     guarded = torch_greedy_tokens(model, feats, decode, max_new_tokens=NEW)[0]
     assert max_run(guarded) <= 2 and guarded != plain
     onnx = OnnxEngine(export, threads=1)
-    assert onnx.decode.max_repeats == 2  # written into export_config.json and read back
+    assert onnx.decode.max_repeats == MAX_REPEATS  # written into export_config.json and read back
     assert onnx.generate_tokens(feats, NEW)[0] == guarded
     engine = TorchEngine(model, processor, max_new_tokens=NEW)
     assert engine.transcribe([clip]) == [processor.tokenizer.decode(guarded, skip_special_tokens=True).strip()]
