@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from prune.apply import attention_modules, ffn_layers
-from slim.data import IGNORE_INDEX
+from slim.data import IGNORE_INDEX, frame_weights
 from slim.model import model_inputs
 
 TARGETS = ("layer", "stream")
@@ -44,6 +44,10 @@ class RepairConfig:
     target: Literal["layer", "stream"] = "layer"
     """layer: match each dense consumer's output; stream: in the encoder, match the dense residual stream
     after the consumer (also correcting the drift from the layers before)."""
+    pad_weight: float = 1.0
+    """Weight of an encoder frame past the clip's audio in the least squares, relative to one inside it
+    (`slim.data.frame_weights`; 1: every frame alike). Calibration clips fill a fifth of the 30 s window on
+    average, so at 1 the encoder's fits are mostly about the padding."""
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -52,6 +56,8 @@ class RepairConfig:
             raise ValueError(f"repair.calibration_batches must be >= 1, got {self.calibration_batches}")
         if self.ridge < 0:
             raise ValueError(f"repair.ridge must be >= 0, got {self.ridge}")
+        if not 0 < self.pad_weight <= 1:
+            raise ValueError(f"repair.pad_weight must be in (0, 1], got {self.pad_weight}")
 
 
 class _Stop(Exception):
@@ -163,20 +169,24 @@ class Gram:
         self.xty = torch.zeros(k + 1, d, dtype=torch.float64)
         self.yty = torch.zeros((), dtype=torch.float64)
 
-    def add(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+    def add(self, x: torch.Tensor, y: torch.Tensor | None = None, w: torch.Tensor | None = None) -> None:
+        """One batch of rows; `w` (one weight per row, or None: all 1) weighs each row's squared error."""
         # one batch's products in float32 (a 6000 x 1153 Gram matrix costs a few times more in float64 on a
         # CPU), summed over batches in float64
         x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1).float()
+        r = None if w is None else w.float().sqrt().reshape(-1, 1)
+        if r is not None:
+            x = x * r
         self.xtx += (x.T @ x).double()
         if y is not None:
-            y = y.float()
+            y = y.float() if r is None else y.float() * r
             self.xty += (x.T @ y).double()
             self.yty += (y.double() * y.double()).sum()
 
 
 @torch.no_grad()
 def repair_model(model, dense, batches: list[dict], ridge: float = 1e-2, target: str = "layer",
-                 progress: bool = True) -> list[dict]:
+                 pad_weight: float = 1.0, progress: bool = True) -> list[dict]:
     """Refit every consumer of `model` (pruned) to the outputs of the same layer of `dense`, in place.
 
     `batches`: collated training batches (`input_features`, `labels`). Both models run in eval mode.
@@ -184,7 +194,8 @@ def repair_model(model, dense, batches: list[dict], ridge: float = 1e-2, target:
     whole model's); the decoder, whose sequences are short, reruns on the cached encoder outputs.
     `target`: "layer" fits each consumer to the dense consumer's output; "stream" (encoder only) fits it to
     the dense residual stream after the consumer minus the pruned stream before it, so each layer also
-    absorbs the drift that reaches it from the layers before.
+    absorbs the drift that reaches it from the layers before. `pad_weight`: the weight of an encoder row past
+    its clip's audio (`slim.data.frame_weights`).
     Returns one record per consumer: name, kept inputs, relative error before and after."""
     from tqdm.auto import tqdm
 
@@ -198,8 +209,8 @@ def repair_model(model, dense, batches: list[dict], ridge: float = 1e-2, target:
 
     def refit(name, lin, pairs):
         g = Gram(lin.in_features, lin.out_features)
-        for x, y in pairs:
-            g.add(x, y)
+        for x, y, *w in pairs:
+            g.add(x, y, *w)
         before, after = refit_linear(lin, g.xtx, g.xty, g.yty, ridge)
         report.append({"layer": name, "inputs": lin.in_features, "rel_err_before": before, "rel_err_after": after})
         bar.update(1)
@@ -210,6 +221,8 @@ def repair_model(model, dense, batches: list[dict], ridge: float = 1e-2, target:
     # encoder: the pruned stream h and the dense stream hd, one layer at a time
     h = [_encoder_input(model, b["input_features"]) for b in batches]
     hd = [_encoder_input(dense, b["input_features"]) for b in batches]
+    weights = [frame_weights(b.get("audio_frames"), x.shape[1], pad_weight) for b, x in zip(batches, h)]
+    weights = [None if w is None else w.reshape(-1) for w in weights]  # one per row, as `rows` lays them out
     enc, denc = model.model.encoder, dense.model.encoder
     for i, (layer, dlayer) in enumerate(zip(enc.layers, denc.layers)):
         # the residual stream each consumer adds to: the layer input for out_proj, the stream after the
@@ -217,7 +230,7 @@ def repair_model(model, dense, batches: list[dict], ridge: float = 1e-2, target:
         for part, base in (("self_attn.out_proj", None), ("fc2", "final_layer_norm")):
             lin, dlin = layer.get_submodule(part), dlayer.get_submodule(part)
 
-            def pair(x, xd):
+            def pair(x, xd, w):
                 y = _capture(dlin, lambda: dlayer(xd, None), "out")
                 if target == "stream":  # also make up for what the stream already lost upstream
                     if base is None:
@@ -225,9 +238,9 @@ def repair_model(model, dense, batches: list[dict], ridge: float = 1e-2, target:
                     else:
                         y = y + (_capture(dlayer.get_submodule(base), lambda: dlayer(xd, None), "in")
                                  - _capture(layer.get_submodule(base), lambda: layer(x, None), "in"))
-                return rows(_capture(lin, lambda: layer(x, None), "in")), rows(y)
+                return rows(_capture(lin, lambda: layer(x, None), "in")), rows(y), w
 
-            refit(f"encoder.{i}.{part}", lin, (pair(x, xd) for x, xd in zip(h, hd)))
+            refit(f"encoder.{i}.{part}", lin, (pair(x, xd, w) for x, xd, w in zip(h, hd, weights)))
         h = [layer(x, None) for x in h]
         hd = [dlayer(x, None) for x in hd]
     enc_out = [enc.layer_norm(x) for x in h]

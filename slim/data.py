@@ -480,6 +480,18 @@ def open_train_source(data: str | Path | dict, processor, limit: int | None = No
     return LazySpeechDataset(items, processor, features, max_seconds, augmentation=aug), stats
 
 
+def frame_weights(audio_frames, encoder_frames: int, pad_weight: float):
+    """(B, encoder_frames) weights of a batch's encoder frames: 1 where the clip's audio is, `pad_weight` on
+    the frames past its end (each encoder frame is two mel frames). A 5 s clip in Whisper's 30 s window is
+    250 frames of speech and 1,250 of padding: a sum over all frames is mostly about the padding, which
+    `pad_weight` < 1 turns down. None when every frame weighs 1 or the lengths are unknown."""
+    if pad_weight == 1.0 or audio_frames is None:
+        return None
+    speech = -(-torch.as_tensor(audio_frames).reshape(-1, 1) // 2)  # encoder frames holding audio, per clip
+    inside = torch.arange(encoder_frames).reshape(1, -1) < speech
+    return torch.where(inside, 1.0, float(pad_weight))
+
+
 @dataclass
 class SpeechCollator:
     """Stack features (or raw audio, zero-padded to the longest: see `DeviceFeatures`); pad labels with -100

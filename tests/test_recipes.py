@@ -121,6 +121,7 @@ def test_bad_quant_setting_is_named(tmp_path):
     ("{criterion: ablations}", r"criterion"),
     ("{criterion: taylor_repair}", r"criterion taylor_repair scores what the repair cannot restore: set repair"),
     ("{criterion: taylor_repair, repair: {enabled: false}}", r"criterion taylor_repair .* set repair"),
+    ("{repair: {pad_weight: 0}}", r"stages\[\d+\]\.prune\.repair.*pad_weight must be in \(0, 1\]"),
 ])
 def test_bad_prune_setting_is_named(tmp_path, prune, message):
     p = _write(tmp_path, BASE + f"  - name: p\n    kind: prune\n    prune: {prune}\n")
@@ -128,6 +129,13 @@ def test_bad_prune_setting_is_named(tmp_path, prune, message):
         load_recipe(p)
     ok = _write(tmp_path, BASE + "  - name: p\n    kind: prune\n    prune: {criterion: ablation, ablation_batches: 2}\n")
     assert load_recipe(ok).stages[-1].prune.ablation_batches == 2
+
+
+def test_bad_distill_pad_weight_is_named(tmp_path):
+    stage = "  - name: r\n    kind: recover\n    train: {max_steps: 2, distill: {hidden_weight: 1, pad_weight: %s}}\n"
+    with pytest.raises(ConfigError, match=r"stages\[\d+\]\.train\.distill.*pad_weight must be in \[0, 1\]"):
+        load_recipe(_write(tmp_path, BASE + stage % "-0.1"))
+    assert load_recipe(_write(tmp_path, BASE + stage % "0.1")).stages[-1].train.distill.pad_weight == 0.1
 
 
 @pytest.mark.parametrize("augment,message", [

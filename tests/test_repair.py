@@ -9,8 +9,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from prune.apply import apply_keep
-from prune.repair import RepairConfig, consumers, refit_linear, repair_model
+from prune.repair import Gram, RepairConfig, consumers, refit_linear, repair_model
 from prune.select import Keep
+from slim.data import frame_weights
 from slim.model import install_explicit_attention
 from slim.sources import tiny_random_whisper
 
@@ -120,8 +121,59 @@ def test_refit_linear_solves_least_squares_exactly():
     torch.testing.assert_close(lin.bias.double(), b_true, atol=1e-5, rtol=0)
 
 
+def test_pad_weight_fits_the_encoder_rows_inside_the_audio_closer():
+    """With the frames past each clip's audio weighted down, the encoder's consumers match dense better on
+    the frames inside it (and worse past it) than the unweighted fit; the Gram weighting is the weighted
+    least squares it stands for; and an unpruned model still comes back unchanged."""
+    dense = _tiny()
+    cal = _batches(3, seed=1)
+    for b in cal:  # clips of 0.4-1.2 s in the 3 s window: most encoder frames are padding, as in Whisper's
+        b["audio_frames"] = torch.tensor([40, 120])
+    held = _batches(2, seed=2)
+    for b in held:
+        b["audio_frames"] = torch.tensor([40, 120])
+
+    def split_err(pad_weight):
+        m = apply_keep(copy.deepcopy(dense), KEEP)
+        repair_model(m, dense, cal, ridge=1e-3, pad_weight=pad_weight, progress=False)
+        num_in = num_out = 0.0
+        for b in held:
+            w = frame_weights(b["audio_frames"], FRAMES // 2, 0.0).bool()
+            with torch.no_grad():
+                e = ((m.model.encoder(b["input_features"]).last_hidden_state
+                      - dense.model.encoder(b["input_features"]).last_hidden_state) ** 2).sum(-1)
+            num_in += float(e[w].sum())
+            num_out += float(e[~w].sum())
+        return num_in, num_out
+
+    (in1, out1), (in_w, out_w) = split_err(1.0), split_err(0.05)
+    assert in_w < 0.9 * in1 and out_w > out1
+
+    unpruned = copy.deepcopy(dense)
+    report = repair_model(unpruned, dense, cal, ridge=1e-2, pad_weight=0.05, progress=False)
+    assert all(r["rel_err_before"] < 1e-6 for r in report)
+
+    g = torch.Generator().manual_seed(0)
+    x, y, w = torch.randn(50, 4, generator=g), torch.randn(50, 2, generator=g), torch.rand(50, generator=g)
+    gram = Gram(4, 2)
+    gram.add(x[:20], y[:20], w[:20])
+    gram.add(x[20:], y[20:], w[20:])
+    x1 = torch.cat([x, torch.ones(50, 1)], 1).double()
+    torch.testing.assert_close(gram.xtx, x1.T @ (w.double()[:, None] * x1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gram.xty, x1.T @ (w.double()[:, None] * y.double()), rtol=1e-5, atol=1e-5)
+    assert float(gram.yty) == pytest.approx(float((w.double()[:, None] * y.double() ** 2).sum()), rel=1e-6)
+
+
+def test_frame_weights_mark_the_encoder_frames_that_hold_audio():
+    w = frame_weights(torch.tensor([5, 8, 0]), 6, 0.25)  # 5 mel frames span 3 encoder frames, 8 span 4
+    assert w.tolist() == [[1, 1, 1, .25, .25, .25], [1, 1, 1, 1, .25, .25], [.25] * 6]
+    assert frame_weights(torch.tensor([5]), 6, 1.0) is None  # every frame alike: no weights at all
+    assert frame_weights(None, 6, 0.25) is None  # lengths unknown
+
+
 @pytest.mark.parametrize("kwargs, match", [({"calibration_batches": 0}, "calibration_batches"),
-                                           ({"ridge": -1.0}, "ridge"), ({"target": "x"}, "target")])
+                                           ({"ridge": -1.0}, "ridge"), ({"target": "x"}, "target"),
+                                           ({"pad_weight": 0.0}, "pad_weight"), ({"pad_weight": 1.5}, "pad_weight")])
 def test_repair_config_validation_names_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RepairConfig(**kwargs)

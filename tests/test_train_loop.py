@@ -169,6 +169,32 @@ def test_hidden_l2_known_value_masks_and_zero_for_equal_states():
         hidden_l2(s, t[:1], [None])
 
 
+def test_hidden_states_loss_weighs_encoder_frames_past_the_audio_by_pad_weight():
+    from types import SimpleNamespace
+
+    from train.loop import hidden_states_loss
+
+    def out(enc, dec):  # the embeddings' states come first and are not compared
+        return SimpleNamespace(encoder_hidden_states=[None, enc], decoder_hidden_states=[None, dec])
+
+    teacher_enc = torch.ones(1, 4, 2)  # 4 encoder frames of energy 2; the clip's audio spans the first 2
+    student_enc = teacher_enc.clone()
+    student_enc[0, 0] = 0.0  # error 2 inside the audio
+    student_enc[0, 3] = 3.0  # error 8 past it
+    dec = torch.ones(1, 3, 2)
+    labels = torch.tensor([[5, 6, -100]])
+    s, t = out(student_enc, dec), out(teacher_enc, dec.clone())
+    frames = torch.tensor([4])  # mel frames: two encoder frames
+    # every frame alike: (2 + 8) / (4 * 2), the decoder term 0, averaged over the two layers
+    assert hidden_states_loss(s, t, labels, frames).item() == pytest.approx(10 / 8 / 2)
+    # padding at a quarter: (2 + 8 / 4) / (2 * 2 + 2 * 2 / 4)
+    assert hidden_states_loss(s, t, labels, frames, 0.25).item() == pytest.approx(4 / 5 / 2)
+    # no lengths known: every frame alike whatever the weight
+    assert hidden_states_loss(s, t, labels, None, 0.25).item() == pytest.approx(10 / 8 / 2)
+    with pytest.raises(ValueError, match="pad_weight"):
+        DistillConfig(pad_weight=1.5)
+
+
 def test_hidden_state_distillation_is_zero_for_an_identical_teacher_and_logged(tmp_path):
     model, teacher = tiny_whisper(0), tiny_whisper(0)
     cfg = TrainConfig(max_steps=2, batch_size=2, lr=1e-3, save_every=0, log_every=1,

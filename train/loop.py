@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from slim.augment import AugmentConfig
-from slim.data import REASONS
+from slim.data import REASONS, frame_weights
 from slim.model import model_inputs
 from train.checkpoint import (CheckpointError, TrainState, clean_temp, list_checkpoints, load_latest,
                               save_checkpoint, save_model_atomic)
@@ -61,8 +61,14 @@ class DistillConfig:
     hidden_weight: float = 0.0
     """Weight of the L2 distance to the teacher's hidden states (every encoder and decoder layer, each
     relative to the teacher's energy: `train.losses.hidden_l2`). Ignored when the stage has no teacher."""
+    pad_weight: float = 1.0
+    """In the hidden-state term, the weight of an encoder frame past the clip's audio relative to one inside
+    it (`slim.window.frame_weights`; 1: every frame alike). Training clips fill a fifth of the 30 s window on
+    average, so at 1 most of the encoder's term is about copying the teacher on padding."""
 
     def __post_init__(self):
+        if not 0 <= self.pad_weight <= 1:
+            raise ValueError(f"distill.pad_weight must be in [0, 1], got {self.pad_weight}")
         if self.temperature <= 0:
             raise ValueError(f"distill.temperature must be > 0, got {self.temperature}")
         if self.ce_weight < 0 or self.kl_weight < 0 or self.hidden_weight < 0:
@@ -264,16 +270,20 @@ def forward(model, batch: dict, dec: torch.Tensor, hidden: bool = False):
     return model(**model_inputs(batch, dec, model=model), use_cache=False, output_hidden_states=hidden)
 
 
-def hidden_states_loss(student_out, teacher_out, labels: torch.Tensor) -> torch.Tensor:
-    """`hidden_l2` over every encoder layer (the student's frames) and every decoder layer (label positions).
-    A student that encodes a shorter audio window than its teacher is compared on its frames, which are
-    the teacher's first ones."""
+def hidden_states_loss(student_out, teacher_out, labels: torch.Tensor, audio_frames=None,
+                       pad_weight: float = 1.0) -> torch.Tensor:
+    """`hidden_l2` over every encoder layer (the student's frames, those past the audio weighted `pad_weight`)
+    and every decoder layer (label positions). A student that encodes a shorter audio window than its teacher
+    is compared on its frames, which are the teacher's first ones."""
     frames = student_out.encoder_hidden_states[-1].shape[1]
     s = list(student_out.encoder_hidden_states[1:]) + list(student_out.decoder_hidden_states[1:])
     t = [h[:, :frames] for h in teacher_out.encoder_hidden_states[1:]] + list(teacher_out.decoder_hidden_states[1:])
     n_enc = len(student_out.encoder_hidden_states) - 1
+    w = frame_weights(audio_frames, frames, pad_weight)
+    if w is not None:
+        w = w.to(s[0].device)
     mask = labels != IGNORE_INDEX
-    return hidden_l2(s, t, [None] * n_enc + [mask] * (len(s) - n_enc))
+    return hidden_l2(s, t, [w] * n_enc + [mask] * (len(s) - n_enc))
 
 
 def resolve_mixed_precision(mp: str) -> str:
@@ -626,7 +636,8 @@ def train(model: torch.nn.Module, cfg: TrainConfig, train_dataset: Dataset, coll
                         loss, parts = distill_loss(out.logits, None if t_out is None else t_out.logits,
                                                    batch["labels"], d.ce_weight, d.kl_weight, d.temperature)
                         if want_hidden:
-                            h = hidden_states_loss(out, t_out, batch["labels"])
+                            h = hidden_states_loss(out, t_out, batch["labels"], batch.get("audio_frames"),
+                                                   d.pad_weight)
                             loss = loss + d.hidden_weight * h
                             parts["hidden"] = h.detach()
                     accelerator.backward(loss)

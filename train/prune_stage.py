@@ -73,7 +73,7 @@ def repair(ctx: RunContext, stage: StageConfig, model, reference, sdir: Path, ev
     def refit_on_main():
         r = stage.prune.repair
         report = repair_model(model, reference, calibration_batches(ctx, r.calibration_batches), ridge=r.ridge,
-                              target=r.target)
+                              target=r.target, pad_weight=r.pad_weight)
         atomic_write_json(sdir / "repair.json", report)
         worst = max(report, key=lambda x: x["rel_err_before"])
         say(ctx.state, f"[repair] {len(report)} layers refit; worst {worst['layer']}: relative error "
