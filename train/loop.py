@@ -63,8 +63,9 @@ class DistillConfig:
     relative to the teacher's energy: `train.losses.hidden_l2`). Ignored when the stage has no teacher."""
     pad_weight: float = 1.0
     """In the hidden-state term, the weight of an encoder frame past the clip's audio relative to one inside
-    it (`slim.window.frame_weights`; 1: every frame alike). Training clips fill a fifth of the 30 s window on
-    average, so at 1 most of the encoder's term is about copying the teacher on padding."""
+    it (`slim.data.frame_weights`; 1: every frame alike). The quickstart's training clips fill 27% of the 30 s
+    window on average and dense tiny.en puts 56-79% of its encoder layers' energy past the audio, so at 1 most
+    of the encoder's term is about copying the teacher on padding."""
 
     def __post_init__(self):
         if not 0 <= self.pad_weight <= 1:
