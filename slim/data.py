@@ -487,8 +487,9 @@ def frame_weights(audio_frames, encoder_frames: int, pad_weight: float):
     `pad_weight` < 1 turns down. None when every frame weighs 1 or the lengths are unknown."""
     if pad_weight == 1.0 or audio_frames is None:
         return None
-    speech = -(-torch.as_tensor(audio_frames).reshape(-1, 1) // 2)  # encoder frames holding audio, per clip
-    inside = torch.arange(encoder_frames).reshape(1, -1) < speech
+    frames = torch.as_tensor(audio_frames)
+    speech = -(-frames.reshape(-1, 1) // 2)  # encoder frames holding audio, per clip
+    inside = torch.arange(encoder_frames, device=frames.device).reshape(1, -1) < speech  # on the batch's device
     return torch.where(inside, 1.0, float(pad_weight))
 
 
