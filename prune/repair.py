@@ -56,8 +56,8 @@ class RepairConfig:
             raise ValueError(f"repair.calibration_batches must be >= 1, got {self.calibration_batches}")
         if self.ridge < 0:
             raise ValueError(f"repair.ridge must be >= 0, got {self.ridge}")
-        if not 0 < self.pad_weight <= 1:
-            raise ValueError(f"repair.pad_weight must be in (0, 1], got {self.pad_weight}")
+        if not 0 <= self.pad_weight <= 1:
+            raise ValueError(f"repair.pad_weight must be in [0, 1], got {self.pad_weight}")
 
 
 class _Stop(Exception):
@@ -174,12 +174,12 @@ class Gram:
         # one batch's products in float32 (a 6000 x 1153 Gram matrix costs a few times more in float64 on a
         # CPU), summed over batches in float64
         x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1).float()
-        r = None if w is None else w.float().sqrt().reshape(-1, 1)
-        if r is not None:
-            x = x * r
+        y = None if y is None else y.float()
+        if w is not None:  # weighted rows: scale each by sqrt(w)
+            r = w.float().sqrt().reshape(-1, 1)
+            x, y = x * r, (None if y is None else y * r)
         self.xtx += (x.T @ x).double()
         if y is not None:
-            y = y.float() if r is None else y.float() * r
             self.xty += (x.T @ y).double()
             self.yty += (y.double() * y.double()).sum()
 
@@ -209,8 +209,8 @@ def repair_model(model, dense, batches: list[dict], ridge: float = 1e-2, target:
 
     def refit(name, lin, pairs):
         g = Gram(lin.in_features, lin.out_features)
-        for x, y, *w in pairs:
-            g.add(x, y, *w)
+        for x, y, w in pairs:
+            g.add(x, y, w)
         before, after = refit_linear(lin, g.xtx, g.xty, g.yty, ridge)
         report.append({"layer": name, "inputs": lin.in_features, "rel_err_before": before, "rel_err_after": after})
         bar.update(1)
@@ -221,8 +221,9 @@ def repair_model(model, dense, batches: list[dict], ridge: float = 1e-2, target:
     # encoder: the pruned stream h and the dense stream hd, one layer at a time
     h = [_encoder_input(model, b["input_features"]) for b in batches]
     hd = [_encoder_input(dense, b["input_features"]) for b in batches]
-    weights = [frame_weights(b.get("audio_frames"), x.shape[1], pad_weight) for b, x in zip(batches, h)]
-    weights = [None if w is None else w.reshape(-1) for w in weights]  # one per row, as `rows` lays them out
+    # one weight per encoder row, as `rows` lays them out (None: every row alike)
+    weights = [w if w is None else w.reshape(-1)
+               for w in (frame_weights(b.get("audio_frames"), x.shape[1], pad_weight) for b, x in zip(batches, h))]
     enc, denc = model.model.encoder, dense.model.encoder
     for i, (layer, dlayer) in enumerate(zip(enc.layers, denc.layers)):
         # the residual stream each consumer adds to: the layer input for out_proj, the stream after the
@@ -256,7 +257,7 @@ def repair_model(model, dense, batches: list[dict], ridge: float = 1e-2, target:
                 m = _decoder_mask(b)
                 y = _capture(dlin, lambda: _run(dense, b, ed), "out")
                 x = _capture(lin, lambda: _run(model, b, e), "in")
-                yield rows(x[m]), rows(y[m])
+                yield rows(x[m]), rows(y[m]), None
 
         refit(name, lin, pairs())
     bar.close()

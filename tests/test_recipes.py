@@ -121,7 +121,7 @@ def test_bad_quant_setting_is_named(tmp_path):
     ("{criterion: ablations}", r"criterion"),
     ("{criterion: taylor_repair}", r"criterion taylor_repair scores what the repair cannot restore: set repair"),
     ("{criterion: taylor_repair, repair: {enabled: false}}", r"criterion taylor_repair .* set repair"),
-    ("{repair: {pad_weight: 0}}", r"stages\[\d+\]\.prune\.repair.*pad_weight must be in \(0, 1\]"),
+    ("{repair: {pad_weight: -0.5}}", r"stages\[\d+\]\.prune\.repair.*pad_weight must be in \[0, 1\]"),
 ])
 def test_bad_prune_setting_is_named(tmp_path, prune, message):
     p = _write(tmp_path, BASE + f"  - name: p\n    kind: prune\n    prune: {prune}\n")

@@ -173,7 +173,7 @@ def test_frame_weights_mark_the_encoder_frames_that_hold_audio():
 
 @pytest.mark.parametrize("kwargs, match", [({"calibration_batches": 0}, "calibration_batches"),
                                            ({"ridge": -1.0}, "ridge"), ({"target": "x"}, "target"),
-                                           ({"pad_weight": 0.0}, "pad_weight"), ({"pad_weight": 1.5}, "pad_weight")])
+                                           ({"pad_weight": -0.1}, "pad_weight"), ({"pad_weight": 1.5}, "pad_weight")])
 def test_repair_config_validation_names_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RepairConfig(**kwargs)
