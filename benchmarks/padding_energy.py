@@ -14,6 +14,7 @@ import argparse
 
 import torch
 
+from slim.audio import MAX_SECONDS, SAMPLING_RATE
 from slim.data import features_and_labels, frame_weights, iter_examples
 from slim.model import load_model, load_processor
 
@@ -25,7 +26,7 @@ def padding_energy(model_dir: str, data: str, energy_limit: int = 16) -> dict:
     seconds, speech, past = [], None, None
     for i, ex in enumerate(iter_examples(data)):
         audio = ex["audio"]
-        seconds.append(len(audio) / 16000)
+        seconds.append(len(audio) / SAMPLING_RATE)
         if i >= energy_limit:
             continue
         f = features_and_labels(audio, ex["text"], processor)
@@ -36,7 +37,7 @@ def padding_energy(model_dir: str, data: str, energy_limit: int = 16) -> dict:
         speech = [a + float(x[inside].sum()) for a, x in zip(speech or [0.0] * len(e), e)]
         past = [a + float(x[~inside].sum()) for a, x in zip(past or [0.0] * len(e), e)]
     return {"clips": len(seconds), "mean_seconds": sum(seconds) / len(seconds),
-            "window_fill": sum(min(s, 30.0) / 30.0 for s in seconds) / len(seconds),
+            "window_fill": sum(min(s, MAX_SECONDS) / MAX_SECONDS for s in seconds) / len(seconds),
             "energy_clips": min(energy_limit, len(seconds)),
             "energy_past_audio": [p / (s + p) for s, p in zip(speech or [], past or [])]}
 
