@@ -93,23 +93,35 @@ def _run(model, batch: dict, encoder_out: torch.Tensor | None = None):
     return model(**kw, use_cache=False)
 
 
+def _tap(run, taps: dict[nn.Module, str], stop: nn.Module | None = None) -> tuple[dict, object]:
+    """Run `run()`, recording the input ("in") or output ("out") of each module in `taps`. With `stop`, the
+    run is cut short once that module's tap has fired. Returns (module -> tensor, what `run` returned, or
+    None when stopped)."""
+    box, handles = {}, []
+
+    def hook_for(module, what):
+        def hook(mod, args, output):
+            box[module] = (args[0] if what == "in" else output).detach()
+            if module is stop:
+                raise _Stop
+        return hook
+
+    for module, what in taps.items():
+        handles.append(module.register_forward_hook(hook_for(module, what)))
+    try:
+        out = run()
+    except _Stop:
+        out = None
+    finally:
+        for h in handles:
+            h.remove()
+    return box, out
+
+
 def _capture(module: nn.Module, run, what: str):
     """The input (`what="in"`) or output (`"out"`) of `module` during `run()`; the rest of `run` is cut short
     once the hook has fired."""
-    box = []
-
-    def hook(mod, args, output):
-        box.append((args[0] if what == "in" else output).detach())
-        raise _Stop
-
-    h = module.register_forward_hook(hook)
-    try:
-        run()
-    except _Stop:
-        pass
-    finally:
-        h.remove()
-    return box[0]
+    return _tap(run, {module: what}, stop=module)[0][module]
 
 
 def _encoder_input(model, features: torch.Tensor) -> torch.Tensor:
@@ -226,38 +238,52 @@ def repair_model(model, dense, batches: list[dict], ridge: float = 1e-2, target:
                for w in (frame_weights(b.get("audio_frames"), x.shape[1], pad_weight) for b, x in zip(batches, h))]
     enc, denc = model.model.encoder, dense.model.encoder
     for i, (layer, dlayer) in enumerate(zip(enc.layers, denc.layers)):
-        # the residual stream each consumer adds to: the layer input for out_proj, the stream after the
-        # attention block (final_layer_norm's input) for fc2
-        for part, base in (("self_attn.out_proj", None), ("fc2", "final_layer_norm")):
-            lin, dlin = layer.get_submodule(part), dlayer.get_submodule(part)
+        attn, ffn, mid = (layer.get_submodule(p) for p in ("self_attn.out_proj", "fc2", "final_layer_norm"))
+        dattn, dffn, dmid = (dlayer.get_submodule(p) for p in ("self_attn.out_proj", "fc2", "final_layer_norm"))
+        # The dense layer runs once per batch for both of its consumers' outputs and its own output (the next
+        # dense stream); with target "stream" also the stream between its two blocks (final_layer_norm's input).
+        dense_taps, hd_next = [], []
+        for xd in hd:
+            taps, out = _tap(lambda: dlayer(xd, None), {dattn: "out", dffn: "out"} | (
+                {dmid: "in"} if target == "stream" else {}))
+            dense_taps.append(taps)
+            hd_next.append(out)
 
-            def pair(x, xd, w):
-                y = _capture(dlin, lambda: dlayer(xd, None), "out")
-                if target == "stream":  # also make up for what the stream already lost upstream
-                    if base is None:
-                        y = y + (xd - x)
-                    else:
-                        y = y + (_capture(dlayer.get_submodule(base), lambda: dlayer(xd, None), "in")
-                                 - _capture(layer.get_submodule(base), lambda: layer(x, None), "in"))
-                return rows(_capture(lin, lambda: layer(x, None), "in")), rows(y), w
+        def attn_pairs():
+            for x, xd, w, t in zip(h, hd, weights, dense_taps):
+                y = t[dattn] + (xd - x) if target == "stream" else t[dattn]  # stream: what upstream lost too
+                yield rows(_capture(attn, lambda: layer(x, None), "in")), rows(y), w
 
-            refit(f"encoder.{i}.{part}", lin, (pair(x, xd, w) for x, xd, w in zip(h, hd, weights)))
+        refit(f"encoder.{i}.self_attn.out_proj", attn, attn_pairs())
+
+        def ffn_pairs():  # on the pruned stream after the refit attention block
+            for x, w, t in zip(h, weights, dense_taps):
+                p = _tap(lambda: layer(x, None), {ffn: "in", mid: "in"}, stop=ffn)[0]
+                y = t[dffn] + (t[dmid] - p[mid]) if target == "stream" else t[dffn]
+                yield rows(p[ffn]), rows(y), w
+
+        refit(f"encoder.{i}.fc2", ffn, ffn_pairs())
         h = [layer(x, None) for x in h]
-        hd = [dlayer(x, None) for x in hd]
+        hd = hd_next
+        del dense_taps
     enc_out = [enc.layer_norm(x) for x in h]
     dense_enc = [denc.layer_norm(x) for x in hd]
     del h, hd
 
-    # decoder: teacher-forced on the label tokens, rows at the label positions only
-    for name, lin in ours[len(report):]:
-        dlin = theirs[name]
+    # decoder: teacher-forced on the label tokens, rows at the label positions only; the dense decoder runs
+    # once per batch for every consumer's target (a few tokens each), the pruned one up to each consumer
+    masks = [_decoder_mask(b) for b in batches]
+    decoder = ours[len(report):]
+    targets = []
+    for b, ed, m in zip(batches, dense_enc, masks):
+        taps = _tap(lambda: _run(dense, b, ed), {theirs[name]: "out" for name, _ in decoder})[0]
+        targets.append({name: rows(taps[theirs[name]][m]) for name, _ in decoder})
+    del dense_enc
+    for name, lin in decoder:
 
         def pairs():
-            for b, e, ed in zip(batches, enc_out, dense_enc):
-                m = _decoder_mask(b)
-                y = _capture(dlin, lambda: _run(dense, b, ed), "out")
-                x = _capture(lin, lambda: _run(model, b, e), "in")
-                yield rows(x[m]), rows(y[m]), None
+            for b, e, m, y in zip(batches, enc_out, masks, targets):
+                yield rows(_capture(lin, lambda: _run(model, b, e), "in")[m]), y[name], None
 
         refit(name, lin, pairs())
     bar.close()
