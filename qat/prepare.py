@@ -86,6 +86,11 @@ class QuantConfig:
     """Keep the k units most sensitive to quantization in float: a qat/ptq stage first runs
     `qat.sensitivity.sensitivity_scan` (PTQ one unit at a time), writes the table to its folder and adds
     the k worst units' patterns to `exclude`, which is what is saved. 0: no scan."""
+    keep_float_max_mb: float | None = None
+    """Size budget of `keep_float`: the units kept float may add at most this many MB (10^6 bytes) to the
+    export, one byte per weight (fp16 against int8). Walking down the ranking, a unit that does not fit is
+    passed over for the next one, so the budget keeps the most sensitive units that fit (activation-only
+    units, such as the attention matmuls, cost nothing). None: no budget."""
     sensitivity_by: Literal["group", "layer"] = "group"
     """Units of the scan for keep_float: kinds of layer (`qat.sensitivity.GROUPS`) or single modules."""
 
@@ -115,6 +120,12 @@ class QuantConfig:
         for name in ("quantize_matmuls", "embeddings", "conv", "lsq"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"quant.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.keep_float_max_mb is not None:
+            if isinstance(self.keep_float_max_mb, bool) or not isinstance(self.keep_float_max_mb, (int, float)) \
+                    or self.keep_float_max_mb < 0:
+                raise ValueError(f"quant.keep_float_max_mb must be a number of MB >= 0 or null, got {self.keep_float_max_mb!r}")
+            if not self.keep_float:
+                raise ValueError("quant.keep_float_max_mb is a budget for quant.keep_float, which is 0")
         if self.sensitivity_by not in ("group", "layer"):
             raise ValueError(f"quant.sensitivity_by must be 'group' or 'layer', got {self.sensitivity_by!r}")
         if self.keep_float and self.calibration_batches < 1:

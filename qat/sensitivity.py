@@ -75,7 +75,8 @@ def sensitivity_scan(model: nn.Module, cfg: QuantConfig, calib_batches: list[dic
     `model` is a float model (left untouched: the scan works on a copy). `by="group"` scans the kinds
     in GROUPS, `by="layer"` every quantized module (Linear or matmul) alone. `wer_fn(model) -> WER`
     adds a WER column (and costs a decoding pass per unit). The first row is "all" (full PTQ).
-    Each row: unit, patterns, loss, delta_loss (vs float), and wer / delta_wer with `wer_fn`.
+    Each row: unit, patterns, loss, delta_loss (vs float), weights (how many int8 weights the unit holds,
+    what keeping it float would add to the export in fp16 bytes), and wer / delta_wer with `wer_fn`.
     """
     if by not in ("group", "layer"):
         raise ValueError(f"by must be 'group' or 'layer', got {by!r}")
@@ -98,7 +99,7 @@ def sensitivity_scan(model: nn.Module, cfg: QuantConfig, calib_batches: list[dic
         set_fake_quant(m, False)
         for p in patterns:
             set_fake_quant(m, True, p)
-        rows.append(measure(unit, patterns))
+        rows.append(measure(unit, patterns) | {"weights": quantized_weights(m, patterns)})
     for r in rows:
         r["delta_loss"] = r["loss"] - base["loss"]
         if wer_fn is not None:
@@ -115,21 +116,44 @@ def ranked_units(table: list[dict]) -> list[dict]:
     return sorted((r for r in table if r["unit"] not in ("float", "all")), key=lambda r: r["delta_loss"], reverse=True)
 
 
-def most_sensitive(table: list[dict], k: int) -> list[str]:
-    """Exclude patterns (for QuantConfig.exclude) of the k units with the largest loss increase."""
+def quantized_weights(model: nn.Module, patterns: list[str]) -> int:
+    """Elements of the weights with a weight quantizer whose owner module matches one of `patterns`: what
+    a unit keeps in int8 (an activation-only unit, such as the attention matmuls, holds none)."""
+    return sum(module.weight.numel() for name, module in model.named_modules()
+               if isinstance(getattr(module, "weight_quant", None), nn.Module)
+               and any(fnmatch.fnmatchcase(name, p) for p in patterns))
+
+
+def units_to_keep_float(table: list[dict], k: int, max_weights: int | None = None) -> list[dict]:
+    """The rows of the k most sensitive units, walking down the ranking. With `max_weights`, a unit whose
+    weights would take the units kept so far past it is passed over for the next one, so an
+    activation-only unit (no weights) always fits."""
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
-    return [p for r in ranked_units(table)[:k] for p in r["patterns"]]
+    kept, spent = [], 0
+    for r in ranked_units(table):
+        if len(kept) == k:
+            break
+        if max_weights is not None and spent + r["weights"] > max_weights:
+            continue
+        kept.append(r)
+        spent += r["weights"]
+    return kept
+
+
+def most_sensitive(table: list[dict], k: int, max_weights: int | None = None) -> list[str]:
+    """Exclude patterns (for QuantConfig.exclude) of `units_to_keep_float(table, k, max_weights)`."""
+    return [p for r in units_to_keep_float(table, k, max_weights) for p in r["patterns"]]
 
 
 def to_markdown(table: list[dict]) -> str:
     """The scan as a markdown table."""
     wer = any("wer" in r for r in table)
-    head = "| unit | loss | Δ loss |" + (" WER | Δ WER |" if wer else "")
-    sep = "|---|---:|---:|" + ("---:|---:|" if wer else "")
+    head = "| unit | loss | Δ loss | int8 weights |" + (" WER | Δ WER |" if wer else "")
+    sep = "|---|---:|---:|---:|" + ("---:|---:|" if wer else "")
     lines = [head, sep]
     for r in table:
-        line = f"| {r['unit']} | {r['loss']:.4f} | {r['delta_loss']:+.4f} |"
+        line = f"| {r['unit']} | {r['loss']:.4f} | {r['delta_loss']:+.4f} | {r.get('weights', 0):,} |"
         if wer:
             line += f" {100 * r['wer']:.2f}% | {100 * r['delta_wer']:+.2f} |"
         lines.append(line)

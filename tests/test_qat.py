@@ -361,6 +361,20 @@ def test_sensitivity_scan(float_model):
     assert deltas == sorted(deltas, reverse=True) and any(d != 0 for d in deltas)
     top = most_sensitive(table, 1)
     assert top == table[2]["patterns"]
+    # each unit's int8 weights: the FFN's fc1 + fc2, none for the activation-only matmuls
+    by_unit = {r["unit"]: r for r in table}
+    fc = [m for n, m in float_model.named_modules() if n.startswith("model.decoder.layers.") and n[-4:] in (".fc1", ".fc2")]
+    assert by_unit["decoder FFN"]["weights"] == sum(m.weight.numel() for m in fc) > 0
+    assert by_unit["encoder attention matmuls"]["weights"] == 0
+    assert by_unit["all"]["weights"] == sum(r["weights"] for r in table[2:])
+    # a size budget passes over the units that do not fit and keeps the next most sensitive ones that do
+    from qat.sensitivity import units_to_keep_float
+    ranked = table[2:]
+    budget = min(r["weights"] for r in ranked if r["weights"]) - 1   # only the weightless units fit
+    kept = units_to_keep_float(table, 2, max_weights=budget)
+    assert [r["unit"] for r in kept] == [r["unit"] for r in ranked if r["weights"] == 0][:2]
+    assert units_to_keep_float(table, 2, max_weights=by_unit["all"]["weights"]) == ranked[:2]  # all fit
+    assert units_to_keep_float(table, 3) == ranked[:3]
     assert prepare_qat(copy.deepcopy(float_model), QuantConfig(exclude=top))  # usable as exclude patterns
     md = to_markdown(table)
     assert md.count("\n") == len(table) + 2 and md.startswith("| unit | loss |")

@@ -103,12 +103,15 @@ def test_cli_takes_options_before_or_after_overrides(tmp_path, capsys):
     assert _run([str(p), "eval.thread=1", "--resume"]) == 2
 
 
-def test_bad_quant_setting_is_named(tmp_path):
-    p = _write(tmp_path, BASE + "  - name: q\n    kind: ptq\n    quant: {keep_float: -1}\n")
-    with pytest.raises(ConfigError, match=r"keep_float must be an integer >= 0"):
-        load_recipe(p)
-    p = _write(tmp_path, BASE + "  - name: q\n    kind: ptq\n    quant: {keep_float: 1, sensitivity_by: model}\n")
-    with pytest.raises(ConfigError, match=r"stages\[2\]\.quant\.sensitivity_by: 'model' is not one of"):
+@pytest.mark.parametrize("quant, message", [
+    ("{keep_float: -1}", r"keep_float must be an integer >= 0"),
+    ("{keep_float: 1, sensitivity_by: model}", r"stages\[2\]\.quant\.sensitivity_by: 'model' is not one of"),
+    ("{keep_float: 1, keep_float_max_mb: -2}", r"keep_float_max_mb must be a number of MB >= 0 or null, got -2"),
+    ("{keep_float_max_mb: 2}", r"keep_float_max_mb is a budget for quant.keep_float, which is 0"),
+])
+def test_bad_quant_setting_is_named(tmp_path, quant, message):
+    p = _write(tmp_path, BASE + f"  - name: q\n    kind: ptq\n    quant: {quant}\n")
+    with pytest.raises(ConfigError, match=message):
         load_recipe(p)
 
 
