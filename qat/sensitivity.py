@@ -118,10 +118,12 @@ def ranked_units(table: list[dict]) -> list[dict]:
 
 def quantized_weights(model: nn.Module, patterns: list[str]) -> int:
     """Elements of the weights with a weight quantizer whose owner module matches one of `patterns`: what
-    a unit keeps in int8 (an activation-only unit, such as the attention matmuls, holds none)."""
-    return sum(module.weight.numel() for name, module in model.named_modules()
+    a unit keeps in int8 (an activation-only unit, such as the attention matmuls, holds none). A weight
+    shared by two modules (the decoder's tied embedding and output projection) counts once."""
+    weights = {id(module.weight): module.weight.numel() for name, module in model.named_modules()
                if isinstance(getattr(module, "weight_quant", None), nn.Module)
-               and any(fnmatch.fnmatchcase(name, p) for p in patterns))
+               and any(fnmatch.fnmatchcase(name, p) for p in patterns)}
+    return sum(weights.values())
 
 
 def units_to_keep_float(table: list[dict], k: int, max_weights: int | None = None) -> list[dict]:

@@ -387,6 +387,16 @@ def test_sensitivity_scan(float_model):
     assert all(r["delta_wer"] == 0.0 for r in layers) and "| WER |" in to_markdown(layers)
 
 
+def test_quantized_weights_count_a_tied_weight_once(float_model):
+    """The decoder's embedding and output projection share one int8 table: a size budget counts it once."""
+    from qat.sensitivity import quantized_weights
+
+    m = prepare_qat(copy.deepcopy(float_model), QuantConfig(embeddings=True))
+    table = m.model.decoder.embed_tokens.weight
+    assert m.proj_out.weight is table and hasattr(m.proj_out, "weight_quant")
+    assert quantized_weights(m, ["model.decoder.embed_tokens", "proj_out"]) == table.numel()
+
+
 # ---------------------------------------------------------------------------------------------
 # the seed problem
 
