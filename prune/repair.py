@@ -203,7 +203,8 @@ def repair_model(model, dense, batches: list[dict], ridge: float = 1e-2, target:
 
     `batches`: collated training batches (`input_features`, `labels`). Both models run in eval mode.
     The encoder is walked layer by layer on cached residual streams (one layer's forward per refit, not the
-    whole model's); the decoder, whose sequences are short, reruns on the cached encoder outputs.
+    whole model's; the dense layer once for both of its consumers); the decoder, whose sequences are short,
+    reruns on the cached encoder outputs (the dense one once for every consumer's target).
     `target`: "layer" fits each consumer to the dense consumer's output; "stream" (encoder only) fits it to
     the dense residual stream after the consumer minus the pruned stream before it, so each layer also
     absorbs the drift that reaches it from the layers before. `pad_weight`: the weight of an encoder row past
