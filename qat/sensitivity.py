@@ -86,7 +86,8 @@ def sensitivity_scan(model: nn.Module, cfg: QuantConfig, calib_batches: list[dic
     freeze_observers(m)
 
     def measure(unit: str, patterns: list[str]) -> dict:
-        row = {"unit": unit, "patterns": patterns, "loss": teacher_forced_loss(m, eval_batches)}
+        row = {"unit": unit, "patterns": patterns, "loss": teacher_forced_loss(m, eval_batches),
+               "weights": quantized_weights(m, patterns)}
         if wer_fn is not None:
             row["wer"] = float(wer_fn(m))
         log.info("sensitivity %s: loss %.4f%s", unit, row["loss"], f", WER {row['wer']:.4f}" if "wer" in row else "")
@@ -99,7 +100,7 @@ def sensitivity_scan(model: nn.Module, cfg: QuantConfig, calib_batches: list[dic
         set_fake_quant(m, False)
         for p in patterns:
             set_fake_quant(m, True, p)
-        rows.append(measure(unit, patterns) | {"weights": quantized_weights(m, patterns)})
+        rows.append(measure(unit, patterns))
     for r in rows:
         r["delta_loss"] = r["loss"] - base["loss"]
         if wer_fn is not None:
@@ -126,26 +127,27 @@ def quantized_weights(model: nn.Module, patterns: list[str]) -> int:
     return sum(weights.values())
 
 
-def units_to_keep_float(table: list[dict], k: int, max_weights: int | None = None) -> list[dict]:
-    """The rows of the k most sensitive units, walking down the ranking. With `max_weights`, a unit whose
-    weights would take the units kept so far past it is passed over for the next one, so an
-    activation-only unit (no weights) always fits."""
+def units_to_keep_float(table: list[dict], k: int, max_weights: int | None = None) -> tuple[list[dict], list[dict]]:
+    """(kept, passed over): the rows of the k most sensitive units, walking down the ranking. With
+    `max_weights`, a unit whose weights would take the units kept so far past it is passed over for the next
+    one, so an activation-only unit (no weights) always fits."""
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
-    kept, spent = [], 0
+    kept, passed, spent = [], [], 0
     for r in ranked_units(table):
         if len(kept) == k:
             break
         if max_weights is not None and spent + r["weights"] > max_weights:
+            passed.append(r)
             continue
         kept.append(r)
         spent += r["weights"]
-    return kept
+    return kept, passed
 
 
-def most_sensitive(table: list[dict], k: int, max_weights: int | None = None) -> list[str]:
-    """Exclude patterns (for QuantConfig.exclude) of `units_to_keep_float(table, k, max_weights)`."""
-    return [p for r in units_to_keep_float(table, k, max_weights) for p in r["patterns"]]
+def most_sensitive(table: list[dict], k: int) -> list[str]:
+    """Exclude patterns (for QuantConfig.exclude) of the k units with the largest loss increase."""
+    return [p for r in units_to_keep_float(table, k)[0] for p in r["patterns"]]
 
 
 def to_markdown(table: list[dict]) -> str:
@@ -155,7 +157,7 @@ def to_markdown(table: list[dict]) -> str:
     sep = "|---|---:|---:|---:|" + ("---:|---:|" if wer else "")
     lines = [head, sep]
     for r in table:
-        line = f"| {r['unit']} | {r['loss']:.4f} | {r['delta_loss']:+.4f} | {r.get('weights', 0):,} |"
+        line = f"| {r['unit']} | {r['loss']:.4f} | {r['delta_loss']:+.4f} | {r['weights']:,} |"
         if wer:
             line += f" {100 * r['wer']:.2f}% | {100 * r['delta_wer']:+.2f} |"
         lines.append(line)

@@ -175,10 +175,12 @@ def test_report_has_every_stage_with_eval_keys(smoke_run):
     assert by["ptq"]["engine"] == "torch-fake-quant" and by["ptq"]["parameters"] == by["recover"]["parameters"]
     ptq = json.loads((out / "07-ptq" / "model" / "slim_structure.json").read_text())
     assert ptq["encoder_heads"] == structure["encoder_heads"] and ptq["quant"]["observer"] == "minmax"
-    # keep_float: 1 -> the sensitivity table is in the stage folder and its worst unit was kept in float
+    # keep_float: 1 within 0 MB -> the sensitivity table is in the stage folder and its worst unit without
+    # weights was kept in float
     table = json.loads((out / "07-ptq" / "sensitivity.json").read_text())
     assert [r["unit"] for r in table[:2]] == ["float", "all"] and len(table) > 3
-    worst = max(table[2:], key=lambda r: r["delta_loss"])
+    worst = max((r for r in table[2:] if r["weights"] == 0), key=lambda r: r["delta_loss"])
+    assert max(table[2:], key=lambda r: r["delta_loss"])["weights"] > 0  # the budget passed over the worst unit
     assert ptq["quant"]["exclude"] == worst["patterns"] and ptq["quant"]["keep_float"] == 1
     assert "| unit | loss | Δ loss |" in (out / "07-ptq" / "sensitivity.md").read_text()
     from safetensors import safe_open

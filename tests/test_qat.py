@@ -371,10 +371,12 @@ def test_sensitivity_scan(float_model):
     from qat.sensitivity import units_to_keep_float
     ranked = table[2:]
     budget = min(r["weights"] for r in ranked if r["weights"]) - 1   # only the weightless units fit
-    kept = units_to_keep_float(table, 2, max_weights=budget)
+    kept, passed = units_to_keep_float(table, 2, max_weights=budget)
     assert [r["unit"] for r in kept] == [r["unit"] for r in ranked if r["weights"] == 0][:2]
-    assert units_to_keep_float(table, 2, max_weights=by_unit["all"]["weights"]) == ranked[:2]  # all fit
-    assert units_to_keep_float(table, 3) == ranked[:3]
+    assert passed == [r for r in ranked[:ranked.index(kept[-1])] if r["weights"]] and passed
+    assert units_to_keep_float(table, 2, max_weights=by_unit["all"]["weights"]) == (ranked[:2], [])  # all fit
+    assert units_to_keep_float(table, 3) == (ranked[:3], [])
+    assert by_unit["float"]["weights"] == 0
     assert prepare_qat(copy.deepcopy(float_model), QuantConfig(exclude=top))  # usable as exclude patterns
     md = to_markdown(table)
     assert md.count("\n") == len(table) + 2 and md.startswith("| unit | loss |")

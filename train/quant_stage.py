@@ -47,27 +47,27 @@ def keep_sensitive_float(ctx: RunContext, quant, model, batches: list[dict], hel
     `held_out` (the batches that follow them in the training set; the calibration ones if the set is too
     small). Its table is written to the stage folder (sensitivity.md for people, sensitivity.json to reuse
     on --resume: the scan is deterministic but not free)."""
-    from qat.sensitivity import ranked_units, sensitivity_scan, to_markdown, units_to_keep_float
+    from qat.sensitivity import sensitivity_scan, to_markdown, units_to_keep_float
 
     saved = sdir / "sensitivity.json"
     # One process scans and writes; every process then reads the written table, so all quantize the same
     # units (a scan per process could rank near-ties differently) and no process reads a table half-made.
     # A table without the units' weight counts predates them and is scanned again.
-    if ctx.state.is_main_process and not (saved.exists() and all("weights" in r for r in ranked_units(
-            json.loads(saved.read_text())))):
-        table = sensitivity_scan(model, quant, batches, eval_batches=held_out or batches, by=quant.sensitivity_by)
-        (sdir / "sensitivity.md").write_text(to_markdown(table))
-        atomic_write_json(saved, table)
+    table = None
+    if ctx.state.is_main_process:
+        table = json.loads(saved.read_text()) if saved.exists() else None
+        if table is None or any("weights" not in r for r in table):
+            table = sensitivity_scan(model, quant, batches, eval_batches=held_out or batches, by=quant.sensitivity_by)
+            (sdir / "sensitivity.md").write_text(to_markdown(table))
+            atomic_write_json(saved, table)
     ctx.state.wait_for_everyone()
-    table = json.loads(saved.read_text())
+    table = table or json.loads(saved.read_text())
     budget = None if quant.keep_float_max_mb is None else int(quant.keep_float_max_mb * 1e6)
-    kept = units_to_keep_float(table, quant.keep_float, budget)
-    ranked = ranked_units(table)
-    # the units ranked above the last one kept that the budget passed over (every unit, if none fitted)
-    passed = [r["unit"] for r in ranked[:ranked.index(kept[-1]) if kept else len(ranked)] if r not in kept]
+    kept, passed = units_to_keep_float(table, quant.keep_float, budget)
     say(ctx.state, f"[sensitivity] kept in float: {', '.join(r['unit'] for r in kept) or 'nothing'}"
                    f" (+{sum(r['weights'] for r in kept) / 1e6:.2f} MB)"
-                   + (f"; over the {quant.keep_float_max_mb} MB budget: {', '.join(passed)}" if passed else ""))
+                   + (f"; over the {quant.keep_float_max_mb} MB budget: {', '.join(r['unit'] for r in passed)}"
+                      if passed else ""))
     new = [p for r in kept for p in r["patterns"] if p not in quant.exclude]
     return dataclasses.replace(quant, exclude=list(quant.exclude) + new)
 
