@@ -291,6 +291,8 @@ def test_base_recipe_ships_a_dense_and_a_pruned_int8_export_of_base():
     assert stages["qat"].quant.conv and stages["qat-pruned"].quant.conv
     assert stages["qat"].quant.exclude == ["model.encoder.layers.*.self_attn.qk", "model.encoder.layers.*.self_attn.pv"]
     assert stages["prune"].input == "dense" and stages["prune"].prune.repair is not None
+    # the branch holds real speech only with scores and repair on 32 batches (docs/base.md)
+    assert stages["prune"].prune.calibration_batches == stages["prune"].prune.repair.calibration_batches == 32
     assert stages["recover"].teacher == "dense" and stages["qat-pruned"].teacher == "input"
     assert stages["export"].export_mode == stages["export-pruned"].export_mode == "qdq"
     assert r.data.optional_eval == {"real_prompts": "../shared/data/real-prompts/manifest.jsonl"}
