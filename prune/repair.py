@@ -36,9 +36,11 @@ TARGETS = ("layer", "stream")
 class RepairConfig:
     enabled: bool = True
     """Refit out_proj / fc2 of every layer (and their bias) after removal."""
-    calibration_batches: int = 8
+    calibration_batches: int = 32
     """Batches of training data (batch 4) whose activations the refit uses; labels are not used, only the
-    decoder's input tokens."""
+    decoder's input tokens. 32 (128 clips): on 8 the refit of tiny.en's quickstart cut made twice the errors on
+    real speech, and base's lighter cut lost real speech (docs/real-speech.md, docs/base.md); more than 32
+    from 200 clips gained nothing."""
     ridge: float = 1e-2
     """Pull towards the kept weights, relative to the mean diagonal of X^T X (0: plain least squares)."""
     target: Literal["layer", "stream"] = "layer"
