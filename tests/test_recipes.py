@@ -280,19 +280,19 @@ def test_cli_run_makes_one_process_group_and_destroys_it_once(tmp_path, monkeypa
 
 def test_base_recipe_ships_a_dense_and_a_pruned_int8_export_of_base():
     """recipes/base.yaml: real base, QAT distilled from itself -> QDQ INT8 export, and a pruned branch from
-    dense (repair, recovery from dense, QAT, export), evaluated on the real prompts when ../shared has them."""
+    dense (repair, then QAT distilled from it, export), evaluated on the real prompts when ../shared has them."""
     from train.recipe import load_recipe
 
     r = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "base.yaml")
     assert r.model.source == "base"
     stages = {s.name: s for s in r.stages}
-    assert list(stages) == ["dense", "qat", "export", "prune", "recover", "qat-pruned", "export-pruned"]
+    assert list(stages) == ["dense", "qat", "export", "prune", "qat-pruned", "export-pruned"]
     assert stages["qat"].teacher == "input" and stages["qat"].quant.keep_float == 0  # the size bound: all int8
     assert stages["qat"].quant.conv and stages["qat-pruned"].quant.conv
     assert stages["qat"].quant.exclude == ["model.encoder.layers.*.self_attn.qk", "model.encoder.layers.*.self_attn.pv"]
     assert stages["prune"].input == "dense" and stages["prune"].prune.repair is not None
     # the branch holds real speech only with scores and repair on 32 batches (docs/base.md)
     assert stages["prune"].prune.calibration_batches == stages["prune"].prune.repair.calibration_batches == 32
-    assert stages["recover"].teacher == "dense" and stages["qat-pruned"].teacher == "input"
+    assert stages["qat-pruned"].teacher == "input"  # distilled from the repaired model, no recovery
     assert stages["export"].export_mode == stages["export-pruned"].export_mode == "qdq"
     assert r.data.optional_eval == {"real_prompts": "../shared/data/real-prompts/manifest.jsonl"}
