@@ -462,6 +462,30 @@ def test_real_tiny_en_pruned_equals_masked_and_meets_the_ratios(tmp_path):
     assert torch.equal(_logits(loaded, batch), _logits(pruned, batch))
 
 
+def test_scores_and_repair_read_their_calibration_batches_once(monkeypatch):
+    """The scores and the repair take the first N calibration batches each: one read of the training set,
+    the longer prefix, serves both; a stage that needs none reads nothing."""
+    import train.prune_stage as prune_stage
+    from prune.repair import RepairConfig
+    from train.recipe import PruneStage, StageConfig
+
+    reads = []
+    monkeypatch.setattr(prune_stage, "calibration_batches", lambda ctx, n: reads.append(n) or list(range(n)))
+
+    def batches(**prune):
+        return prune_stage.stage_batches(None, StageConfig(name="p", kind="prune", prune=PruneStage(**prune)))
+
+    assert batches(criterion="taylor", calibration_batches=3, repair=RepairConfig(calibration_batches=5)) == (
+        [0, 1, 2], [0, 1, 2, 3, 4])
+    assert batches(criterion="taylor", calibration_batches=4, repair=RepairConfig(calibration_batches=2)) == (
+        [0, 1, 2, 3], [0, 1])
+    assert reads == [5, 4]
+    assert batches(criterion="l1", repair=RepairConfig(calibration_batches=2)) == (None, [0, 1])
+    assert batches(criterion="taylor", calibration_batches=3) == ([0, 1, 2], None)
+    assert batches(criterion="l1", repair=RepairConfig(enabled=False)) == (None, None)
+    assert reads == [5, 4, 2, 3]
+
+
 def test_gradual_rounds_repair_towards_the_stage_input(monkeypatch, tmp_path):
     """Each round of a gradual prune refits to the model the stage started from, not to the last round's."""
     from types import SimpleNamespace
@@ -475,7 +499,7 @@ def test_gradual_rounds_repair_towards_the_stage_input(monkeypatch, tmp_path):
     from train.recipe import PruneStage, StageConfig
 
     seen = []
-    monkeypatch.setattr(prune_stage, "repair", lambda ctx, stage, model, reference, sdir, every_process=False:
+    monkeypatch.setattr(prune_stage, "repair", lambda ctx, stage, model, reference, batches, sdir, every_process=False:
                         seen.append((reference, [m.self_attn.num_heads for m in model.model.encoder.layers])))
     model = install_explicit_attention(tiny_random_whisper(seed=0)).eval()
     start = {k: v.clone() for k, v in model.state_dict().items()}

@@ -28,25 +28,36 @@ def on_every_process(stage: StageConfig) -> bool:
 
 
 def run(ctx: RunContext, stage: StageConfig, prev: Path, model_out: Path) -> None:
-    from prune.importance import DATA_CRITERIA, compute_scores
+    from prune.importance import compute_scores
     from prune.select import prune_model
     from slim.model import save_model
 
     p = stage.prune
     sdir = model_out.parent
-    main = ctx.state.is_main_process
     model = load_float(prev, ctx.recipe)
     if on_every_process(stage):
-        batches = calibration_batches(ctx, p.calibration_batches) if main and p.criterion in DATA_CRITERIA else None
-        gradual_prune(ctx, stage, model, batches, sdir)
+        batches, repair_batches = stage_batches(ctx, stage) if ctx.state.is_main_process else (None, None)
+        gradual_prune(ctx, stage, model, batches, sdir, repair_batches)
         save_final(ctx, model, model_out)
         return
-    batches = calibration_batches(ctx, p.calibration_batches) if p.criterion in DATA_CRITERIA else None
+    batches, repair_batches = stage_batches(ctx, stage)
     reference = repair_reference(stage, model)
     prune_model(model, compute_scores(model, p.criterion, batches=batches, seed=p.seed,
                                        ablation_batches=p.ablation_batches, ridge=_ridge(p)), p.selection)
-    repair(ctx, stage, model, reference, sdir)
+    repair(ctx, stage, model, reference, repair_batches, sdir)
     save_model(model, model_out, processor=ctx.processor)
+
+
+def stage_batches(ctx: RunContext, stage: StageConfig) -> tuple[list | None, list | None]:
+    """(score batches, repair batches), None where the stage needs none: one read of the training set for
+    both, since each is the first N calibration batches (`calibration_batches` is a prefix of its longer self)."""
+    from prune.importance import DATA_CRITERIA
+
+    p, r = stage.prune, stage.prune.repair
+    n_scores = p.calibration_batches if p.criterion in DATA_CRITERIA else 0
+    n_repair = r.calibration_batches if r is not None and r.enabled else 0
+    pool = calibration_batches(ctx, max(n_scores, n_repair)) if n_scores or n_repair else []
+    return (pool[:n_scores] if n_scores else None), (pool[:n_repair] if n_repair else None)
 
 
 def _ridge(p) -> float:
@@ -62,18 +73,19 @@ def repair_reference(stage: StageConfig, model):
     return copy.deepcopy(model).eval()
 
 
-def repair(ctx: RunContext, stage: StageConfig, model, reference, sdir: Path, every_process: bool = False) -> None:
-    """Refit the pruned model's consumers to `reference` on calibration data; the per-layer errors go to
-    repair.json in the stage folder. `every_process`: called by all processes (gradual pruning), the main
-    one refits and the others receive its weights; otherwise called on the main process alone."""
+def repair(ctx: RunContext, stage: StageConfig, model, reference, batches, sdir: Path,
+           every_process: bool = False) -> None:
+    """Refit the pruned model's consumers to `reference` on `batches` (needed on the main process only);
+    the per-layer errors go to repair.json in the stage folder. `every_process`: called by all processes
+    (gradual pruning), the main one refits and the others receive its weights; otherwise called on the main
+    process alone."""
     if reference is None:
         return
     from prune.repair import consumers, repair_model
 
     def refit_on_main():
         r = stage.prune.repair
-        report = repair_model(model, reference, calibration_batches(ctx, r.calibration_batches), ridge=r.ridge,
-                              target=r.target, pad_weight=r.pad_weight)
+        report = repair_model(model, reference, batches, ridge=r.ridge, target=r.target, pad_weight=r.pad_weight)
         atomic_write_json(sdir / "repair.json", report)
         worst = max(report, key=lambda x: x["rel_err_before"])
         say(ctx.state, f"[repair] {len(report)} layers refit; worst {worst['layer']}: relative error "
@@ -91,11 +103,12 @@ def repair(ctx: RunContext, stage: StageConfig, model, reference, sdir: Path, ev
                     v.copy_(refit[f"{n}.{k}"])
 
 
-def gradual_prune(ctx: RunContext, stage: StageConfig, model, batches, sdir: Path) -> None:
+def gradual_prune(ctx: RunContext, stage: StageConfig, model, batches, sdir: Path, repair_batches=None) -> None:
     """Reach the target in `iterations` equal steps, recovering `recover_steps` after each but the last.
 
     Runs on every process (the rounds' training is collective): the main process scores, every process
-    applies the same selection to its copy of the same model. `batches` are needed on the main process only.
+    applies the same selection to its copy of the same model. `batches` (scores) and `repair_batches` are
+    needed on the main process only.
     """
     from prune.importance import compute_scores
     from prune.select import prune_model
@@ -111,7 +124,7 @@ def gradual_prune(ctx: RunContext, stage: StageConfig, model, batches, sdir: Pat
                                                                   ablation_batches=p.ablation_batches,
                                                                   ridge=_ridge(p)))
         prune_model(model, scores, sel)
-        repair(ctx, stage, model, reference, sdir, every_process=True)
+        repair(ctx, stage, model, reference, repair_batches, sdir, every_process=True)
         log.info("gradual prune %d/%d: %s", it, p.iterations, sel)
         if it < p.iterations and p.recover_steps > 0:
             cfg = dataclasses.replace(stage.train or TrainConfig(), max_steps=p.recover_steps)
