@@ -10,6 +10,9 @@ must requantize the output to uint8 (needs an output scale and loses accuracy) a
 mode (docs/results.md, "Measurements behind choices in the code"). The qnnpack engine (ARM) has no
 fp32-output kernel for these packed weights in torch 2.13 (`apply_with_input_q_dq_qweight_dq_output_fp32
 is not implemented`), so `convert_to_int8` accepts engine "x86" or "fbgemm" and says so for qnnpack.
+The kernel's u8 x s8 products are exact only with VNNI (32-bit sums): on x86 CPUs without it fbgemm sums
+pairs of products in 16 bits (VPMADDUBSW), which full-range weights can saturate, so there `Int8Linear`
+runs the same integer codes as a float matmul instead (`slim.export_format.int8_kernels_exact`).
 
 What stays float: LayerNorm, softmax, GELU, the conv front end unless QAT quantized it (`Int8Conv1d`:
 the same kernel over the conv's windows); the attention matmuls run their
@@ -24,7 +27,8 @@ Saved state (plain tensors, safetensors; the packed weights are rebuilt on first
 `<linear>.weight_int8` int8 (out, in), `.weight_scale` float32 (out,), `.bias` float32,
 `.input_scale` float32 (), `.input_zero_point` int32 () on the uint8 grid (unused where the input is
 quantized per row, `QuantConfig.dynamic`, which the saved settings rebuild); `<matmul>.a_scale`,
-`.a_zero_point`, `.b_scale`, `.b_zero_point`; `model.decoder.embed_tokens.weight_int8` / `.weight_scale`.
+`.a_zero_point` (unused where `a` is quantized per row, `QuantConfig.row_matmuls`), `.b_scale`,
+`.b_zero_point`; `model.decoder.embed_tokens.weight_int8` / `.weight_scale`.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from qat.prepare import (QATConv1d, QATEmbedding, QATLinear, QuantConfig, QuantM
                          prepare_qat)
 from qat.quantizers import fake_quant, row_qparams
 from slim.attention import MatMul
+from slim.export_format import int8_kernels_exact
 
 ENGINES = ("x86", "fbgemm")
 
@@ -72,7 +77,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("input_zero_point", torch.tensor(0, dtype=torch.int32))
         self.per_row = False  # the input's grid per row, at each call (`QuantConfig.dynamic`): set by _load_qat
         self._packed = None
-        self._w_float = None  # per_row: the dequantized weight, built on first use
+        self._w_float = None  # the dequantized weight of the float paths, built on first use
 
     @classmethod
     def from_qat(cls, m: QATLinear, engine: str = "x86", exact: bool = True) -> "Int8Linear":
@@ -117,6 +122,11 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.per_row:
             return self._forward_per_row(x)
+        if not int8_kernels_exact():
+            # fbgemm's u8 x s8 kernels (both x86 engines) sum pairs of products in 16 bits (VPMADDUBSW) on
+            # x86 CPUs without VNNI: a uint8 input times a full-range int8 weight can saturate there and move
+            # outputs by whole units, so the same integer product runs as a float matmul of the codes' values
+            return self._forward_codes(x, self.input_scale, self.input_zero_point.float())
         packed, scale, zp = self._packed or self._pack()
         shape = x.shape
         x = x.reshape(-1, shape[-1]).float()
@@ -133,11 +143,13 @@ class Int8Linear(nn.Module):
         PyTorch's quantized Linear kernels take one input scale per call (its dynamic one, one range over
         the whole input), so the exact per-row product runs as a float matmul of the integer codes' values
         (the ONNX export runs it as MatMulInteger)."""
+        return self._forward_codes(x, *row_qparams(x.float()))
+
+    def _forward_codes(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+        """x on the uint8 grid (scale, zero_point), times the dequantized int8 weight, in float."""
         if self._w_float is None:
             self._w_float = self.weight_int8.float() * self.weight_scale[:, None]
-        xf = x.float()
-        scale, zp = row_qparams(xf)
-        return F.linear(fake_quant(xf, scale, zp, 0, 255), self._w_float, self.bias).to(x.dtype)
+        return F.linear(fake_quant(x.float(), scale, zero_point, 0, 255), self._w_float, self.bias).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, engine={self.engine}, "
@@ -177,10 +189,12 @@ class QDQMatMul(MatMul):
         for k in ("a", "b"):
             self.register_buffer(f"{k}_scale", torch.tensor(1.0))
             self.register_buffer(f"{k}_zero_point", torch.tensor(0, dtype=torch.int32))
+        self.a_per_row = False  # `a` on each row's own grid at each call (`QuantConfig.row_matmuls`)
 
     @classmethod
     def from_qat(cls, m: QuantMatMul) -> "QDQMatMul":
         new = cls()
+        new.a_per_row = m.a_quant.dynamic
         for k, q in (("a", m.a_quant), ("b", m.b_quant)):
             if q.bits != 8:
                 raise ValueError(f"convert needs 8-bit matmul quantizers, got {q.bits} bits")
@@ -190,7 +204,11 @@ class QDQMatMul(MatMul):
         return new
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        a = fake_quant(a.float(), self.a_scale, self.a_zero_point, 0, 255).to(a.dtype)
+        if self.a_per_row:
+            scale, zp = row_qparams(a.float())
+            a = fake_quant(a.float(), scale, zp, 0, 255).to(a.dtype)
+        else:
+            a = fake_quant(a.float(), self.a_scale, self.a_zero_point, 0, 255).to(a.dtype)
         b = fake_quant(b.float(), self.b_scale, self.b_zero_point, 0, 255).to(b.dtype)
         return torch.matmul(a, b)
 

@@ -152,16 +152,38 @@ class _DynamicQuantMatMul(torch.autograd.Function):
     def symbolic(g, x, wq, wscale, wcolsum):
         from torch.onnx import TensorProtoDataType as TP
 
-        zero = g.op("Constant", value_t=torch.tensor(0.0))
-        lo = g.op("Min", g.op("ReduceMin", x, axes_i=[-1], keepdims_i=1), zero)  # opset 17: axes attribute
-        hi = g.op("Max", g.op("ReduceMax", x, axes_i=[-1], keepdims_i=1), zero)
-        scale = g.op("Max", g.op("Div", g.op("Sub", hi, lo), g.op("Constant", value_t=torch.tensor(255.0))),
-                     g.op("Constant", value_t=torch.tensor(ROW_EPS)))
-        top = g.op("Constant", value_t=torch.tensor(255.0))
-        zp = g.op("Clip", g.op("Round", g.op("Div", g.op("Neg", lo), scale)), zero, top)
-        q = g.op("Clip", g.op("Add", g.op("Round", g.op("Div", x, scale)), zp), zero, top)
+        q, scale, zp = _row_grid_ops(g, x)
         acc = g.op("Cast", g.op("MatMulInteger", g.op("Cast", q, to_i=TP.UINT8), wq), to_i=TP.FLOAT)
         return g.op("Mul", g.op("Sub", acc, g.op("Mul", zp, wcolsum)), g.op("Mul", scale, wscale))
+
+
+def _row_grid_ops(g, x):
+    """`row_qparams` and the codes of x on them, as ONNX ops: (codes as float, scale, zero point), each row's
+    own uint8 grid from its range widened to include 0."""
+    zero = g.op("Constant", value_t=torch.tensor(0.0))
+    lo = g.op("Min", g.op("ReduceMin", x, axes_i=[-1], keepdims_i=1), zero)  # opset 17: axes attribute
+    hi = g.op("Max", g.op("ReduceMax", x, axes_i=[-1], keepdims_i=1), zero)
+    scale = g.op("Max", g.op("Div", g.op("Sub", hi, lo), g.op("Constant", value_t=torch.tensor(255.0))),
+                 g.op("Constant", value_t=torch.tensor(ROW_EPS)))
+    top = g.op("Constant", value_t=torch.tensor(255.0))
+    zp = g.op("Clip", g.op("Round", g.op("Div", g.op("Neg", lo), scale)), zero, top)
+    q = g.op("Clip", g.op("Add", g.op("Round", g.op("Div", x, scale)), zp), zero, top)
+    return q, scale, zp
+
+
+class _RowFakeQuant(torch.autograd.Function):
+    """x on each row's own uint8 grid and back (`row_qparams`): the per-row first input of an attention
+    matmul (`QuantConfig.row_matmuls`). Exported as the row-grid ops, then (codes - zero point) x scale."""
+
+    @staticmethod
+    def forward(ctx, x):
+        scale, zp = row_qparams(x)
+        return (torch.clamp(torch.round(x / scale) + zp, 0, 255) - zp) * scale
+
+    @staticmethod
+    def symbolic(g, x):
+        q, scale, zp = _row_grid_ops(g, x)
+        return g.op("Mul", g.op("Sub", q, zp), scale)
 
 
 class _Reshape(torch.autograd.Function):
@@ -193,6 +215,7 @@ class _Tables(nn.Module):
         # quantized Linear (or conv) -> its input (scale, zero point), or PER_ROW
         self.linears: dict[str, tuple[float, int] | tuple[str, int]] = {}
         self.matmuls: set[str] = set()
+        self.row_a: set[str] = set()  # quantized matmuls whose first input is on a grid per row
         self.groups: dict[tuple[str, ...], list[int]] = {}  # fused projections -> output widths
         if plan is None:
             return
@@ -212,7 +235,10 @@ class _Tables(nn.Module):
             # ActQuant. "bu", the same quantizer on the uint8 grid, for the cross K/V the encoder hands
             # over: a graph input has no Q/DQ pair for ORT to rewrite, and int8 activations x uint8 would
             # run on VPMADDUBSW (16-bit sums that can saturate) on CPUs without VNNI
-            self._act(name, "a", a)
+            if a.per_row:
+                self.row_a.add(name)
+            else:
+                self._act(name, "a", a)
             self._act(name, "b", b, signed=True)
             self._act(name, "bu", b)
             self.matmuls.add(name)
@@ -349,14 +375,18 @@ class _Graph(nn.Module):
         if v.dtype == torch.uint8:
             v = self.dq(v, pv, "bu")
         if qk in self.t.matmuls:
-            q = self.fq(q, qk, "a")
+            q = self.fq_a(q, qk)
         scores = torch.matmul(q, k_t)
         if mask is not None:
             scores = scores + mask
         probs = torch.softmax(scores.float(), dim=-1)
         if pv in self.t.matmuls:
-            probs = self.fq(probs, pv, "a")
+            probs = self.fq_a(probs, pv)
         return torch.matmul(probs, v)
+
+    def fq_a(self, x, name: str):
+        """The first input of quantized matmul `name` on its grid: calibrated, or each row's own."""
+        return _RowFakeQuant.apply(x) if name in self.t.row_a else self.fq(x, name, "a")
 
     def self_attention(self, attn, h, past=None, mask=None, per_head: bool = False):
         """Self-attention of h (B,T,C); `past` = cached (k_t, v) to extend. Returns (output, (k_t, v)).

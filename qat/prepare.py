@@ -70,6 +70,13 @@ class QuantConfig:
     (docs/results.md measures what it holds on real speech and what it costs). ["*"]: every Linear."""
     quantize_matmuls: bool = True
     """Quantize both inputs of the attention matmuls Q·Kᵀ (`qk`) and P·V (`pv`)."""
+    row_matmuls: list[str] = field(default_factory=list)
+    """fnmatch patterns of quantized attention matmuls whose first input (the attention probabilities of a
+    `pv`, the queries of a `qk`) gets a uint8 grid per row, computed at each call from that row's own range,
+    instead of one calibrated scale; the second input (keys, values: cached) keeps its calibrated grid. On
+    one calibrated grid [0, 1] in steps of 1/255, a probability under half a step is zero, and a window full
+    of speech spreads the encoder's attention thinner than a short clip in silence does, so most of its
+    weight vanishes; a row's own grid keeps it (docs/results.md)."""
     embeddings: bool = False
     """Int8 weight-only (per token row) for the decoder's tied embed_tokens / proj_out."""
     conv: bool = False
@@ -105,7 +112,7 @@ class QuantConfig:
             raise ValueError(f"quant.momentum must be in (0, 1], got {self.momentum!r}")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"quant.percentile must be in (50, 100], got {self.percentile!r}")
-        for name in ("include", "exclude", "dynamic"):
+        for name in ("include", "exclude", "dynamic", "row_matmuls"):
             v = getattr(self, name)
             if isinstance(v, str) or not all(isinstance(p, str) for p in v):
                 raise ValueError(f"quant.{name} must be a list of fnmatch patterns, got {v!r}")
@@ -314,7 +321,13 @@ def prepare_qat(model: nn.Module, cfg: QuantConfig) -> nn.Module:
             wq = weight_quantizer(m.out_features, cfg.weight_bits, cfg.lsq)
             model.set_submodule(name, QATLinear.from_linear(m, wq, act(name)))
         elif cfg.quantize_matmuls:
-            model.set_submodule(name, QuantMatMul(act(), act()).train(m.training))
+            per_row = any(fnmatch.fnmatchcase(name, p) for p in cfg.row_matmuls)
+            a = activation_quantizer(cfg.activation_bits, "dynamic") if per_row else act()
+            model.set_submodule(name, QuantMatMul(a, act()).train(m.training))
+    for p in cfg.row_matmuls:
+        if not any(fnmatch.fnmatchcase(n, p) for n, m in model.named_modules() if isinstance(m, QuantMatMul)):
+            raise ValueError(f"quant.row_matmuls: {p!r} matches no quantized attention matmul (their names end in "
+                             "'.qk' and '.pv', e.g. 'model.encoder.layers.*.self_attn.pv')")
     if cfg.conv:
         for name in CONV_FRONT_END:
             if cfg.selects(name):

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,6 +118,13 @@ def cpu_has_vnni() -> bool:
     except OSError:
         return False
     return " avx512_vnni" in flags or " avx_vnni" in flags
+
+
+def int8_kernels_exact() -> bool:
+    """Whether this CPU's u8 x s8 int8 kernels (ONNX Runtime's, PyTorch's fbgemm) sum exactly: everywhere but
+    on x86 without VNNI, where they sum pairs of products in 16 bits (VPMADDUBSW), which a uint8 activation
+    times a full-range int8 weight can saturate (docs/runtimes.md measures what it costs)."""
+    return platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686") or cpu_has_vnni()
 
 
 def session_options(threads: int = 2):

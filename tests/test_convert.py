@@ -70,6 +70,25 @@ def test_int8_linear_matches_fake_quant_linear():
     assert torch.equal(m.weight_scale, q.weight_quant.scale) and m.input_zero_point.dtype == torch.int32
 
 
+def test_int8_linear_without_vnni_runs_the_codes_in_float_and_matches_fake_quant(monkeypatch):
+    """Without VNNI fbgemm's u8 x s8 kernel sums pairs of products in 16 bits and can saturate; the module then
+    multiplies the same integer codes in float, so it keeps fake quant's numbers on any x86 CPU."""
+    import qat.convert
+
+    monkeypatch.setattr(qat.convert, "int8_kernels_exact", lambda: False)
+    torch.manual_seed(0)
+    q = QATLinear.from_linear(nn.Linear(96, 200), weight_quantizer(200), activation_quantizer())
+    x = torch.randn(3, 50, 96) * 2
+    q.train()(x)
+    q.eval().input_quant.freeze()
+    with torch.no_grad():
+        ref = q(x)
+        m = Int8Linear.from_qat(q)
+        y = m(x)
+    assert m._packed is None  # the fbgemm kernel was not used
+    assert float((y - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
 def test_convert_matches_fake_quant(fq, int8):
     """Tolerance: the int8 kernels see exactly fake quant's integer codes (inputs are put on the grid first),
     so logits differ only by fp32-vs-int32 accumulation order, ~1e-6 relative per layer; 1e-3 absolute
@@ -131,6 +150,22 @@ def test_per_row_inputs_convert_to_the_fake_quant_arithmetic_and_round_trip(tmp_
         assert torch.equal(enc_fc1(x), fq.model.encoder.layers[0].fc1(x))
     loaded = load_int8_model(save_int8_model(int8, tmp_path / "int8"))
     assert loaded.model.encoder.layers[0].fc1.per_row and not loaded.model.decoder.layers[0].fc1.per_row
+    assert torch.equal(_logits(loaded, b), _logits(int8, b))
+
+
+def test_per_row_attention_probabilities_convert_exactly_and_round_trip(tmp_path):
+    float_model = install_explicit_attention(tiny_random_whisper(seed=0, max_source_positions=FRAMES // 2).eval())
+    fq = ptq(float_model, QuantConfig(embeddings=True, row_matmuls=["*.pv"]), _batches(2))
+    int8 = convert_to_int8(fq)
+    pv, qk = int8.model.encoder.layers[0].self_attn.pv, int8.model.encoder.layers[0].self_attn.qk
+    assert isinstance(pv, QDQMatMul) and pv.a_per_row and not qk.a_per_row
+    a, v = torch.softmax(torch.randn(2, 4, 9, 9) * 3, -1), torch.randn(2, 4, 9, 16)
+    with torch.no_grad():
+        assert torch.equal(pv(a, v), fq.model.encoder.layers[0].self_attn.pv(a, v))
+    b = _batches(1, seed=5)[0]
+    assert float((_logits(fq, b) - _logits(int8, b)).abs().max()) < 1e-3
+    loaded = load_int8_model(save_int8_model(int8, tmp_path / "int8"))
+    assert loaded.model.encoder.layers[0].self_attn.pv.a_per_row
     assert torch.equal(_logits(loaded, b), _logits(int8, b))
 
 

@@ -233,7 +233,8 @@ def test_ablation_score_is_the_kl_of_removing_that_head_alone(dense, batch):
         logp = torch.log_softmax(_logits(apply_keep(copy.deepcopy(dense), keep), b), -1)
         kl = (ref.exp() * (ref - logp)).sum(-1)[mask].sum()
         assert scores.heads[kind][layer][head] == pytest.approx(float(kl), rel=1e-4, abs=1e-7)
-    assert all((t >= 0).all() for ts in scores.heads.values() for t in ts)
+    # a KL is >= 0; float32 sums over the calibration tokens may leave a head that changes nothing a hair below
+    assert all((t >= -1e-5).all() for ts in scores.heads.values() for t in ts)
     # through compute_scores the FFN neurons get Taylor's scores; the model is left as it was
     both = compute_scores(dense, "ablation", batches=[b])
     assert torch.equal(both.ffn["decoder"][1], taylor_scores(dense, [b]).ffn["decoder"][1])
@@ -278,7 +279,7 @@ def test_unrepaired_share_is_what_least_squares_on_the_other_units_leaves(dense,
         fit = rest @ torch.linalg.lstsq(rest, contrib).solution
         expected = float(((contrib - fit) ** 2).sum() / (contrib ** 2).sum())
         got = float(getattr(shares, group)[kind][layer][unit])
-        assert 0.0 < expected < 1.0 and got == pytest.approx(expected, rel=2e-3, abs=1e-6)
+        assert 0.0 < expected < 1.0 and got == pytest.approx(expected, rel=2e-3, abs=1e-4)  # float32 solve
     assert not dense.training
 
 

@@ -209,6 +209,30 @@ def test_dynamic_patterns_choose_which_linear_inputs_get_per_row_grids(float_mod
     assert not m.model.encoder.conv1.input_quant.dynamic and m.model.encoder.layers[0].fc2.input_quant.dynamic
 
 
+def test_row_matmuls_put_the_first_input_of_matching_attention_matmuls_on_a_grid_per_row(float_model):
+    m = prepare_qat(copy.deepcopy(float_model), QuantConfig(row_matmuls=["model.encoder.layers.*.pv"]))
+    dynamic = {n for n, q in quantizers(m) if q.dynamic}
+    assert dynamic == {f"model.encoder.layers.{i}.self_attn.pv.a_quant" for i in range(2)}
+    calibrate(m, _batches(1))
+    plan = export_quant_plan(m)
+    a, b = plan.matmuls["model.encoder.layers.0.self_attn.pv"]
+    assert a.per_row and not b.per_row and b.scale != 1.0  # the values keep their calibrated grid
+    assert not plan.matmuls["model.encoder.layers.0.self_attn.qk"][0].per_row
+    assert not plan.matmuls["model.decoder.layers.0.self_attn.pv"][0].per_row
+    # why: attention spread over 1500 frames is 1/1500 per frame, under half a step of the [0, 1] grid a
+    # softmax calibrates to, so the calibrated grid zeroes the whole row; the row's own grid keeps it
+    probs = torch.full((1, 1500), 1 / 1500)
+    calibrated = activation_quantizer().train()
+    calibrated(torch.tensor([[0.0, 1.0]]))
+    calibrated.freeze()
+    assert float(calibrated.eval()(probs).sum()) == 0.0
+    assert torch.allclose(activation_quantizer(observer="dynamic")(probs), probs)
+    with pytest.raises(ValueError, match="quant.row_matmuls"):
+        QuantConfig(row_matmuls="*.pv")
+    with pytest.raises(ValueError, match=r"quant.row_matmuls: '\*.fc1' matches no quantized attention matmul"):
+        prepare_qat(copy.deepcopy(float_model), QuantConfig(row_matmuls=["*.fc1"]))
+
+
 def test_include_exclude_patterns(float_model):
     cfg = QuantConfig(include=["model.decoder.*"], exclude=["*.encoder_attn.*", "*.pv"])
     m = prepare_qat(copy.deepcopy(float_model), cfg)
