@@ -74,9 +74,9 @@ class QuantConfig:
     """fnmatch patterns of quantized attention matmuls whose first input (the attention probabilities of a
     `pv`, the queries of a `qk`) gets a uint8 grid per row, computed at each call from that row's own range,
     instead of one calibrated scale; the second input (keys, values: cached) keeps its calibrated grid. On
-    one calibrated grid [0, 1] in steps of 1/255, a probability under half a step is zero, and a window full
-    of speech spreads the encoder's attention thinner than a short clip in silence does, so most of its
-    weight vanishes; a row's own grid keeps it (docs/results.md)."""
+    one calibrated grid [0, 1] in steps of 1/255 a probability under half a step is zero, so attention spread
+    thinly over many frames vanishes; a row's own grid keeps it. On tiny.en this is what costs a QAT model its
+    accuracy on 28 s windows (docs/results.md)."""
     embeddings: bool = False
     """Int8 weight-only (per token row) for the decoder's tied embed_tokens / proj_out."""
     conv: bool = False
