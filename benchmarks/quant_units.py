@@ -36,10 +36,10 @@ def evaluate_units(model_dir: str, data: str, only: bool, groups: list[str] | No
     from qat.quantizers import activation_quantizer
     from qat.sensitivity import GROUPS
 
-    GROUPS = {**GROUPS, **(kinds or {})}
-    unknown = sorted(set(groups or []) - set(GROUPS))
+    known = {**GROUPS, **(kinds or {})}
+    unknown = sorted(set(groups or []) - set(known))
     if unknown:
-        raise SystemExit(f"--groups: unknown kind(s) {unknown}; known: {sorted(GROUPS)}")
+        raise SystemExit(f"--groups: unknown kind(s) {unknown}; known: {sorted(known)}")
     model = load_quantized_model(model_dir)
     if weights:
         from safetensors.torch import load_file
@@ -62,9 +62,9 @@ def evaluate_units(model_dir: str, data: str, only: bool, groups: list[str] | No
         run("all")
         set_fake_quant(model, False)
         run("none")
-    for kind in groups or list(GROUPS):
+    for kind in groups or list(known):
         set_fake_quant(model, not only)
-        if sum(set_fake_quant(model, only, p) for p in GROUPS[kind]) == 0:
+        if sum(set_fake_quant(model, only, p) for p in known[kind]) == 0:
             continue  # the model does not quantize this kind
         run(f"only {kind}" if only else f"all but {kind}")
     return out

@@ -45,7 +45,7 @@ from torch import nn
 
 from qat.prepare import (QATConv1d, QATEmbedding, QATLinear, QuantConfig, QuantMatMul, conv_windows, int8_weight,
                          prepare_qat)
-from qat.quantizers import fake_quant, row_qparams
+from qat.quantizers import fake_quant, row_fake_quant, row_qparams
 from slim.attention import MatMul
 from slim.export_format import int8_kernels_exact
 
@@ -205,8 +205,7 @@ class QDQMatMul(MatMul):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.a_per_row:
-            scale, zp = row_qparams(a.float())
-            a = fake_quant(a.float(), scale, zp, 0, 255).to(a.dtype)
+            a = row_fake_quant(a).to(a.dtype)
         else:
             a = fake_quant(a.float(), self.a_scale, self.a_zero_point, 0, 255).to(a.dtype)
         b = fake_quant(b.float(), self.b_scale, self.b_zero_point, 0, 255).to(b.dtype)

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qat.quantizers import ROW_EPS, ActQuant, QuantPlan, WeightQuant, row_qparams
+from qat.quantizers import ROW_EPS, ActQuant, QuantPlan, WeightQuant, row_fake_quant, row_qparams
 from slim.attention import SlimAttention
 from slim.export_format import (CONFIG_FILE, DECODER_FILE, ENCODER_FILE, EXPORT_FORMAT, LAYOUTS, TOKENIZER_FILE,
                                 DecodeConfig, file_digest, has_processor, session_options)
@@ -177,8 +177,7 @@ class _RowFakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        scale, zp = row_qparams(x)
-        return (torch.clamp(torch.round(x / scale) + zp, 0, 255) - zp) * scale
+        return row_fake_quant(x)
 
     @staticmethod
     def symbolic(g, x):

@@ -138,6 +138,14 @@ def row_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, torch.clamp(torch.round(-lo / scale), 0, 255)
 
 
+def row_fake_quant(x: torch.Tensor) -> torch.Tensor:
+    """x on each row's own uint8 grid (`row_qparams`) and back, in float32: a per-row quantized input, as every
+    engine computes it."""
+    x = x.float()
+    scale, zero_point = row_qparams(x.detach())
+    return fake_quant(x, scale, zero_point, 0, 255)
+
+
 def _percentiles(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(100-p)th and p-th percentiles of `x`.
 
@@ -304,8 +312,7 @@ class FakeQuantizer(nn.Module):
         if self.dynamic:
             if not self.is_enabled:
                 return x
-            scale, zero_point = row_qparams(x.detach().float())
-            return fake_quant(x.float(), scale, zero_point, self.qmin, self.qmax).to(x.dtype)
+            return row_fake_quant(x).to(x.dtype)
         if self.is_observing and (self.training or self.observer == "current"):
             self.update_stats(x)
         if not self.is_enabled:

@@ -120,6 +120,7 @@ def cpu_has_vnni() -> bool:
     return " avx512_vnni" in flags or " avx_vnni" in flags
 
 
+@functools.cache
 def int8_kernels_exact() -> bool:
     """Whether this CPU's u8 x s8 int8 kernels (ONNX Runtime's, PyTorch's fbgemm) sum exactly: everywhere but
     on x86 without VNNI, where they sum pairs of products in 16 bits (VPMADDUBSW), which a uint8 activation

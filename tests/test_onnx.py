@@ -392,7 +392,6 @@ def test_per_row_linear_inputs_export_as_integer_matmuls_that_agree_with_fake_qu
     assert r["tokens_torch"] == len(feats) * NEW and r["token_agreement"] >= 0.99
 
 
-@exact_int8
 def test_per_row_attention_probabilities_export_and_agree_with_fake_quant(dense, feats, tmp_path):
     import onnx
 
@@ -407,6 +406,9 @@ def test_per_row_attention_probabilities_export_and_agree_with_fake_quant(dense,
         # the probabilities have no calibrated grid in the graph; the values keep theirs
         assert not any(n.endswith("pv__a_scale") for n in names)
         assert any(n.endswith("pv__b_scale") for n in names) or graph == "decoder.onnx"
+    if not int8_kernels_exact():
+        pytest.skip("x86 without VNNI: ONNX Runtime's u8 x s8 kernels can saturate (docs/runtimes.md); the graph "
+                    "checks above ran, the agreement with fake quant needs exact kernels")
     r = parity(fq, out, feats, threads=1, max_new_tokens=NEW)
     assert r["tokens_torch"] == len(feats) * NEW and r["token_agreement"] >= 0.99
 
