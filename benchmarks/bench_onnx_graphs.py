@@ -9,13 +9,17 @@ Three measurements, each against the setting it replaced (min over repeats; run 
      (`session.qdqisint8allowed` = 0), which turns u8 x s8 into u8 x u8;
   2. one attention chain per head: one encoder layer's QK -> softmax -> quantize -> PV on the export's
      shapes (heads, head_dim, 1500 frames), all heads in one chain vs one chain per head (the
-     `qat.onnx_export` Q/DQ functions, random inputs);
+     `qat.onnx_export` Q/DQ functions, random inputs), and per head with the probabilities on per-row grids;
   3. workers that stop spinning after a run: the engine on the clips with `session.force_spinning_stop`
      on (as shipped) and off: encoder seconds, and the decoder's first four steps and later steps.
+  5. exact int8 sums (`session.x64quantprecision`, as shipped) against ORT's u8 x s8 kernels, the same way as
+     3; on x86 without VNNI the first runs the int8 weights as uint8, elsewhere the two are the same kernels.
   4. the conv front end (quant.conv): conv1 -> GELU -> conv2 -> GELU on the export's shapes (random
      weights), as float Conv nodes vs as int8 GEMMs over the windows of the uint8 codes
      (`qat.prepare.conv_windows` on the time-major codes, as exported) and over windows cut from the
      channels-first codes (strided slices along each channel's row).
+  --only NAME [...]: run only these measurements (signed_kv, attention_chain, spinning, conv_front_end,
+     exact_sums).
   --against OTHER_EXPORT [...]: also the whole encoder of EXPORT and of each OTHER (e.g. the same model
      exported by another version of `qat.onnx_export`), runs interleaved on the same input, median and
      min of --repeats x 6.
@@ -76,26 +80,38 @@ def attention_kernels(encoder: Path, threads: int, repeats: int, **entries: str)
 
 
 def attention_chain(heads: int, head_dim: int, frames: int, threads: int, repeats: int) -> dict:
-    """ms of one layer's quantized attention, all heads in one chain vs one chain per head."""
+    """ms of one layer's quantized attention: all heads in one chain vs one chain per head (probabilities on a
+    calibrated grid), and per head with the probabilities on a grid per row (`quant.row_matmuls`): as exported
+    (`_RowProbsMatMul`, one integer matmul), and as a float P.V of the fake-quantized probabilities, on their
+    grid from the row maximum (probabilities are >= 0) or on the general per-row grid (row minimum too)."""
     import onnxruntime as ort
 
-    from qat.onnx_export import _FakeQuant
+    from qat.onnx_export import _FakeQuant, _Quant, _RowFakeQuant, _RowProbsMatMul
 
     fq = _FakeQuant.apply
     a = (torch.tensor(0.05), torch.tensor(128, dtype=torch.uint8))
     b = (torch.tensor(0.05), torch.tensor(3, dtype=torch.int8))
+    bu = (torch.tensor(0.05), torch.tensor(131, dtype=torch.uint8))  # the same grid, uint8
     p = (torch.tensor(1 / 255), torch.tensor(0, dtype=torch.uint8))
+    pv = {"calibrated": lambda probs, v: torch.matmul(fq(probs, *p), fq(v, *b)),
+          "row": lambda probs, v: _RowProbsMatMul.apply(probs, _Quant.apply(v, *bu), *bu),
+          "row_float": lambda probs, v: torch.matmul(_RowFakeQuant.apply(probs, True), fq(v, *b)),
+          "row_general": lambda probs, v: torch.matmul(_RowFakeQuant.apply(probs, False), fq(v, *b))}
 
-    def chain(q, k_t, v):
-        return torch.matmul(fq(torch.softmax(torch.matmul(fq(q, *a), fq(k_t, *b)), -1), *p), fq(v, *b))
+    def chain(q, k_t, v, grid):
+        return pv[grid](torch.softmax(torch.matmul(fq(q, *a), fq(k_t, *b)), -1), v)
 
     class AllHeads(torch.nn.Module):
         def forward(self, q, k_t, v):
-            return chain(q, k_t, v)
+            return chain(q, k_t, v, "calibrated")
 
     class PerHead(torch.nn.Module):
+        def __init__(self, grid):
+            super().__init__()
+            self.grid = grid
+
         def forward(self, q, k_t, v):
-            return torch.cat([chain(*x) for x in zip(*(torch.split(t, 1, 1) for t in (q, k_t, v)))], dim=1)
+            return torch.cat([chain(*x, self.grid) for x in zip(*(torch.split(t, 1, 1) for t in (q, k_t, v)))], dim=1)
 
     g = torch.Generator().manual_seed(0)
     args = (torch.randn(1, heads, frames, head_dim, generator=g), torch.randn(1, heads, head_dim, frames, generator=g),
@@ -103,7 +119,10 @@ def attention_chain(heads: int, head_dim: int, frames: int, threads: int, repeat
     feeds = {n: t.numpy() for n, t in zip("qkv", args)}
     out = {}
     with tempfile.TemporaryDirectory() as d:
-        for name, module in (("all_heads", AllHeads()), ("per_head", PerHead())):
+        for name, module in (("all_heads", AllHeads()), ("per_head", PerHead("calibrated")),
+                             ("per_head_row_probs", PerHead("row")),
+                             ("per_head_row_probs_float_pv", PerHead("row_float")),
+                             ("per_head_row_probs_general_grid_float_pv", PerHead("row_general"))):
             path = Path(d) / f"{name}.onnx"
             torch.onnx.export(module, args, str(path), dynamo=False, opset_version=17, input_names=list("qkv"),
                               output_names=["o"])
@@ -194,8 +213,10 @@ def encoders(exports: list[Path], threads: int, repeats: int, gap: float = 0.1) 
     return {k: {"median_ms": 1e3 * float(np.median(v)), "min_ms": 1e3 * min(v)} for k, v in times.items()}
 
 
-def spinning(export: Path, clips: list[np.ndarray], threads: int, repeats: int) -> dict:
-    """The engine with workers that stop spinning after each run (shipped) and with ORT's default."""
+def engine_settings(export: Path, clips: list[np.ndarray], threads: int, repeats: int,
+                    variants: dict[str, dict[str, str]]) -> dict:
+    """The engine on the clips with each variant's session entries on top of `session_options`: median encoder
+    seconds, decoder ms for the first four steps and for later ones, and seconds per clip end to end."""
     import onnxruntime as ort
 
     from slim.runtime import OnnxEngine
@@ -211,34 +232,41 @@ def spinning(export: Path, clips: list[np.ndarray], threads: int, repeats: int) 
         steps.append(time.perf_counter() - t)
 
     out = {}
-    for name, stop in (("stop_spinning", "1"), ("ort_default", "0")):
-        so = _options(threads, **{"session.force_spinning_stop": stop})
+    for name, entries in variants.items():
+        so = _options(threads, **entries)
         engine.encoder, engine.decoder = (ort.InferenceSession(str(export / f), so, providers=["CPUExecutionProvider"])
                                           for f in ("encoder.onnx", "decoder.onnx"))
         run = engine.decoder.run_with_iobinding
         engine.decoder.run_with_iobinding = timed
-        enc, first, later = [], [], []
+        enc, first, later, total = [], [], [], []
         for _ in range(repeats):
             for f in feats:
                 steps.clear()
                 engine.timings.reset()
+                t = time.perf_counter()
                 engine.generate_tokens(f)
+                total.append(time.perf_counter() - t)
                 enc.append(engine.timings.encoder_s)
                 first += steps[:4]
                 later += steps[4:]
         out[name] = {"encoder_s": float(np.median(enc)), "first_4_steps_ms": 1e3 * float(np.median(first)),
-                     "later_steps_ms": 1e3 * float(np.median(later)) if later else None}
+                     "later_steps_ms": 1e3 * float(np.median(later)) if later else None,
+                     "s_per_clip": float(np.median(total))}
     return out
+
+
+MEASUREMENTS = ("signed_kv", "attention_chain", "spinning", "conv_front_end", "exact_sums")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("export", help="QDQ export directory")
-    p.add_argument("--clips", default=str(DEFAULT_CLIPS), help="JSONL manifest of clips for measurement 3")
+    p.add_argument("--clips", default=str(DEFAULT_CLIPS), help="JSONL manifest of clips for measurements 3 and 5")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--against", nargs="+", default=[], metavar="OTHER_EXPORT",
                    help="also time the whole encoder of these exports against EXPORT's")
+    p.add_argument("--only", nargs="+", choices=MEASUREMENTS, help="run only these measurements")
     p.add_argument("--out", help="write the figures as JSON here")
     args = p.parse_args(argv)
     import onnxruntime as ort
@@ -254,16 +282,25 @@ def main(argv=None) -> int:
     manifest = Path(args.clips)
     clips = [load_audio(manifest.parent / json.loads(line)["audio"]) for line in manifest.read_text().splitlines()
              if line.strip()]
-    r = {
-        "signed_kv": attention_kernels(export / "encoder.onnx", args.threads, args.repeats),
-        "uint8_kv_ort_default": attention_kernels(export / "encoder.onnx", args.threads, args.repeats,
-                                                  **{"session.qdqisint8allowed": "0"}),
-        "attention_chain": attention_chain(heads, s["head_dim"], config["model"]["n_frames"] // 2, args.threads,
-                                           args.repeats),
-        "spinning": spinning(export, clips, args.threads, args.repeats),
-        "conv_front_end": front_end(config["model"]["num_mel_bins"], config["model"]["d_model"],
-                                    config["model"]["n_frames"], args.threads, args.repeats),
+    runs = {
+        "signed_kv": lambda: {
+            "signed_kv": attention_kernels(export / "encoder.onnx", args.threads, args.repeats),
+            "uint8_kv_ort_default": attention_kernels(export / "encoder.onnx", args.threads, args.repeats,
+                                                      **{"session.qdqisint8allowed": "0"})},
+        "attention_chain": lambda: {"attention_chain": attention_chain(
+            heads, s["head_dim"], config["model"]["n_frames"] // 2, args.threads, args.repeats)},
+        "spinning": lambda: {"spinning": engine_settings(export, clips, args.threads, args.repeats, {
+            "stop_spinning": {"session.force_spinning_stop": "1"},
+            "ort_default": {"session.force_spinning_stop": "0"}})},
+        "conv_front_end": lambda: {"conv_front_end": front_end(
+            config["model"]["num_mel_bins"], config["model"]["d_model"], config["model"]["n_frames"], args.threads,
+            args.repeats)},
+        "exact_sums": lambda: {"exact_sums": engine_settings(export, clips, args.threads, args.repeats, {
+            "exact": {"session.x64quantprecision": "1"}, "u8s8_kernels": {"session.x64quantprecision": "0"}})},
     }
+    r = {}
+    for name in args.only or MEASUREMENTS:
+        r.update(runs[name]())
     if args.against:
         r["encoders"] = encoders([export] + [Path(a) for a in args.against], args.threads, args.repeats)
     print(json.dumps(r, indent=2))

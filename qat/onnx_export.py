@@ -173,16 +173,64 @@ def _row_grid_ops(g, x):
 
 class _RowFakeQuant(torch.autograd.Function):
     """x on each row's own uint8 grid and back (`row_qparams`): the per-row first input of an attention
-    matmul (`QuantConfig.row_matmuls`). Exported as the row-grid ops, then (codes - zero point) x scale."""
+    matmul (`QuantConfig.row_matmuls`). Exported as the row-grid ops, then (codes - zero point) x scale.
+
+    `nonneg`: x is known to be >= 0 (attention probabilities). Then every row's range starts at 0, so its zero
+    point is 0 and its scale max(row max / 255, eps): the same grid from half the passes over x (no row
+    minimum, no zero point to add and take away; no clip, as x / scale <= 255 already). Those passes over the
+    encoder's 1500 x 1500 probabilities per head are what the per-row grid costs at run time.
+    """
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, nonneg: bool = False):
         return row_fake_quant(x)
 
     @staticmethod
-    def symbolic(g, x):
-        q, scale, zp = _row_grid_ops(g, x)
-        return g.op("Mul", g.op("Sub", q, zp), scale)
+    def symbolic(g, x, nonneg: bool = False):
+        if not nonneg:
+            q, scale, zp = _row_grid_ops(g, x)
+            return g.op("Mul", g.op("Sub", q, zp), scale)
+        hi = g.op("ReduceMax", x, axes_i=[-1], keepdims_i=1)
+        scale = g.op("Max", g.op("Div", hi, g.op("Constant", value_t=torch.tensor(255.0))),
+                     g.op("Constant", value_t=torch.tensor(ROW_EPS)))
+        return g.op("Mul", g.op("Round", g.op("Div", x, scale)), scale)
+
+
+class _RowProbsMatMul(torch.autograd.Function):
+    """P @ V with P (attention probabilities, >= 0) on each row's own uint8 grid (`_RowFakeQuant`, zero point 0)
+    and V given as its uint8 codes on its calibrated grid: one integer matmul, then each row's scale times V's.
+
+    Exported as ReduceMax -> scale -> QuantizeLinear of the rows (uint8, zero point 0) -> MatMulInteger(codes,
+    V codes, 0, V's zero point) -> Cast -> Mul. Both operands uint8, so ORT runs u8 x u8 kernels, exact on every CPU (u8 x s8 ones
+    can saturate without VNNI). A float MatMul of the fake-quantized P (what a per-row grid exported as before)
+    made the encoder's attention about 1.6x slower than the calibrated grid's int8 kernel
+    (`benchmarks/bench_onnx_graphs.py --only attention_chain`). The eager forward is the same integer sums
+    (in float64, exact) times the same scales; the fake-quant model multiplies the dequantized values instead,
+    which differs by float rounding only.
+    """
+
+    @staticmethod
+    def forward(ctx, p, v, v_scale, v_zero_point):
+        scale = torch.clamp(p.amax(-1, keepdim=True) / 255, min=ROW_EPS)
+        acc = torch.matmul(torch.round(p / scale).double(), v.double() - v_zero_point.double()).float()
+        return acc * (scale * v_scale)
+
+    @staticmethod
+    def symbolic(g, p, v, v_scale, v_zero_point):
+        from torch.onnx import TensorProtoDataType as TP
+
+        hi = g.op("ReduceMax", p, axes_i=[-1], keepdims_i=1)
+        scale = g.op("Max", g.op("Div", hi, g.op("Constant", value_t=torch.tensor(255.0))),
+                     g.op("Constant", value_t=torch.tensor(ROW_EPS)))
+        # the codes from one QuantizeLinear per row (rows flattened, one scale each along axis 0; its zero point
+        # omitted: 0, uint8), which ORT vectorizes, instead of Div, Round and Cast passes over P
+        rows = g.op("Flatten", p, axis_i=-1)
+        codes = g.op("QuantizeLinear", rows, g.op("Reshape", scale, g.op("Constant", value_t=torch.tensor(
+            [-1], dtype=torch.int64))), axis_i=0)
+        codes = g.op("Reshape", codes, g.op("Shape", p))
+        zero = g.op("Constant", value_t=torch.tensor(0, dtype=torch.uint8))
+        acc = g.op("MatMulInteger", codes, v, zero, v_zero_point)
+        return g.op("Mul", g.op("Cast", acc, to_i=TP.FLOAT), g.op("Mul", scale, v_scale))
 
 
 class _Reshape(torch.autograd.Function):
@@ -371,21 +419,24 @@ class _Graph(nn.Module):
         qk, pv = self.t.name(attn.qk), self.t.name(attn.pv)
         if k_t.dtype == torch.uint8:  # shipped quantized by the encoder graph (`split_kv(ship=True)`)
             k_t = self.dq(k_t, qk, "bu")
-        if v.dtype == torch.uint8:
-            v = self.dq(v, pv, "bu")
         if qk in self.t.matmuls:
             q = self.fq_a(q, qk)
         scores = torch.matmul(q, k_t)
         if mask is not None:
             scores = scores + mask
         probs = torch.softmax(scores.float(), dim=-1)
+        if v.dtype == torch.uint8 and pv in self.t.row_a:  # V's codes (`kv_grid`): one integer matmul
+            return _RowProbsMatMul.apply(probs, v, self.t.get(pv, "bu_scale"), self.t.get(pv, "bu_zp"))
+        if v.dtype == torch.uint8:
+            v = self.dq(v, pv, "bu")
         if pv in self.t.matmuls:
-            probs = self.fq_a(probs, pv)
+            probs = self.fq_a(probs, pv, nonneg=True)
         return torch.matmul(probs, v)
 
-    def fq_a(self, x, name: str):
-        """The first input of quantized matmul `name` on its grid: calibrated, or each row's own."""
-        return _RowFakeQuant.apply(x) if name in self.t.row_a else self.fq(x, name, "a")
+    def fq_a(self, x, name: str, nonneg: bool = False):
+        """The first input of quantized matmul `name` on its grid: calibrated, or each row's own (`nonneg`:
+        x >= 0, see `_RowFakeQuant`)."""
+        return _RowFakeQuant.apply(x, nonneg) if name in self.t.row_a else self.fq(x, name, "a")
 
     def self_attention(self, attn, h, past=None, mask=None, per_head: bool = False):
         """Self-attention of h (B,T,C); `past` = cached (k_t, v) to extend. Returns (output, (k_t, v)).
@@ -421,15 +472,20 @@ class _Graph(nn.Module):
         k_t = _Reshape.apply(k, shape).permute(0, 2, 3, 1)
         v = _Reshape.apply(v, shape).transpose(1, 2)
         if per_head:  # sliced before quantizing: ORT fuses a Q/DQ pair into an int8 matmul only where it feeds one
-            pairs = [self.kv_grid(attn, a, b, ship) for a, b in zip(torch.split(k_t, 1, 1), torch.split(v, 1, 1))]
+            pairs = [self.kv_grid(attn, a, b, ship, v_codes=True) for a, b in zip(torch.split(k_t, 1, 1),
+                                                                                 torch.split(v, 1, 1))]
             return [a for a, _ in pairs], [b for _, b in pairs]
         return self.kv_grid(attn, k_t, v, ship)
 
-    def kv_grid(self, attn, k_t, v, ship: bool = False):
+    def kv_grid(self, attn, k_t, v, ship: bool = False, v_codes: bool = False):
+        """k_t, v on their grids, fake-quantized; `ship`: both as uint8 codes, handed to the decoder graph.
+        `v_codes`: v as uint8 codes where its P.V takes the probabilities per row (`_RowProbsMatMul`), for a v
+        that is used right away (not one that joins a float cache or a graph output)."""
         if self.quantized(attn.qk):
             k_t = self.q(k_t, self.t.name(attn.qk), "bu") if ship else self.fq(k_t, self.t.name(attn.qk), "b")
         if self.quantized(attn.pv):
-            v = self.q(v, self.t.name(attn.pv), "bu") if ship else self.fq(v, self.t.name(attn.pv), "b")
+            pv = self.t.name(attn.pv)
+            v = self.q(v, pv, "bu") if ship or (v_codes and pv in self.t.row_a) else self.fq(v, pv, "b")
         return k_t, v
 
     def shipped_dtypes(self, attn) -> tuple:
@@ -666,6 +722,70 @@ def _compact_float_initializers(path: Path, min_elements: int | None = None) -> 
     return done
 
 
+# (weight input, its zero point input) of the ops that multiply an int8 weight (ONNX and ONNX Runtime contrib)
+_WEIGHT_ZERO_POINT = {"DequantizeLinear": (0, 2), "MatMulInteger": (1, 3), "QLinearMatMul": (3, 5),
+                      "DynamicQuantizeMatMul": (1, 4), "MatMulIntegerToFloat": (1, 5)}
+
+
+def _unshare_zero_points(path: Path) -> int:
+    """Give every int8 weight its own zero-point initializer; returns the copies made.
+
+    The TorchScript exporter stores equal constants once (and reads them through Identity nodes), so one
+    all-zero zero-point tensor serves every weight with the same channel count. ONNX Runtime's
+    `session.x64quantprecision` (which `slim.export_format.session_options` sets: on x86 without VNNI it turns
+    int8 weights into uint8 + 128, so the int8 kernels cannot saturate) rewrites each weight's zero point in
+    place and fails to load a graph where two weights share one ("Attempt to replace the existing tensor").
+    Zero points are a byte per output channel; the weights themselves stay shared.
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    source: dict[str, str] = {}  # Identity outputs -> the initializer they copy
+
+    def resolve(name):
+        while name in source:
+            name = source[name]
+        return name
+
+    def visit(g, fn):
+        for node in g.node:
+            fn(node)
+            for a in node.attribute:  # If branches (the merged decoder) read the outer initializers
+                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    visit(sub, fn)
+
+    def identities(node):
+        if node.op_type == "Identity" and node.input[0] in inits | source.keys():
+            source[node.output[0]] = node.input[0]
+
+    taken, copies = set(), []
+
+    def unshare(node):
+        w, z = _WEIGHT_ZERO_POINT.get(node.op_type, (None, None))
+        if w is None or z >= len(node.input) or resolve(node.input[w]) not in inits:
+            return
+        zp = resolve(node.input[z])
+        if zp not in inits or inits[zp].data_type != onnx.TensorProto.INT8:
+            return
+        if zp in taken:
+            t = onnx.TensorProto()
+            t.CopyFrom(inits[zp])
+            t.name = f"{zp}__{len(copies)}"
+            copies.append(t)
+            zp = t.name
+        taken.add(zp)
+        node.input[z] = zp
+
+    visit(graph, identities)
+    visit(graph, unshare)
+    if copies:
+        graph.initializer.extend(copies)
+        onnx.save(model, str(path))
+    return len(copies)
+
+
 def set_metadata(path: Path, meta: dict[str, str]) -> None:
     """Replace an ONNX file's metadata (key/value strings, what runtimes read the model's settings from)."""
     import onnx
@@ -771,12 +891,13 @@ def export_model(src, out: str | Path, mode: str = "qdq", *, processor=None, pla
             extra[layout] = {**info, "required": graphs + [export_sherpa.TOKENS]}
         compacted = []
         for f in graphs:
-            if f in extra.get(layout, {}).get("quantized", []):
-                continue
-            if mode == "dynamic-int8":
-                _quantize_dynamic(tmp / f, per_channel)
-            elif mode == "qdq":
-                compacted += _compact_float_initializers(tmp / f)
+            if f not in extra.get(layout, {}).get("quantized", []):
+                if mode == "dynamic-int8":
+                    _quantize_dynamic(tmp / f, per_channel)
+                elif mode == "qdq":
+                    compacted += _compact_float_initializers(tmp / f)
+            if mode != "float":
+                _unshare_zero_points(tmp / f)
         for f, meta in extra.get(layout, {}).get("metadata", {}).items():  # last: the rewrites above keep none
             set_metadata(tmp / f, meta)
         structure = structure_of(model)

@@ -152,6 +152,7 @@ def session_options(threads: int = 2):
     so.add_session_config_entry("session.force_spinning_stop", "1")
     if cpu_has_vnni():
         so.add_session_config_entry("session.qdqisint8allowed", "1")
+    so.add_session_config_entry("session.x64quantprecision", "1")
     return so
 
 

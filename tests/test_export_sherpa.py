@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from slim.audio import load_audio
-from slim.export_format import ExportDirError
+from slim.export_format import ExportDirError, session_options
 from slim.runtime import OnnxEngine
 
 from uneven import (CROSS_HEADS, HEAD_DIM, REAL_SPEECH, ROOT, SELF_HEADS, export_all, real_clips as _clips,
@@ -71,8 +71,9 @@ def _sherpa_greedy(d: Path, feats: np.ndarray, prompt: list[int], eos: int, step
     import onnxruntime as ort
 
     cfg = json.loads((d / "export_config.json").read_text())["sherpa-onnx"]
-    enc = ort.InferenceSession(str(d / cfg["encoder"]), providers=["CPUExecutionProvider"])
-    dec = ort.InferenceSession(str(d / cfg["decoder"]), providers=["CPUExecutionProvider"])
+    so = session_options(1)  # the slim engine's kernels, so the graphs are compared, not two kernel choices
+    enc = ort.InferenceSession(str(d / cfg["encoder"]), so, providers=["CPUExecutionProvider"])
+    dec = ort.InferenceSession(str(d / cfg["decoder"]), so, providers=["CPUExecutionProvider"])
     ck, cv = enc.run(None, {"mel": feats})
     k = np.zeros((2, 1, 448, cfg["self_width"]), np.float32)
     v = np.zeros_like(k)

@@ -11,20 +11,13 @@ import torch
 
 from eval.onnx_engine import next_token_agreement, parity, token_agreement, torch_greedy_tokens
 from qat.onnx_export import export_model, int8_kernel_counts, optimized_graph
-from slim.export_format import (DecodeConfig, ExportDirError, cpu_has_vnni, file_digest, int8_kernels_exact,
-                                session_options)
+from slim.export_format import DecodeConfig, ExportDirError, cpu_has_vnni, file_digest, session_options
 from slim.runtime import OnnxEngine
 from slim.model import Structure, build_model, install_explicit_attention
 from slim.sources import tiny_random_processor, tiny_random_whisper
 
 REAL_SPEECH = Path(__file__).resolve().parents[1] / "data" / "real-speech"
 NEW = 19  # generated tokens compared per utterance (random weights rarely stop early)
-
-# ONNX Runtime's u8 x s8 kernels are exact only where int8_kernels_exact() (not on x86 without VNNI): the tests
-# that hold an INT8 export to its fake-quant arithmetic run there
-exact_int8 = pytest.mark.skipif(not int8_kernels_exact(), reason="x86 without VNNI: ONNX Runtime's u8 x s8 "
-                                "kernels sum pairs of products in 16 bits and can saturate (docs/runtimes.md)")
-
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
@@ -197,7 +190,6 @@ def test_int8_batched_decoding_equals_one_by_one(exports, feats):
     assert e.generate_tokens(np.stack(feats), NEW) == one_by_one
 
 
-@exact_int8
 def test_per_row_dynamic_logits_match_their_onnx_graph(exports):
     """The eager forward of the logits' dynamic quantization is the exported graph's arithmetic."""
     import onnxruntime as ort
@@ -215,13 +207,72 @@ def test_per_row_dynamic_logits_match_their_onnx_graph(exports):
 
     path = exports["qdq"].parent / "dyn.onnx"
     torch.onnx.export(M(), (x,), str(path), dynamo=False, opset_version=17, input_names=["x"], output_names=["y"])
-    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    got = ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.numpy()})[0]
     want = M()(x).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
     # per row: scaling one row leaves the others exactly as they were
     x2 = x.clone()
     x2[0, 0] *= 100
     assert torch.equal(M()(x2)[1:], M()(x)[1:]) and torch.equal(M()(x2)[0, 1], M()(x)[0, 1])
+
+
+def test_row_grid_of_probabilities_is_the_fake_quant_bit_for_bit(exports):
+    """The export's per-row grid for x >= 0 (row maximum only) gives row_fake_quant's values exactly."""
+    import onnxruntime as ort
+
+    from qat.onnx_export import _RowFakeQuant
+    from qat.quantizers import row_fake_quant
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.softmax(torch.randn(2, 3, 40, 50, generator=g) * torch.tensor([0.1, 3.0, 30.0])[:, None, None], -1)
+    x[0, 0, 0] = 0.0  # an all-zero row: scale eps, codes 0
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return _RowFakeQuant.apply(x, True)
+
+    path = exports["qdq"].parent / "rowp.onnx"
+    torch.onnx.export(M(), (x,), str(path), dynamo=False, opset_version=17, input_names=["x"], output_names=["y"])
+    got = ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.numpy()})[0]
+    assert np.array_equal(got, row_fake_quant(x).numpy()) and np.array_equal(got, M()(x).numpy())
+    # each row's error is within half of its own step (row max / 255), however small that max is
+    step = x.numpy().max(-1, keepdims=True) / 255
+    assert (np.abs(got - x.numpy()) <= step / 2 * (1 + 1e-5) + 1e-30).all()
+
+
+def test_per_row_probabilities_times_value_codes_is_one_integer_matmul(exports):
+    """`_RowProbsMatMul` in ORT: the eager forward's integer sums and scales, and the fake-quant arithmetic
+    (row_fake_quant(P) @ dequantized V) up to float rounding; a batch item's rows do not move another's."""
+    import onnxruntime as ort
+
+    from qat.onnx_export import _RowProbsMatMul
+    from qat.quantizers import row_fake_quant
+
+    g = torch.Generator().manual_seed(4)
+    p = torch.softmax(torch.randn(2, 1, 30, 40, generator=g) * torch.tensor([0.1, 20.0])[:, None, None, None], -1)
+    v_scale, v_zp = torch.tensor(0.03), torch.tensor(131, dtype=torch.uint8)
+    v = torch.randint(0, 256, (2, 1, 40, 8), generator=g, dtype=torch.uint8)
+
+    class M(torch.nn.Module):
+        def forward(self, p, v):
+            return _RowProbsMatMul.apply(p, v, v_scale, v_zp)
+
+    path = exports["qdq"].parent / "rowpv.onnx"
+    torch.onnx.export(M(), (p, v), str(path), dynamo=False, opset_version=17, input_names=["p", "v"],
+                      output_names=["y"], dynamic_axes={"p": {0: "b", 2: "t"}, "v": {0: "b"}})
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"MatMulInteger", "QuantizeLinear"} <= ops and "MatMul" not in ops
+    s = ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"])
+    got = s.run(None, {"p": p.numpy(), "v": v.numpy()})[0]
+    eager = M()(p, v).numpy()
+    fake = torch.matmul(row_fake_quant(p), (v.float() - 131) * 0.03).numpy()
+    np.testing.assert_allclose(got, eager, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got, fake, rtol=1e-5, atol=1e-6)
+    p2 = p.clone()
+    p2[1] = p2[1] ** 3  # another batch item changes; the first one's rows keep their grids
+    assert np.array_equal(s.run(None, {"p": p2.numpy(), "v": v.numpy()})[0][0], got[0])
 
 
 def test_export_config_lists_files_and_decoding_rules(exports):
@@ -334,6 +385,7 @@ def test_session_options_stop_spinning_and_keep_int8_on_vnni(exports):
     so = session_options(3)
     assert so.intra_op_num_threads == 3 and so.inter_op_num_threads == 1
     assert so.get_session_config_entry("session.force_spinning_stop") == "1"
+    assert so.get_session_config_entry("session.x64quantprecision") == "1"  # exact int8 sums without VNNI
     if cpu_has_vnni():
         assert so.get_session_config_entry("session.qdqisint8allowed") == "1"
     else:  # ORT's default stands
@@ -343,6 +395,25 @@ def test_session_options_stop_spinning_and_keep_int8_on_vnni(exports):
     for sess in (e.encoder, e.decoder):
         assert sess.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"
         assert sess.get_session_options().intra_op_num_threads == 3
+
+
+def test_each_int8_weight_has_its_own_zero_point(exports):
+    """ORT's exact-sum rewrite for x86 without VNNI (session.x64quantprecision) fails to load a graph where two
+    int8 weights share a zero-point initializer, which the TorchScript exporter makes of equal constants."""
+    from qat.onnx_export import _WEIGHT_ZERO_POINT
+
+    for f in ("encoder.onnx", "decoder.onnx"):
+        g = onnx.load(str(exports["qdq"] / f)).graph
+        inits = {i.name: i for i in g.initializer}
+        source = {n.output[0]: n.input[0] for n in g.node if n.op_type == "Identity"}
+        zero_points = []
+        for n in g.node:
+            if n.op_type in _WEIGHT_ZERO_POINT:
+                w, z = _WEIGHT_ZERO_POINT[n.op_type]
+                if source.get(n.input[w], n.input[w]) in inits and z < len(n.input):
+                    zero_points.append(source.get(n.input[z], n.input[z]))
+        int8 = [z for z in zero_points if inits[z].data_type == onnx.TensorProto.INT8]
+        assert len(int8) >= 2 * 6 and len(set(int8)) == len(int8)
 
 
 def _attention_b_zero_points(onnx_path) -> list[int]:
@@ -366,7 +437,6 @@ def test_decoder_reads_the_cross_keys_values_as_uint8(exports):
     assert _attention_b_zero_points(exports["qdq"] / "decoder.onnx") == [onnx.TensorProto.UINT8] * (2 * 2)
 
 
-@exact_int8
 def test_qdq_export_agrees_with_the_fake_quant_model(exports, fake_quant, feats):
     r = parity(fake_quant[0], exports["qdq"], feats, threads=1, max_new_tokens=NEW)
     assert r["tokens_torch"] == len(feats) * NEW
@@ -402,18 +472,24 @@ def test_per_row_attention_probabilities_export_and_agree_with_fake_quant(dense,
     out = export_model(save_model(fq, tmp_path / "ptq", processor=tiny_random_processor(), quant=cfg.to_dict()),
                        tmp_path / "qdq", mode="qdq")
     for graph in ("encoder.onnx", "decoder.onnx"):
-        names = {i.name for i in onnx.load(str(out / graph)).graph.initializer}
+        m = onnx.load(str(out / graph)).graph
+        names = {i.name for i in m.initializer}
         # the probabilities have no calibrated grid in the graph; the values keep theirs
         assert not any(n.endswith("pv__a_scale") for n in names)
-        assert any(n.endswith("pv__b_scale") for n in names) or graph == "decoder.onnx"
-    if not int8_kernels_exact():
-        pytest.skip("x86 without VNNI: ONNX Runtime's u8 x s8 kernels can saturate (docs/runtimes.md); the graph "
-                    "checks above ran, the agreement with fake quant needs exact kernels")
+        assert any(n.endswith("pv__bu_scale") for n in names)  # as uint8 codes: the integer P.V
+        # their grids start at 0 (probabilities are >= 0): one row maximum per attention chain, no row minimum
+        # (the decoder's one ReduceMin and one more ReduceMax: the logits' input, on a signed grid per row)
+        ops = [n.op_type for n in m.node]
+        chains = 2 * 4 if graph == "encoder.onnx" else 2 * 2
+        assert (ops.count("ReduceMin"), ops.count("ReduceMax")) == ((0, chains) if graph == "encoder.onnx" else
+                                                                    (1, chains + 1))
+        # P.V is an integer matmul where V is on its grid as codes: the encoder's heads, the decoder's cross
+        # attention (the shipped uint8 K/V); the decoder's self-attention reads its float cache
+        assert ops.count("MatMulInteger") == (chains if graph == "encoder.onnx" else 2 + 1)  # + the logits
     r = parity(fq, out, feats, threads=1, max_new_tokens=NEW)
     assert r["tokens_torch"] == len(feats) * NEW and r["token_agreement"] >= 0.99
 
 
-@exact_int8
 @pytest.mark.parametrize("float_convs", [[], ["model.encoder.conv1"], ["model.encoder.conv2"]])
 def test_qdq_export_runs_the_quantized_conv_front_end_as_int8_gemms(float_convs, dense, feats, tmp_path):
     """quant.conv: no float Conv left in the encoder ORT runs (two more int8 GEMMs, over the windows of the
@@ -433,8 +509,8 @@ def test_qdq_export_runs_the_quantized_conv_front_end_as_int8_gemms(float_convs,
     x = np.stack(feats)
 
     def encoder(path):
-        return ort.InferenceSession(str(path / "encoder.onnx"), providers=["CPUExecutionProvider"]).run(
-            None, {"input_features": x})[0]
+        return ort.InferenceSession(str(path / "encoder.onnx"), session_options(1),
+                                    providers=["CPUExecutionProvider"]).run(None, {"input_features": x})[0]
 
     with torch.no_grad():
         hidden = fq.model.encoder(torch.tensor(x)).last_hidden_state.numpy()
@@ -445,7 +521,6 @@ def test_qdq_export_runs_the_quantized_conv_front_end_as_int8_gemms(float_convs,
         assert np.abs(encoder(export_model(fq, tmp_path / "float", mode="float")) - float_hidden).max() <= 1e-4
 
 
-@exact_int8
 def test_parity_command_reports_agreement_wer_and_the_noise_floor(exports, tmp_path, capsys, monkeypatch):
     import soundfile as sf
 
