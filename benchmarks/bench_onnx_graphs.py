@@ -9,7 +9,8 @@ Three measurements, each against the setting it replaced (min over repeats; run 
      (`session.qdqisint8allowed` = 0), which turns u8 x s8 into u8 x u8;
   2. one attention chain per head: one encoder layer's QK -> softmax -> quantize -> PV on the export's
      shapes (heads, head_dim, 1500 frames), all heads in one chain vs one chain per head (the
-     `qat.onnx_export` Q/DQ functions, random inputs), and per head with the probabilities on per-row grids;
+     `qat.onnx_export` Q/DQ functions, random inputs), and per head with the probabilities on per-row grids
+     (runs interleaved; median and min of --repeats);
   3. workers that stop spinning after a run: the engine on the clips with `session.force_spinning_stop`
      on (as shipped) and off: encoder seconds, and the decoder's first four steps and later steps.
   5. exact int8 sums (`session.x64quantprecision`, as shipped) against ORT's u8 x s8 kernels, the same way as
@@ -117,7 +118,7 @@ def attention_chain(heads: int, head_dim: int, frames: int, threads: int, repeat
     args = (torch.randn(1, heads, frames, head_dim, generator=g), torch.randn(1, heads, head_dim, frames, generator=g),
             torch.randn(1, heads, frames, head_dim, generator=g))
     feeds = {n: t.numpy() for n, t in zip("qkv", args)}
-    out = {}
+    sessions = {}
     with tempfile.TemporaryDirectory() as d:
         for name, module in (("all_heads", AllHeads()), ("per_head", PerHead("calibrated")),
                              ("per_head_row_probs", PerHead("row")),
@@ -126,9 +127,17 @@ def attention_chain(heads: int, head_dim: int, frames: int, threads: int, repeat
             path = Path(d) / f"{name}.onnx"
             torch.onnx.export(module, args, str(path), dynamo=False, opset_version=17, input_names=list("qkv"),
                               output_names=["o"])
-            s = ort.InferenceSession(str(path), _options(threads), providers=["CPUExecutionProvider"])
-            out[f"{name}_ms"] = 1e3 * _best(lambda: s.run(None, feeds), repeats)
-    return out
+            sessions[name] = ort.InferenceSession(str(path), _options(threads), providers=["CPUExecutionProvider"])
+    # interleaved, so a slow spell of the machine falls on every variant alike; median and best
+    times = {k: [] for k in sessions}
+    for s in sessions.values():
+        s.run(None, feeds)
+    for _ in range(repeats):
+        for k, s in sessions.items():
+            t = time.perf_counter()
+            s.run(None, feeds)
+            times[k].append(time.perf_counter() - t)
+    return {f"{k}_ms": {"median": 1e3 * float(np.median(v)), "min": 1e3 * min(v)} for k, v in times.items()}
 
 
 def front_end(n_mels: int, d_model: int, frames: int, threads: int, repeats: int) -> dict:

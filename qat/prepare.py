@@ -76,7 +76,8 @@ class QuantConfig:
     instead of one calibrated scale; the second input (keys, values: cached) keeps its calibrated grid. On
     one calibrated grid [0, 1] in steps of 1/255 a probability under half a step is zero, so attention spread
     thinly over many frames vanishes; a row's own grid keeps it. On tiny.en this is what costs a QAT model its
-    accuracy on 28 s windows (docs/results.md)."""
+    accuracy on 28 s windows (docs/results.md). The ONNX export runs such a `pv` as one integer matmul of the
+    probabilities' and the values' uint8 codes (`qat.onnx_export._RowProbsMatMul`)."""
     embeddings: bool = False
     """Int8 weight-only (per token row) for the decoder's tied embed_tokens / proj_out."""
     conv: bool = False
