@@ -93,7 +93,7 @@ JS_DIR = Path(__file__).resolve().parent / "js"
 def _hf_export(export_dir: str | Path) -> tuple[Path, dict]:
     from qat.export_hf import check_dir
 
-    d = Path(export_dir)
+    d = Path(export_dir).resolve()  # absolute: transformers.js runs in eval/js, where a relative path means another
     return d, check_dir(d)
 
 
