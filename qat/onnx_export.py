@@ -786,6 +786,96 @@ def _unshare_zero_points(path: Path) -> int:
     return len(copies)
 
 
+def _weights_as_uint8(path: Path) -> int:
+    """Store every int8 weight as uint8 + 128 with zero point 128 (the same values); returns how many.
+
+    For runtimes that keep ONNX Runtime's default kernels (sherpa-onnx, transformers.js): on x86 CPUs without
+    VNNI their u8 x s8 products sum in saturating 16-bit pairs, while u8 x u8 sums are exact (docs/runtimes.md).
+    A weight is converted where every reader is a DequantizeLinear (its zero point becomes uint8 + 128), a
+    MatMulInteger's B (given a uint8 zero point of 128) or a Gather (the tied embedding's rows, followed by the
+    -128 that gives back the int8 codes the graph goes on with); a weight read any other way stays int8.
+    """
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    source: dict[str, str] = {}
+    readers: dict[str, list] = {}  # int8 weight -> [(graph, node, input index)]
+    nodes = []
+
+    def visit(g):
+        for node in g.node:
+            nodes.append((g, node))
+            for a in node.attribute:
+                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    visit(sub)
+
+    visit(graph)
+    for _, node in nodes:
+        if node.op_type == "Identity":
+            source[node.output[0]] = node.input[0]
+
+    def resolve(name):
+        while name in source:
+            name = source[name]
+        return name
+
+    for g, node in nodes:
+        if node.op_type == "Identity":
+            continue
+        for i, name in enumerate(node.input):
+            w = resolve(name)
+            if w in inits and inits[w].data_type == onnx.TensorProto.INT8 and len(inits[w].dims) >= 2:
+                readers.setdefault(w, []).append((g, node, i))
+    ok = {("DequantizeLinear", 0), ("MatMulInteger", 1), ("Gather", 0)}
+    done = 0
+    for w, uses in readers.items():
+        if any((n.op_type, i) not in ok for _, n, i in uses):
+            continue
+        codes = numpy_helper.to_array(inits[w]).astype(np.int16) + 128
+        inits[w].CopyFrom(numpy_helper.from_array(codes.astype(np.uint8), w))
+        for k, (g, node, i) in enumerate(uses):
+            if node.op_type == "DequantizeLinear":
+                scale = inits[resolve(node.input[1])]
+                zp = (numpy_helper.to_array(inits[resolve(node.input[2])]).astype(np.int16) + 128
+                      if len(node.input) > 2 and node.input[2] else np.full(tuple(scale.dims), 128, np.int16))
+                new = numpy_helper.from_array(zp.astype(np.uint8), f"{w}__u8zp{k}")
+                del node.input[2:]
+                node.input.append(new.name)
+            elif node.op_type == "MatMulInteger":
+                if len(node.input) > 3 and node.input[3]:
+                    raise ValueError(f"{path}: {node.name} has its own B zero point; not converted")
+                new = numpy_helper.from_array(np.array(128, np.uint8), f"{w}__u8zp{k}")
+                while len(node.input) < 3:
+                    node.input.append("")
+                del node.input[3:]
+                node.input.append(new.name)
+            else:  # Gather: uint8 rows -> the int8 codes the graph read before
+                out = node.output[0]
+                node.output[0] = f"{out}__u8"
+                at = list(g.node).index(node) + 1
+                tail = [helper.make_node("Cast", [f"{out}__u8"], [f"{out}__i32"], to=onnx.TensorProto.INT32),
+                        helper.make_node("Sub", [f"{out}__i32", f"{w}__128"], [f"{out}__s"]),
+                        helper.make_node("Cast", [f"{out}__s"], [out], to=onnx.TensorProto.INT8)]
+                for j, t in enumerate(tail):
+                    g.node.insert(at + j, t)
+                new = numpy_helper.from_array(np.array(128, np.int32), f"{w}__128")
+            if new.name not in inits:
+                graph.initializer.append(new)
+                inits[new.name] = new
+        done += 1
+    if done:
+        aliases = {n for n, w in ((n, resolve(n)) for n in source) if w in readers}
+        for vi in list(graph.value_info):  # types recorded for the converted tensors' Identity copies
+            if vi.name in aliases:
+                graph.value_info.remove(vi)
+        onnx.save(model, str(path))
+    return done
+
+
 def set_metadata(path: Path, meta: dict[str, str]) -> None:
     """Replace an ONNX file's metadata (key/value strings, what runtimes read the model's settings from)."""
     import onnx
@@ -825,14 +915,17 @@ def load_source_model(src):
 
 def export_model(src, out: str | Path, mode: str = "qdq", *, processor=None, plan: QuantPlan | None = None,
                  prompt: list[int] | None = None, language: str = "en", max_length: int | None = None,
-                 opset: int = OPSET, layout: str = "slim", per_channel: bool = False) -> Path:
+                 opset: int = OPSET, layout: str = "slim", per_channel: bool = False,
+                 uint8_weights: bool = False) -> Path:
     """Export `src` (a model or a model directory) to `out` in `layout` (`slim.export_format.LAYOUTS`):
     "slim" for `slim.runtime.OnnxEngine`, "sherpa-onnx" for sherpa-onnx's recognizer (`qat.export_sherpa`),
     "hf" for transformers.js and onnx-asr (`qat.export_hf`).
 
     mode: "float" (fp32), "dynamic-int8" (ORT quantize_dynamic of the float export) or "qdq" (static INT8
     with the QAT scales of a fake-quant model, or of `plan` when given). `per_channel`: dynamic-int8 with
-    per-channel weight scales (ORT's default is per tensor). Writes atomically.
+    per-channel weight scales (ORT's default is per tensor). `uint8_weights`: the int8 weights stored as
+    uint8 + 128 (`_weights_as_uint8`), for runtimes that keep ONNX Runtime's default kernels on x86 CPUs without
+    VNNI; the slim runtime needs no such export. Writes atomically.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -898,6 +991,8 @@ def export_model(src, out: str | Path, mode: str = "qdq", *, processor=None, pla
                     compacted += _compact_float_initializers(tmp / f)
             if mode != "float":
                 _unshare_zero_points(tmp / f)
+                if uint8_weights:
+                    _weights_as_uint8(tmp / f)
         for f, meta in extra.get(layout, {}).get("metadata", {}).items():  # last: the rewrites above keep none
             set_metadata(tmp / f, meta)
         structure = structure_of(model)
@@ -914,6 +1009,7 @@ def export_model(src, out: str | Path, mode: str = "qdq", *, processor=None, pla
             "structure": {k: v for k, v in structure.to_dict().items() if k != "quant"},
             **extra,
             "fp16_stored": compacted,
+            "uint8_weights": bool(uint8_weights and mode != "float"),
             "files": files,
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")

@@ -152,6 +152,40 @@ def test_hf_graphs_decode_like_the_slim_graphs(exports, kind):
         assert np.abs(logits[0][finite] - ref[finite]).max() < 1e-4
 
 
+def test_uint8_weights_decode_like_the_slim_engine_with_default_kernels(models, exports):
+    """`--uint8-weights`: no int8 weight matrix left, and the hf graphs in ORT's default sessions (what
+    transformers.js and onnx-asr run), and transformers.js itself, give the slim engine's tokens and text on every
+    CPU: u8 x u8 sums are exact without VNNI too (docs/runtimes.md)."""
+    from onnx import numpy_helper
+
+    from eval.engines import load_engine
+    from train.cli import main
+
+    d = models["root"] / "qdq-hf-u8"
+    assert main(["export", str(models["qdq"]), str(d), "--format", "hf", "--uint8-weights"]) == 0
+    assert json.loads((d / "export_config.json").read_text())["uint8_weights"] is True
+    for f in ("encoder_model_quantized.onnx", "decoder_model_merged_quantized.onnx"):
+        inits = onnx.load(str(d / "onnx" / f)).graph.initializer
+        assert not [i.name for i in inits if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2]
+        plain = onnx.load(str(exports["qdq", "hf"] / "onnx" / f)).graph.initializer
+        w8 = {i.name: numpy_helper.to_array(i) for i in plain if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2}
+        u8 = {i.name: numpy_helper.to_array(i) for i in inits if i.name in w8}
+        assert w8 and all(np.array_equal(u8[n].astype(np.int16) - 128, w) for n, w in w8.items())
+    slim = OnnxEngine(exports["qdq", "slim"], threads=1, max_repeats=PLAIN)
+    dec = slim.decode
+    audios = [load_audio(c) for c in _clips(2)]
+    for a in audios:
+        f = slim.features([a])
+        got, _ = _hf_greedy(d, f, dec.prompt, dec.eos_token_id, NEW, quantized=True)
+        assert got == slim.generate_tokens(f, NEW)[0]
+    if shutil.which("node") is not None:
+        js = load_engine(d, threads=1)
+        try:
+            assert js.transcribe(audios) == _full_length(slim, audios)
+        finally:
+            js.close()
+
+
 def _full_length(engine: OnnxEngine, audios):
     """The slim engine decoding to eos or the decoder's last position, as the other runtimes do."""
     steps = engine.decode.max_length - len(engine.decode.prompt)

@@ -66,12 +66,14 @@ def test_sherpa_layout_has_the_names_shapes_and_metadata_sherpa_reads(exports):
     assert config["padding"]["cross"]["padding_share"] == pytest.approx(1 - 4 / 6)
 
 
-def _sherpa_greedy(d: Path, feats: np.ndarray, prompt: list[int], eos: int, steps: int):
-    """sherpa-onnx's greedy loop (prompt at offset 0, then one token per call) on the graphs, in Python."""
+def _sherpa_greedy(d: Path, feats: np.ndarray, prompt: list[int], eos: int, steps: int, default_kernels=False):
+    """sherpa-onnx's greedy loop (prompt at offset 0, then one token per call) on the graphs, in Python; in the
+    slim engine's sessions (so the graphs are compared, not two kernel choices), or with `default_kernels` in
+    ORT's default ones, as sherpa-onnx runs them."""
     import onnxruntime as ort
 
     cfg = json.loads((d / "export_config.json").read_text())["sherpa-onnx"]
-    so = session_options(1)  # the slim engine's kernels, so the graphs are compared, not two kernel choices
+    so = ort.SessionOptions() if default_kernels else session_options(1)
     enc = ort.InferenceSession(str(d / cfg["encoder"]), so, providers=["CPUExecutionProvider"])
     dec = ort.InferenceSession(str(d / cfg["decoder"]), so, providers=["CPUExecutionProvider"])
     ck, cv = enc.run(None, {"mel": feats})
@@ -110,6 +112,20 @@ def test_padded_sherpa_graphs_decode_like_the_slim_graphs(exports, kind):
         finite = np.isfinite(ref)
         assert (np.isfinite(logits[0]) == finite).all()
         assert np.abs(logits[0][finite] - ref[finite]).max() < 1e-4
+
+
+def test_uint8_weights_decode_like_the_slim_engine_with_default_kernels(models, exports):
+    """`--uint8-weights`: in ORT's default sessions (what sherpa-onnx runs) the sherpa graphs give the slim
+    engine's tokens on every CPU, x86 without VNNI included (u8 x u8 sums are exact there)."""
+    from train.cli import main
+
+    d = models["root"] / "qdq-sherpa-u8"
+    assert main(["export", str(models["qdq"]), str(d), "--format", "sherpa-onnx", "--uint8-weights"]) == 0
+    slim = OnnxEngine(exports["qdq", "slim"], threads=1, max_repeats=PLAIN)
+    for clip in _clips(3):
+        f = slim.features([load_audio(clip)])
+        got, _ = _sherpa_greedy(d, f, slim.decode.prompt, slim.decode.eos_token_id, NEW, default_kernels=True)
+        assert got == slim.generate_tokens(f, NEW)[0]
 
 
 def test_sherpa_onnx_recognizer_transcribes_like_the_slim_engine(exports):

@@ -8,6 +8,7 @@ from train.config_io import ConfigError
 from train.recipe import Recipe, load_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").rglob("*.yaml"))
+SMOKE = Path(__file__).resolve().parent.parent / "recipes" / "smoke.yaml"
 
 
 def test_repo_has_the_named_recipes():
@@ -58,6 +59,10 @@ def test_bool_is_not_coerced_from_string(tmp_path):
     p = _write(tmp_path, BASE.replace("{name: dense, kind: eval}", "{name: dense, kind: eval, evaluate: 'no'}"))
     with pytest.raises(ConfigError, match="evaluate: expected true/false"):
         load_recipe(p)
+    with pytest.raises(ConfigError, match=r"stages\[\d+\]\.export_uint8_weights: expected true/false"):
+        load_recipe(SMOKE, ["stages.export.export_uint8_weights=maybe"])
+    r = load_recipe(SMOKE, ["stages.export.export_uint8_weights=true"])
+    assert [s.export_uint8_weights for s in r.stages if s.kind == "export"] == [True]
 
 
 def test_overrides_address_stages_by_name(tmp_path):

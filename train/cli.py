@@ -130,6 +130,10 @@ def _export(argv: list[str]) -> int:
                    help="slim: our runtime (slim.runtime, no torch); sherpa-onnx: its Whisper layout; hf: the Hugging Face onnx/ layout (transformers.js, onnx-asr)")
     p.add_argument("--mode", default=None, choices=("qdq", "float", "dynamic-int8"),
                    help="default: qdq for a fake-quant model (its QAT scales), float otherwise")
+    p.add_argument("--uint8-weights", action="store_true",
+                   help="store the int8 weights as uint8 + 128 (the same values): exact in runtimes that keep ONNX "
+                        "Runtime's default kernels (sherpa-onnx, transformers.js) on x86 CPUs without VNNI; "
+                        "u8 x u8 kernels, slower where VNNI runs u8 x s8 (docs/runtimes.md)")
     args = p.parse_args(argv)
     from qat.onnx_export import export_model
     from slim.model import read_structure
@@ -140,7 +144,7 @@ def _export(argv: list[str]) -> int:
     if mode is None:
         s = read_structure(args.model)
         mode = "qdq" if s is not None and s.quant is not None else "float"
-    print(export_model(args.model, args.out, mode=mode, layout=args.format))
+    print(export_model(args.model, args.out, mode=mode, layout=args.format, uint8_weights=args.uint8_weights))
     return 0
 
 

@@ -206,6 +206,9 @@ class StageConfig:
     """kind=export: the layout written (`./launch.sh export --format`): slim (our runtime, `slim.runtime`) or
     sherpa-onnx (its Whisper encoder/decoder, metadata and tokens.txt, `qat.export_sherpa`) or hf (the Hugging
     Face onnx/ layout transformers.js and onnx-asr load, `qat.export_hf`)."""
+    export_uint8_weights: bool = False
+    """kind=export: store the int8 weights as uint8 + 128 (`./launch.sh export --uint8-weights`): exact in runtimes
+    that keep ONNX Runtime's default kernels (sherpa-onnx, transformers.js) on x86 CPUs without VNNI."""
     evaluate: bool = True
     """Evaluate the stage's output (WER, size, latency) into report.json."""
     engine: Literal["auto", "torch", "onnx", "torch-dynamic-int8", "onnx-dynamic-int8"] = "auto"
