@@ -792,7 +792,7 @@ def _weights_as_uint8(path: Path) -> int:
     For runtimes that keep ONNX Runtime's default kernels (sherpa-onnx, transformers.js): on x86 CPUs without
     VNNI their u8 x s8 products sum in saturating 16-bit pairs, while u8 x u8 sums are exact (docs/runtimes.md).
     A weight is converted where every reader is a DequantizeLinear (its zero point becomes uint8 + 128), a
-    MatMulInteger's B (given a uint8 zero point of 128) or a Gather (the tied embedding's rows, followed by the
+    MatMulInteger's B (its zero point, or 0, plus 128, as uint8) or a Gather (the tied embedding's rows, followed by the
     -128 that gives back the int8 codes the graph goes on with); a weight read any other way stays int8.
     """
     import numpy as np
@@ -846,9 +846,9 @@ def _weights_as_uint8(path: Path) -> int:
                 del node.input[2:]
                 node.input.append(new.name)
             elif node.op_type == "MatMulInteger":
-                if len(node.input) > 3 and node.input[3]:
-                    raise ValueError(f"{path}: {node.name} has its own B zero point; not converted")
-                new = numpy_helper.from_array(np.array(128, np.uint8), f"{w}__u8zp{k}")
+                zp = (numpy_helper.to_array(inits[resolve(node.input[3])]).astype(np.int16) + 128
+                      if len(node.input) > 3 and node.input[3] else np.array(128, np.int16))
+                new = numpy_helper.from_array(zp.astype(np.uint8), f"{w}__u8zp{k}")
                 while len(node.input) < 3:
                     node.input.append("")
                 del node.input[3:]

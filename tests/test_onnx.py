@@ -275,6 +275,18 @@ def test_per_row_probabilities_times_value_codes_is_one_integer_matmul(exports):
     assert np.array_equal(s.run(None, {"p": p2.numpy(), "v": v.numpy()})[0][0], got[0])
 
 
+def test_uint8_weights_keep_the_dynamic_int8_export_s_tokens(dense, exports, feats, tmp_path):
+    """`uint8_weights` on ORT's dynamic INT8 (its MatMulIntegers carry their own int8 B zero points): no int8
+    weight matrix left, the same greedy tokens."""
+    d = export_model(dense, tmp_path / "dyn-u8", mode="dynamic-int8", uint8_weights=True)
+    for f in ("encoder.onnx", "decoder.onnx"):
+        inits = onnx.load(str(d / f)).graph.initializer
+        assert not [i.name for i in inits if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2]
+    x = np.stack(feats)
+    want = OnnxEngine(exports["dynamic"], threads=1).generate_tokens(x, NEW)
+    assert OnnxEngine(d, threads=1).generate_tokens(x, NEW) == want
+
+
 def test_export_config_lists_files_and_decoding_rules(exports):
     d = exports["float"]
     cfg = json.loads((d / "export_config.json").read_text())
