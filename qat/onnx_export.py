@@ -171,6 +171,13 @@ def _row_grid_ops(g, x):
     return q, scale, zp
 
 
+def _nonneg_row_scale_ops(g, x):
+    """`row_qparams`' scale of x >= 0, as ONNX ops: max(row max / 255, eps) (the row's zero point is 0)."""
+    hi = g.op("ReduceMax", x, axes_i=[-1], keepdims_i=1)
+    return g.op("Max", g.op("Div", hi, g.op("Constant", value_t=torch.tensor(255.0))),
+                g.op("Constant", value_t=torch.tensor(ROW_EPS)))
+
+
 class _RowFakeQuant(torch.autograd.Function):
     """x on each row's own uint8 grid and back (`row_qparams`): the per-row first input of an attention
     matmul (`QuantConfig.row_matmuls`). Exported as the row-grid ops, then (codes - zero point) x scale.
@@ -190,9 +197,7 @@ class _RowFakeQuant(torch.autograd.Function):
         if not nonneg:
             q, scale, zp = _row_grid_ops(g, x)
             return g.op("Mul", g.op("Sub", q, zp), scale)
-        hi = g.op("ReduceMax", x, axes_i=[-1], keepdims_i=1)
-        scale = g.op("Max", g.op("Div", hi, g.op("Constant", value_t=torch.tensor(255.0))),
-                     g.op("Constant", value_t=torch.tensor(ROW_EPS)))
+        scale = _nonneg_row_scale_ops(g, x)
         return g.op("Mul", g.op("Round", g.op("Div", x, scale)), scale)
 
 
@@ -219,9 +224,7 @@ class _RowProbsMatMul(torch.autograd.Function):
     def symbolic(g, p, v, v_scale, v_zero_point):
         from torch.onnx import TensorProtoDataType as TP
 
-        hi = g.op("ReduceMax", p, axes_i=[-1], keepdims_i=1)
-        scale = g.op("Max", g.op("Div", hi, g.op("Constant", value_t=torch.tensor(255.0))),
-                     g.op("Constant", value_t=torch.tensor(ROW_EPS)))
+        scale = _nonneg_row_scale_ops(g, p)
         # the codes from one QuantizeLinear per row (rows flattened, one scale each along axis 0; its zero point
         # omitted: 0, uint8), which ORT vectorizes, instead of Div, Round and Cast passes over P
         rows = g.op("Flatten", p, axis_i=-1)
@@ -727,6 +730,33 @@ _WEIGHT_ZERO_POINT = {"DequantizeLinear": (0, 2), "MatMulInteger": (1, 3), "QLin
                       "DynamicQuantizeMatMul": (1, 4), "MatMulIntegerToFloat": (1, 5)}
 
 
+class _GraphIndex:
+    """An ONNX model's initializers and every node with the graph that holds it (If branches included: the
+    merged decoder's read the outer initializers), and `resolve`, which follows the TorchScript exporter's
+    Identity copies back to the initializer they read. What the int8 weight passes below share."""
+
+    def __init__(self, model):
+        import onnx
+
+        self.inits = {i.name: i for i in model.graph.initializer}
+        self.nodes: list[tuple] = []  # (graph, node)
+
+        def visit(g):
+            for node in g.node:
+                self.nodes.append((g, node))
+                for a in node.attribute:
+                    for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                        visit(sub)
+
+        visit(model.graph)
+        self.source = {n.output[0]: n.input[0] for _, n in self.nodes if n.op_type == "Identity"}
+
+    def resolve(self, name: str) -> str:
+        while name in self.source:
+            name = self.source[name]
+        return name
+
+
 def _unshare_zero_points(path: Path) -> int:
     """Give every int8 weight its own zero-point initializer; returns the copies made.
 
@@ -740,48 +770,25 @@ def _unshare_zero_points(path: Path) -> int:
     import onnx
 
     model = onnx.load(str(path))
-    graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    source: dict[str, str] = {}  # Identity outputs -> the initializer they copy
-
-    def resolve(name):
-        while name in source:
-            name = source[name]
-        return name
-
-    def visit(g, fn):
-        for node in g.node:
-            fn(node)
-            for a in node.attribute:  # If branches (the merged decoder) read the outer initializers
-                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                    visit(sub, fn)
-
-    def identities(node):
-        if node.op_type == "Identity" and node.input[0] in inits | source.keys():
-            source[node.output[0]] = node.input[0]
-
+    ix = _GraphIndex(model)
     taken, copies = set(), []
-
-    def unshare(node):
+    for _, node in ix.nodes:
         w, z = _WEIGHT_ZERO_POINT.get(node.op_type, (None, None))
-        if w is None or z >= len(node.input) or resolve(node.input[w]) not in inits:
-            return
-        zp = resolve(node.input[z])
-        if zp not in inits or inits[zp].data_type != onnx.TensorProto.INT8:
-            return
+        if w is None or z >= len(node.input) or ix.resolve(node.input[w]) not in ix.inits:
+            continue
+        zp = ix.resolve(node.input[z])
+        if zp not in ix.inits or ix.inits[zp].data_type != onnx.TensorProto.INT8:
+            continue
         if zp in taken:
             t = onnx.TensorProto()
-            t.CopyFrom(inits[zp])
+            t.CopyFrom(ix.inits[zp])
             t.name = f"{zp}__{len(copies)}"
             copies.append(t)
             zp = t.name
         taken.add(zp)
         node.input[z] = zp
-
-    visit(graph, identities)
-    visit(graph, unshare)
     if copies:
-        graph.initializer.extend(copies)
+        model.graph.initializer.extend(copies)
         onnx.save(model, str(path))
     return len(copies)
 
@@ -801,29 +808,11 @@ def _weights_as_uint8(path: Path) -> int:
 
     model = onnx.load(str(path))
     graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    source: dict[str, str] = {}
+    ix = _GraphIndex(model)
+    inits, resolve = ix.inits, ix.resolve
     readers: dict[str, list] = {}  # int8 weight -> [(graph, node, input index)]
-    nodes = []
 
-    def visit(g):
-        for node in g.node:
-            nodes.append((g, node))
-            for a in node.attribute:
-                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                    visit(sub)
-
-    visit(graph)
-    for _, node in nodes:
-        if node.op_type == "Identity":
-            source[node.output[0]] = node.input[0]
-
-    def resolve(name):
-        while name in source:
-            name = source[name]
-        return name
-
-    for g, node in nodes:
+    for g, node in ix.nodes:
         if node.op_type == "Identity":
             continue
         for i, name in enumerate(node.input):
@@ -868,7 +857,7 @@ def _weights_as_uint8(path: Path) -> int:
                 inits[new.name] = new
         done += 1
     if done:
-        aliases = {n for n, w in ((n, resolve(n)) for n in source) if w in readers}
+        aliases = {n for n in ix.source if resolve(n) in readers}
         for vi in list(graph.value_info):  # types recorded for the converted tensors' Identity copies
             if vi.name in aliases:
                 graph.value_info.remove(vi)
