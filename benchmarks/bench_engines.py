@@ -318,6 +318,8 @@ def whisper_cpp_engines(model_dir: Path, work: Path, threads: int, window: dict,
 
 
 def main(argv=None) -> int:
+    from train.recipe import AudioWindowConfig
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--clips", nargs="+", default=[str(DEFAULT_CLIPS)], help="audio folders and/or JSONL manifests")
     p.add_argument("--threads", type=int, default=2)
@@ -339,9 +341,10 @@ def main(argv=None) -> int:
                         "window its model was trained for, if any)")
     p.add_argument("--truncate", action="append", default=[], metavar="NAME=EXPORT_DIR",
                    help="also time an export with the audio window forced on it (untrained truncation)")
-    p.add_argument("--window-margin", type=float, default=1.0, metavar="SECONDS",
-                   help="the forced window of --truncate and --whisper-cpp: ceil(duration) + SECONDS")
-    p.add_argument("--frame-multiple", type=int, default=16,
+    p.add_argument("--window-margin", type=float, default=AudioWindowConfig.margin_s, metavar="SECONDS",
+                   help="the forced window of --truncate and --whisper-cpp: ceil(duration) + SECONDS "
+                        "(default: the audio-context stage's)")
+    p.add_argument("--frame-multiple", type=int, default=AudioWindowConfig.frame_multiple,
                    help="the forced window's encoder frames are rounded up to a multiple of this")
     p.add_argument("--whisper-cpp", action="store_true",
                    help="also whisper.cpp (pywhispercpp) on --model converted to ggml, with the full context "

@@ -167,8 +167,8 @@ class InterpolateConfig:
 class AudioWindowConfig:
     """kind=audio-context: the window the model learns to encode, ceil(duration) + margin_s seconds."""
 
-    margin_s: float = 1.0
-    """Seconds of Whisper's padding kept after the audio's last whole second."""
+    margin_s: float = 2.0
+    """Seconds of Whisper's padding kept after the audio's last whole second (2: docs/short-clips.md)."""
     frame_multiple: int = 16
     """The encoder's frame count is rounded up to a multiple of this (two mel frames each; 50 per second)."""
 
