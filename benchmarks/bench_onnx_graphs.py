@@ -13,8 +13,8 @@ Three measurements, each against the setting it replaced (min over repeats; run 
      (runs interleaved; median and min of --repeats);
   3. workers that stop spinning after a run: the engine on the clips with `session.force_spinning_stop`
      on (as shipped) and off: encoder seconds, and the decoder's first four steps and later steps.
-  5. exact int8 sums (`session.x64quantprecision`, as shipped) against ORT's u8 x s8 kernels, the same way as
-     3; on x86 without VNNI the first runs the int8 weights as uint8, elsewhere the two are the same kernels.
+  5. exact int8 sums (`session.x64quantprecision`, as shipped on x86 without VNNI) against ORT's u8 x s8 kernels
+     (as shipped elsewhere), the same way as 3; on x86 without VNNI the first runs the int8 weights as uint8.
   4. the conv front end (quant.conv): conv1 -> GELU -> conv2 -> GELU on the export's shapes (random
      weights), as float Conv nodes vs as int8 GEMMs over the windows of the uint8 codes
      (`qat.prepare.conv_windows` on the time-major codes, as exported) and over windows cut from the

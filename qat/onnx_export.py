@@ -762,8 +762,8 @@ def _unshare_zero_points(path: Path) -> int:
 
     The TorchScript exporter stores equal constants once (and reads them through Identity nodes), so one
     all-zero zero-point tensor serves every weight with the same channel count. ONNX Runtime's
-    `session.x64quantprecision` (which `slim.export_format.session_options` sets: on x86 without VNNI it turns
-    int8 weights into uint8 + 128, so the int8 kernels cannot saturate) rewrites each weight's zero point in
+    `session.x64quantprecision` (which `slim.export_format.session_options` sets on x86 without VNNI, where it
+    turns int8 weights into uint8 + 128, so the int8 kernels cannot saturate) rewrites each weight's zero point in
     place and fails to load a graph where two weights share one ("Attempt to replace the existing tensor").
     Zero points are a byte per output channel; the weights themselves stay shared.
     """

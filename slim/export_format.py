@@ -152,7 +152,11 @@ def session_options(threads: int = 2):
     so.add_session_config_entry("session.force_spinning_stop", "1")
     if cpu_has_vnni():
         so.add_session_config_entry("session.qdqisint8allowed", "1")
-    so.add_session_config_entry("session.x64quantprecision", "1")
+    if not int8_kernels_exact():
+        # x86 without VNNI: exact sums (u8 x u8 kernels on weights stored as uint8 + 128) instead of the u8 x s8
+        # ones that can saturate. Only there: with VNNI the u8 x s8 sums are exact already, and the option
+        # moves ORT off its fastest int8 kernels (docs/runtimes.md).
+        so.add_session_config_entry("session.x64quantprecision", "1")
     return so
 
 

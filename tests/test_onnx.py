@@ -11,7 +11,7 @@ import torch
 
 from eval.onnx_engine import next_token_agreement, parity, token_agreement, torch_greedy_tokens
 from qat.onnx_export import export_model, int8_kernel_counts, optimized_graph
-from slim.export_format import DecodeConfig, ExportDirError, cpu_has_vnni, file_digest, session_options
+from slim.export_format import DecodeConfig, ExportDirError, cpu_has_vnni, file_digest, int8_kernels_exact, session_options
 from slim.runtime import OnnxEngine
 from slim.model import Structure, build_model, install_explicit_attention
 from slim.sources import tiny_random_processor, tiny_random_whisper
@@ -397,12 +397,16 @@ def test_session_options_stop_spinning_and_keep_int8_on_vnni(exports):
     so = session_options(3)
     assert so.intra_op_num_threads == 3 and so.inter_op_num_threads == 1
     assert so.get_session_config_entry("session.force_spinning_stop") == "1"
-    assert so.get_session_config_entry("session.x64quantprecision") == "1"  # exact int8 sums without VNNI
-    if cpu_has_vnni():
+    if cpu_has_vnni():  # signed int8 kept
         assert so.get_session_config_entry("session.qdqisint8allowed") == "1"
     else:  # ORT's default stands
         with pytest.raises(Exception, match="does not have configuration"):
             so.get_session_config_entry("session.qdqisint8allowed")
+    if int8_kernels_exact():  # ORT's own int8 kernels, the fastest, already exact
+        with pytest.raises(Exception, match="does not have configuration"):
+            so.get_session_config_entry("session.x64quantprecision")
+    else:  # x86 without VNNI: exact int8 sums
+        assert so.get_session_config_entry("session.x64quantprecision") == "1"
     e = OnnxEngine(exports["qdq"], threads=3)  # both of the engine's sessions are built from it
     for sess in (e.encoder, e.decoder):
         assert sess.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"
