@@ -11,7 +11,8 @@ import torch
 
 from eval.onnx_engine import next_token_agreement, parity, token_agreement, torch_greedy_tokens
 from qat.onnx_export import export_model, int8_kernel_counts, optimized_graph
-from slim.export_format import DecodeConfig, ExportDirError, cpu_has_vnni, file_digest, int8_kernels_exact, session_options
+from slim.export_format import (DecodeConfig, ExportDirError, cpu_has_vnni, file_digest, int8_kernels_exact,
+                                 session_options)
 from slim.runtime import OnnxEngine
 from slim.model import Structure, build_model, install_explicit_attention
 from slim.sources import tiny_random_processor, tiny_random_whisper
