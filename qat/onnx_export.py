@@ -819,7 +819,8 @@ def _weights_as_uint8(path: Path) -> int:
             w = resolve(name)
             if w in inits and inits[w].data_type == onnx.TensorProto.INT8 and len(inits[w].dims) >= 2:
                 readers.setdefault(w, []).append((g, node, i))
-    ok = {("DequantizeLinear", 0), ("MatMulInteger", 1), ("Gather", 0)}
+    with_zero_point = ("DequantizeLinear", "MatMulInteger")
+    ok = {(op, _WEIGHT_ZERO_POINT[op][0]) for op in with_zero_point} | {("Gather", 0)}
     done = 0
     for w, uses in readers.items():
         if any((n.op_type, i) not in ok for _, n, i in uses):
@@ -827,20 +828,16 @@ def _weights_as_uint8(path: Path) -> int:
         codes = numpy_helper.to_array(inits[w]).astype(np.int16) + 128
         inits[w].CopyFrom(numpy_helper.from_array(codes.astype(np.uint8), w))
         for k, (g, node, i) in enumerate(uses):
-            if node.op_type == "DequantizeLinear":
-                scale = inits[resolve(node.input[1])]
-                zp = (numpy_helper.to_array(inits[resolve(node.input[2])]).astype(np.int16) + 128
-                      if len(node.input) > 2 and node.input[2] else np.full(tuple(scale.dims), 128, np.int16))
+            if node.op_type in with_zero_point:  # its zero point + 128, as uint8
+                z = _WEIGHT_ZERO_POINT[node.op_type][1]
+                if len(node.input) > z and node.input[z]:
+                    zp = numpy_helper.to_array(inits[resolve(node.input[z])]).astype(np.int16) + 128
+                else:  # absent: 0, shaped like a DequantizeLinear's scale (MatMulInteger's: per tensor)
+                    shape = inits[resolve(node.input[1])].dims if node.op_type == "DequantizeLinear" else ()
+                    zp = np.full(tuple(shape), 128, np.int16)
                 new = numpy_helper.from_array(zp.astype(np.uint8), f"{w}__u8zp{k}")
-                del node.input[2:]
-                node.input.append(new.name)
-            elif node.op_type == "MatMulInteger":
-                zp = (numpy_helper.to_array(inits[resolve(node.input[3])]).astype(np.int16) + 128
-                      if len(node.input) > 3 and node.input[3] else np.array(128, np.int16))
-                new = numpy_helper.from_array(zp.astype(np.uint8), f"{w}__u8zp{k}")
-                while len(node.input) < 3:
-                    node.input.append("")
-                del node.input[3:]
+                node.input.extend([""] * (z - len(node.input)))
+                del node.input[z:]
                 node.input.append(new.name)
             else:  # Gather: uint8 rows -> the int8 codes the graph read before
                 out = node.output[0]
@@ -918,6 +915,8 @@ def export_model(src, out: str | Path, mode: str = "qdq", *, processor=None, pla
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if uint8_weights and mode == "float":
+        raise ValueError("uint8_weights re-stores int8 weights: it needs mode qdq or dynamic-int8, not float")
     if layout not in LAYOUTS:
         raise ValueError(f"format must be one of {LAYOUTS}, got {layout!r}")
     if opset < 17:
@@ -998,7 +997,7 @@ def export_model(src, out: str | Path, mode: str = "qdq", *, processor=None, pla
             "structure": {k: v for k, v in structure.to_dict().items() if k != "quant"},
             **extra,
             "fp16_stored": compacted,
-            "uint8_weights": bool(uint8_weights and mode != "float"),
+            "uint8_weights": uint8_weights,
             "files": files,
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")

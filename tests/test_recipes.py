@@ -63,6 +63,8 @@ def test_bool_is_not_coerced_from_string(tmp_path):
         load_recipe(SMOKE, ["stages.export.export_uint8_weights=maybe"])
     r = load_recipe(SMOKE, ["stages.export.export_uint8_weights=true"])
     assert [s.export_uint8_weights for s in r.stages if s.kind == "export"] == [True]
+    with pytest.raises(ConfigError, match="export_uint8_weights needs int8 weights"):
+        load_recipe(SMOKE, ["stages.export.export_uint8_weights=true", "stages.export.export_mode=float"])
 
 
 def test_overrides_address_stages_by_name(tmp_path):

@@ -275,6 +275,9 @@ class Recipe:
             if s.kind == "export" and s.export_mode == "qdq" and not any(k in ("qat", "ptq") for k in before):
                 raise ConfigError(f"stages.{s.name}: export_mode=qdq needs a qat or ptq stage before it "
                                   "(or set export_mode: float / dynamic-int8)")
+            if s.kind == "export" and s.export_uint8_weights and s.export_mode == "float":
+                raise ConfigError(f"stages.{s.name}: export_uint8_weights needs int8 weights "
+                                  "(export_mode: qdq or dynamic-int8, not float)")
         if self.data.train is not None and _is_streamed(self.data.train):
             for s in self.stages:
                 if s.train is not None and s.train.length_buckets:
