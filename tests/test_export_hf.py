@@ -17,7 +17,7 @@ from slim.export_format import ExportDirError, int8_kernels_exact
 from slim.runtime import OnnxEngine
 
 from uneven import (CROSS_HEADS, HEAD_DIM, ROOT, SELF_HEADS, export_all, real_clips as _clips, save_uneven,
-                    slim_prompt_logits, uneven_model)
+                    slim_prompt_logits, uneven_model, assert_stored_as_uint8)
 
 NEW = 10
 PLAIN = 0  # the slim engine's repetition guard off: onnx-asr and transformers.js run their own greedy loops
@@ -156,8 +156,6 @@ def test_uint8_weights_decode_like_the_slim_engine_with_default_kernels(models, 
     """`--uint8-weights`: no int8 weight matrix left, and the hf graphs in ORT's default sessions (what
     transformers.js and onnx-asr run), and transformers.js itself, give the slim engine's tokens and text on every
     CPU: u8 x u8 sums are exact without VNNI too (docs/runtimes.md)."""
-    from onnx import numpy_helper
-
     from eval.engines import load_engine
     from train.cli import main
 
@@ -165,12 +163,7 @@ def test_uint8_weights_decode_like_the_slim_engine_with_default_kernels(models, 
     assert main(["export", str(models["qdq"]), str(d), "--format", "hf", "--uint8-weights"]) == 0
     assert json.loads((d / "export_config.json").read_text())["uint8_weights"] is True
     for f in ("encoder_model_quantized.onnx", "decoder_model_merged_quantized.onnx"):
-        inits = onnx.load(str(d / "onnx" / f)).graph.initializer
-        assert not [i.name for i in inits if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2]
-        plain = onnx.load(str(exports["qdq", "hf"] / "onnx" / f)).graph.initializer
-        w8 = {i.name: numpy_helper.to_array(i) for i in plain if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2}
-        u8 = {i.name: numpy_helper.to_array(i) for i in inits if i.name in w8}
-        assert w8 and all(np.array_equal(u8[n].astype(np.int16) - 128, w) for n, w in w8.items())
+        assert_stored_as_uint8(exports["qdq", "hf"] / "onnx" / f, d / "onnx" / f)
     slim = OnnxEngine(exports["qdq", "slim"], threads=1, max_repeats=PLAIN)
     dec = slim.decode
     audios = [load_audio(c) for c in _clips(2)]

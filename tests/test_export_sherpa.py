@@ -17,7 +17,7 @@ from slim.export_format import ExportDirError, session_options
 from slim.runtime import OnnxEngine
 
 from uneven import (CROSS_HEADS, HEAD_DIM, REAL_SPEECH, ROOT, SELF_HEADS, export_all, real_clips as _clips,
-                    save_uneven, slim_prompt_logits)
+                    save_uneven, slim_prompt_logits, assert_stored_as_uint8)
 
 NEW = 10
 PLAIN = 0  # the slim engine's repetition guard off: sherpa-onnx runs its own greedy loop
@@ -121,6 +121,9 @@ def test_uint8_weights_decode_like_the_slim_engine_with_default_kernels(models, 
 
     d = models["root"] / "qdq-sherpa-u8"
     assert main(["export", str(models["qdq"]), str(d), "--format", "sherpa-onnx", "--uint8-weights"]) == 0
+    cfg = json.loads((d / "export_config.json").read_text())["sherpa-onnx"]
+    for f in (cfg["encoder"], cfg["decoder"]):  # converted, so the check below cannot pass on exact kernels alone
+        assert_stored_as_uint8(exports["qdq", "sherpa-onnx"] / f, d / f)
     slim = OnnxEngine(exports["qdq", "slim"], threads=1, max_repeats=PLAIN)
     for clip in _clips(3):
         f = slim.features([load_audio(clip)])

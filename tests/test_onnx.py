@@ -16,6 +16,7 @@ from slim.export_format import (DecodeConfig, ExportDirError, cpu_has_vnni, file
 from slim.runtime import OnnxEngine
 from slim.model import Structure, build_model, install_explicit_attention
 from slim.sources import tiny_random_processor, tiny_random_whisper
+from uneven import assert_stored_as_uint8
 
 REAL_SPEECH = Path(__file__).resolve().parents[1] / "data" / "real-speech"
 NEW = 19  # generated tokens compared per utterance (random weights rarely stop early)
@@ -281,8 +282,7 @@ def test_uint8_weights_keep_the_dynamic_int8_export_s_tokens(dense, exports, fea
     weight matrix left, the same greedy tokens."""
     d = export_model(dense, tmp_path / "dyn-u8", mode="dynamic-int8", uint8_weights=True)
     for f in ("encoder.onnx", "decoder.onnx"):
-        inits = onnx.load(str(d / f)).graph.initializer
-        assert not [i.name for i in inits if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2]
+        assert_stored_as_uint8(exports["dynamic"] / f, d / f)
     x = np.stack(feats)
     want = OnnxEngine(exports["dynamic"], threads=1).generate_tokens(x, NEW)
     assert OnnxEngine(d, threads=1).generate_tokens(x, NEW) == want
@@ -412,6 +412,25 @@ def test_session_options_stop_spinning_and_keep_int8_on_vnni(exports):
     for sess in (e.encoder, e.decoder):
         assert sess.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"
         assert sess.get_session_options().intra_op_num_threads == 3
+
+
+@pytest.mark.parametrize("vnni, exact, signed, exact_sums", [
+    (True, True, True, False),    # x86 with VNNI: signed int8 kept, ORT's fastest kernels (already exact)
+    (False, False, False, True),  # x86 without VNNI: ORT's int8 -> uint8 rewrite kept, exact sums asked for
+    (False, True, False, False),  # ARM: both of ORT's defaults
+])
+def test_session_options_on_each_kind_of_cpu(monkeypatch, vnni, exact, signed, exact_sums):
+    import slim.export_format as ef
+
+    monkeypatch.setattr(ef, "cpu_has_vnni", lambda: vnni)
+    monkeypatch.setattr(ef, "int8_kernels_exact", lambda: exact)
+    so = ef.session_options(2)
+    for key, want in (("session.qdqisint8allowed", signed), ("session.x64quantprecision", exact_sums)):
+        if want:
+            assert so.get_session_config_entry(key) == "1"
+        else:
+            with pytest.raises(Exception, match="does not have configuration"):
+                so.get_session_config_entry(key)
 
 
 def test_each_int8_weight_has_its_own_zero_point(exports):
