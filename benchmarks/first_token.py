@@ -3,9 +3,9 @@ model's decoder prompt (its tokenizer's prefix).
 
     .venv/bin/python benchmarks/first_token.py MODEL AUDIO [--top 5]
 
-MODEL: a float Whisper directory this project wrote (`00-base/model` of a run, `./launch.sh import`); AUDIO: a
-wav/flac file. Features are transformers' (30 s window). A small gap between the first two entries means a
-small change to the model (quantization, a retrain) can flip the word.
+MODEL: a float model directory this project wrote (`slim.model.load_model`: `00-base/model` of a run, a pruned
+stage's model, `./launch.sh import`); AUDIO: a wav/flac file. Features are transformers' (30 s window). A small
+gap between the first two entries means a small change to the model (quantization, a retrain) can flip the word.
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ sys.path.insert(0, str(ROOT))
 
 def first_token_logprobs(model_dir: str, audio: str, top: int) -> list[tuple[str, float]]:
     import torch
-    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+    from transformers import WhisperProcessor
 
     from slim.audio import load_audio
+    from slim.model import load_model
 
-    model = WhisperForConditionalGeneration.from_pretrained(model_dir).eval()
+    model = load_model(model_dir)  # dense, pruned or windowed float directories alike
     processor = WhisperProcessor.from_pretrained(model_dir)
     features = processor(load_audio(audio), sampling_rate=16000, return_tensors="pt").input_features
     prompt = processor.tokenizer.prefix_tokens  # the decoder prompt the model's training labels start with
