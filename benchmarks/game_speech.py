@@ -54,9 +54,14 @@ def speech_lines(entries: dict[str, bytes]) -> dict[str, bytes]:
 
 def _archive(deb: str | None, work: Path) -> bytes:
     if deb is None:
-        subprocess.run(["apt-get", "download", PACKAGE], cwd=work, check=True)
+        try:
+            subprocess.run(["apt-get", "download", PACKAGE], cwd=work, check=True)
+        except (OSError, subprocess.CalledProcessError) as e:
+            raise SystemExit(f"apt-get download {PACKAGE} failed ({e}); download the package and pass --deb FILE")
         deb = str(next(work.glob(f"{PACKAGE}_*.deb")))
     subprocess.run(["dpkg-deb", "-x", deb, str(work / "x")], check=True)
+    if not (work / "x" / ARCHIVE).is_file():
+        raise SystemExit(f"{deb} holds no {ARCHIVE}: not the {PACKAGE} package")
     return (work / "x" / ARCHIVE).read_bytes()
 
 
