@@ -20,13 +20,12 @@ sys.path.insert(0, str(ROOT))
 
 def first_token_logprobs(model_dir: str, audio: str, top: int) -> list[tuple[str, float]]:
     import torch
-    from transformers import WhisperProcessor
 
     from slim.audio import load_audio
-    from slim.model import load_model
+    from slim.model import load_model, load_processor
 
     model = load_model(model_dir)  # dense, pruned or windowed float directories alike
-    processor = WhisperProcessor.from_pretrained(model_dir)
+    processor = load_processor(model_dir)
     features = processor(load_audio(audio), sampling_rate=16000, return_tensors="pt").input_features
     prompt = processor.tokenizer.prefix_tokens  # the decoder prompt the model's training labels start with
     with torch.no_grad():

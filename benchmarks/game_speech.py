@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--mix", help="a training manifest to mix the labelled lines into")
+    p.add_argument("--mix", help="training DATA (a JSONL manifest or an audio folder) to mix the labelled lines into")
     p.add_argument("--mix-limit", type=int, default=400, help="labelled lines added to --mix's")
     p.add_argument("--mix-out", help="folder for the mixed manifest.jsonl")
     a = p.parse_args(argv)
@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from eval.engines import load_engine
+    from eval.metrics import failure_counts
     from slim.audio import SAMPLING_RATE, AudioError, decode_audio
+    from slim.data import SkipStats, open_items
     from slim.io import atomic_write_text
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,9 +116,13 @@ def main(argv: list[str] | None = None) -> int:
         chunk = picked[i:i + a.batch_size]
         for (name, audio), text in zip(chunk, engine.transcribe([x for _, x in chunk], batch_size=a.batch_size)):
             seconds = len(audio) / SAMPLING_RATE
-            words = re.findall(r"[A-Za-z']+", text)
-            if not words or len(words) > 5 * seconds + 3:  # nothing heard, or a runaway
-                skipped["no_words" if not words else "too_many_words"] += 1
+            # no word (the eval's own test), or more words than anyone says in the time: a runaway. Not the
+            # eval's repetition test: acted dialogue repeats itself ("Do it! Do it! Do it, do it!")
+            if failure_counts([text])["empty"]:
+                skipped["no_words"] += 1
+                continue
+            if len(re.findall(r"[A-Za-z']+", text)) > 5 * seconds + 3:
+                skipped["too_many_words"] += 1
                 continue
             sf.write(out / "wav" / f"{name}.wav", audio, SAMPLING_RATE, subtype="PCM_16")
             rows.append({"id": f"fotaq-{name}", "audio": f"wav/{name}.wav", "text": text.strip(),
@@ -125,12 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     minutes = sum(r["seconds"] for r in rows) / 60
     print(f"{len(rows)} lines ({minutes:.1f} min) -> {out / 'manifest.jsonl'}; left out: {skipped}")
     if a.mix:
-        mix = Path(a.mix)
-        mixed = []
-        for line in mix.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                mixed.append({**r, "audio": str((mix.parent / r["audio"]).resolve())})
+        items, _ = open_items(a.mix, SkipStats())  # the training data reader's own items, paths resolved
+        mixed = [{"id": it.id, "audio": str(it.path.resolve()), "text": it.text} for it in items]
         mixed += [{**r, "audio": str((out / r["audio"]).resolve())} for r in rows[:a.mix_limit]]
         random.Random(a.seed).shuffle(mixed)
         Path(a.mix_out).mkdir(parents=True, exist_ok=True)
