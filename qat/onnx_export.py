@@ -441,8 +441,10 @@ class _Graph(nn.Module):
         x >= 0, see `_RowFakeQuant`)."""
         return _RowFakeQuant.apply(x, nonneg) if name in self.t.row_a else self.fq(x, name, "a")
 
-    def self_attention(self, attn, h, past=None, mask=None, per_head: bool = False):
+    def self_attention(self, attn, h, past=None, mask=None, per_head: bool = False, context=None):
         """Self-attention of h (B,T,C); `past` = cached (k_t, v) to extend. Returns (output, (k_t, v)).
+        `context`: float (k_t, v) of batch 1 read after the frames' own (an audio window's silent rest,
+        `slim.window`); the frames' own float (k_t, v) then go to `self.own`.
 
         per_head (the encoder's 1500 x 1500 attention): one QK -> softmax -> quantize -> PV chain per
         head. All heads' float scores at once (6 x 1500 x 1500 x 4 bytes = 54 MB for tiny.en) overflow
@@ -456,13 +458,13 @@ class _Graph(nn.Module):
         if per_head and past is not None:
             raise ValueError("per_head attention has no cache")
         q, k, v = self.linears(h, [attn.q_proj, attn.k_proj, attn.v_proj])
-        k_t, v = self.split_kv(attn, k, v, per_head=per_head)
+        k_t, v = self.split_kv(attn, k, v, per_head=per_head, context=context)
         if past is not None:
             k_t, v = torch.cat([past[0], k_t], dim=3), torch.cat([past[1], v], dim=2)
         m = mask(k_t.shape[3]) if mask is not None else None
         return self.merge(attn, self.attend(attn, self.split_q(attn, q, per_head), k_t, v, m)), (k_t, v)
 
-    def split_kv(self, attn, k, v, ship: bool = False, per_head: bool = False):
+    def split_kv(self, attn, k, v, ship: bool = False, per_head: bool = False, context=None):
         """k, v (B,S,H*D) as (B,H,D,S) and (B,H,S,D), already on the matmul inputs' int8 grid.
 
         Quantizing here, where the keys/values are made, means a cached tensor is quantized once. In the
@@ -474,6 +476,8 @@ class _Graph(nn.Module):
         shape = (0, -1, attn.num_heads, attn.head_dim)
         k_t = _Reshape.apply(k, shape).permute(0, 2, 3, 1)
         v = _Reshape.apply(v, shape).transpose(1, 2)
+        if context is not None:
+            return self.join_context(attn, k_t, v, context, per_head)
         if per_head:  # sliced before quantizing: ORT fuses a Q/DQ pair into an int8 matmul only where it feeds one
             pairs = [self.kv_grid(attn, a, b, ship, v_codes=True) for a, b in zip(torch.split(k_t, 1, 1),
                                                                                  torch.split(v, 1, 1))]
@@ -490,6 +494,44 @@ class _Graph(nn.Module):
             pv = self.t.name(attn.pv)
             v = self.q(v, pv, "bu") if ship or (v_codes and pv in self.t.row_a) else self.fq(v, pv, "b")
         return k_t, v
+
+    def join_context(self, attn, k_t, v, context, per_head: bool):
+        """The window's k_t, v followed by `context` (batch 1, the silent rest), as `split_kv` returns them.
+        Both are joined as the matmuls' int8 codes (float where a matmul is float), so the rest is
+        quantized once, when the runtime makes it, and a DequantizeLinear still feeds each matmul for ORT
+        to fuse; the window's own codes go to `self.own` (the graph's `self_*` outputs)."""
+        own = self.context_codes(attn, k_t, v)
+        self.own.extend(own)
+        k_t, v = (torch.cat([a, c.expand(a.shape[0], -1, -1, -1)], dim=d) for a, c, d in zip(own, context, (3, 2)))
+        if not per_head:
+            return self.from_codes(attn, k_t, v)
+        pairs = [self.from_codes(attn, a, b) for a, b in zip(torch.split(k_t, 1, 1), torch.split(v, 1, 1))]
+        return [a for a, _ in pairs], [b for _, b in pairs]
+
+    def context_codes(self, attn, k_t, v) -> tuple:
+        """k_t, v as what a context holds: int8 codes on the matmul's grid (uint8 for a P.V that takes its
+        probabilities per row, which reads the codes themselves), float where the matmul is float."""
+        qk, pv = self.t.name(attn.qk), self.t.name(attn.pv)
+        if qk in self.t.matmuls:
+            k_t = self.q(k_t, qk, "b")
+        if pv in self.t.matmuls:
+            v = self.q(v, pv, "bu" if pv in self.t.row_a else "b")
+        return k_t, v
+
+    def from_codes(self, attn, k_t, v) -> tuple:
+        """`context_codes`' tensors as `attend` reads them."""
+        qk, pv = self.t.name(attn.qk), self.t.name(attn.pv)
+        if qk in self.t.matmuls:
+            k_t = self.dq(k_t, qk, "b")
+        if pv in self.t.matmuls and pv not in self.t.row_a:
+            v = self.dq(v, pv, "b")
+        return k_t, v
+
+    def context_dtypes(self, attn) -> tuple:
+        """dtypes of `context_codes`' (k_t, v): the encoder graph's context inputs and `self_*` outputs."""
+        qk, pv = self.t.name(attn.qk), self.t.name(attn.pv)
+        return (torch.int8 if qk in self.t.matmuls else torch.float32,
+                (torch.uint8 if pv in self.t.row_a else torch.int8) if pv in self.t.matmuls else torch.float32)
 
     def shipped_dtypes(self, attn) -> tuple:
         """dtypes of the (k_t, v) that `split_kv(ship=True)` hands from the encoder graph to the decoder graph."""
@@ -514,30 +556,44 @@ def _no_heads(attn, x):
 
 
 class _EncoderGraph(_Graph):
-    def __init__(self, model, plan):
+    """input_features -> encoder_hidden_states and the cross-attention K/V for the decoder graph. With
+    `context` (a "silence" audio window, `slim.window`): also each encoder layer's float (k_t, v) to read
+    after the frames' own as inputs (`context_*`), and the frames' own as outputs (`self_*`), from which the
+    runtime makes that context (the same graph run once on a silent 30 s input)."""
+
+    def __init__(self, model, plan, context: bool = False):
         super().__init__(model, plan)
         self.encoder = model.model.encoder
         self.cross = nn.ModuleList([l.encoder_attn for l in model.model.decoder.layers if l.encoder_attn.num_heads])
+        self.context = context
+        self.own: list = []
 
-    def hidden(self, input_features):
-        """The encoder's output (B, frames / 2, d_model); the positions follow the frames given."""
+    def hidden(self, input_features, contexts=None):
+        """The encoder's output (B, frames / 2, d_model); the positions follow the frames given. `contexts`:
+        (k_t, v) per encoder layer with heads, read after the frames' own."""
         e = self.encoder
         x = F.gelu(self.conv(F.gelu(self.conv(input_features, e.conv1, True)), e.conv2, False))
         x = x + e.embed_positions.weight[: x.shape[1]]
+        contexts = iter(contexts or ())
         for layer in e.layers:
             attn = layer.self_attn
             h = layer.self_attn_layer_norm(x)
-            x = x + (self.self_attention(attn, h, per_head=True)[0] if attn.num_heads else _no_heads(attn, h))
+            if attn.num_heads:
+                x = x + self.self_attention(attn, h, per_head=True, context=next(contexts, None))[0]
+            else:
+                x = x + _no_heads(attn, h)
             x = x + self.mlp(layer, layer.final_layer_norm(x))
         return e.layer_norm(x)
 
-    def forward(self, input_features):
-        x = self.hidden(input_features)
+    def forward(self, input_features, *contexts):
+        self.own = []
+        pairs = list(zip(contexts[::2], contexts[1::2])) if self.context else None
+        x = self.hidden(input_features, pairs)
         outs = [x]
         kv = self.linears(x, [p for a in self.cross for p in (a.k_proj, a.v_proj)])
         for i, attn in enumerate(self.cross):
             outs.extend(self.split_kv(attn, kv[2 * i], kv[2 * i + 1], ship=True))
-        return tuple(outs)
+        return tuple(outs + self.own)
 
 
 class _DecoderGraph(_Graph):
@@ -630,18 +686,29 @@ class _DecoderGraph(_Graph):
 # exporting
 
 
-def _names(self_heads: list[int], cross_heads: list[int]) -> dict[str, list[str]]:
+def _names(self_heads: list[int], cross_heads: list[int], encoder_heads: list[int] | None = None) -> dict[str, list[str]]:
+    """Graph input/output names. `encoder_heads` (a "silence" window): the encoder's context inputs
+    (`context_*`) and its layers' own K/V outputs (`self_*`)."""
     past = [f"past_{kv}_{i}" for i, h in enumerate(self_heads) if h for kv in ("key", "value")]
-    return {
+    names = {
         "cross": [f"cross_{kv}_{i}" for i, h in enumerate(cross_heads) if h for kv in ("key", "value")],
         "past": past,
         "present": [n.replace("past_", "present_") for n in past],
     }
+    if encoder_heads is not None:
+        names["context"] = [f"context_{kv}_{i}" for i, h in enumerate(encoder_heads) if h for kv in ("key", "value")]
+        names["self"] = [n.replace("context_", "self_") for n in names["context"]]
+    return names
 
 
 def _export_graphs(model, plan: QuantPlan | None, tmp: Path, opset: int) -> dict:
-    enc, dec = _EncoderGraph(model, plan).eval(), _DecoderGraph(model, plan).eval()
-    names = _names(dec.self_heads, dec.cross_heads)
+    from slim.model import audio_window_of
+    from slim.window import silence_context
+
+    context = silence_context(audio_window_of(model))
+    enc, dec = _EncoderGraph(model, plan, context).eval(), _DecoderGraph(model, plan).eval()
+    encoder_heads = [l.self_attn.num_heads for l in model.model.encoder.layers]
+    names = _names(dec.self_heads, dec.cross_heads, encoder_heads if context else None)
     cfg = model.config
     feats = torch.zeros(1, cfg.num_mel_bins, 2 * cfg.max_source_positions)
     frames = cfg.max_source_positions
@@ -653,13 +720,25 @@ def _export_graphs(model, plan: QuantPlan | None, tmp: Path, opset: int) -> dict
             kt, vt = dec.shipped_dtypes(a)
             cross += [torch.zeros(1, a.num_heads, a.head_dim, frames, dtype=kt),
                       torch.zeros(1, a.num_heads, frames, a.head_dim, dtype=vt)]
-    enc_names = ["encoder_hidden_states"] + names["cross"]
+    enc_names = ["encoder_hidden_states"] + names["cross"] + names.get("self", [])
     batch = {0: "batch"}
-    # the frame count is dynamic: a model trained on audio windows is fed only the frames it needs
+    # the frame count is dynamic: a model with an audio window is fed only the frames it needs
     axes = {"input_features": {0: "batch", 2: "mel_frames"}, "encoder_hidden_states": {0: "batch", 1: "frames"}}
-    for n in names["cross"]:
+    for n in names["cross"] + names.get("self", []):
         axes[n] = {0: "batch", (3 if "key" in n else 2): "frames"}
-    _onnx_export(enc, (feats,), tmp / ENCODER_FILE, ["input_features"], enc_names, axes, opset)
+    contexts = []
+    if context:
+        for layer in model.model.encoder.layers:
+            a = layer.self_attn
+            if a.num_heads:
+                S = 3  # traced with a few frames; the axis is dynamic
+                kt, vt = enc.context_dtypes(a)
+                contexts += [torch.zeros(1, a.num_heads, a.head_dim, S, dtype=kt),
+                             torch.zeros(1, a.num_heads, S, a.head_dim, dtype=vt)]
+        for n in names["context"]:  # batch 1 (one level for the batch, broadcast) or the batch's own
+            axes[n] = {0: "context_batch", (3 if "key" in n else 2): "context"}
+    _onnx_export(enc, (feats, *contexts), tmp / ENCODER_FILE, ["input_features"] + names.get("context", []),
+                 enc_names, axes, opset)
 
     # trace the decoder with a non-empty past, so every cache shape is a traced (dynamic) shape
     P, T = 3, 2
@@ -902,7 +981,7 @@ def load_source_model(src):
 def export_model(src, out: str | Path, mode: str = "qdq", *, processor=None, plan: QuantPlan | None = None,
                  prompt: list[int] | None = None, language: str = "en", max_length: int | None = None,
                  opset: int = OPSET, layout: str = "slim", per_channel: bool = False,
-                 uint8_weights: bool = False) -> Path:
+                 uint8_weights: bool = False, audio_window: dict | None = None) -> Path:
     """Export `src` (a model or a model directory) to `out` in `layout` (`slim.export_format.LAYOUTS`):
     "slim" for `slim.runtime.OnnxEngine`, "sherpa-onnx" for sherpa-onnx's recognizer (`qat.export_sherpa`),
     "hf" for transformers.js and onnx-asr (`qat.export_hf`).
@@ -911,7 +990,9 @@ def export_model(src, out: str | Path, mode: str = "qdq", *, processor=None, pla
     with the QAT scales of a fake-quant model, or of `plan` when given). `per_channel`: dynamic-int8 with
     per-channel weight scales (ORT's default is per tensor). `uint8_weights`: the int8 weights stored as
     uint8 + 128 (`_weights_as_uint8`), for runtimes that keep ONNX Runtime's default kernels on x86 CPUs without
-    VNNI; the slim runtime needs no such export. Writes atomically.
+    VNNI; the slim runtime needs no such export. `audio_window`: a "silence" window (`slim.window`) recorded
+    with the export: the slim layout's encoder then takes context inputs and the runtime encodes only the
+    frames a clip needs; the other layouts' runtimes run it on 30 s. Writes atomically.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -930,6 +1011,17 @@ def export_model(src, out: str | Path, mode: str = "qdq", *, processor=None, pla
                              "was converted from")
     model, src_processor = load_source_model(src)
     processor = processor or src_processor
+    if audio_window is not None:
+        from slim.model import audio_window_of, set_audio_window
+        from slim.window import check_audio_window, silence_context
+
+        if not silence_context(check_audio_window(audio_window)):
+            raise ValueError("audio_window: an export sets only a window with context 'silence' (no training); "
+                             "a trained window comes from an audio-context stage")
+        if audio_window_of(model) is not None:
+            raise ValueError(f"audio_window: the model already has one ({audio_window_of(model)})")
+        model = copy.deepcopy(model) if model is src else model
+        set_audio_window(model, audio_window)
     if not all(isinstance(l.self_attn, SlimAttention) for l in model.model.encoder.layers):
         model = install_explicit_attention(copy.deepcopy(model))  # a stock HF model: leave the caller's alone
     model = model.eval()

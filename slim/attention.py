@@ -28,7 +28,15 @@ class MatMul(nn.Module):
 
 
 class SlimAttention(nn.Module):
-    """Multi-head attention with `num_heads` heads of width `head_dim` on a `d_model` stream."""
+    """Multi-head attention with `num_heads` heads of width `head_dim` on a `d_model` stream.
+
+    Self-attention can read keys/values beyond its own frames: `context` = (k, v), (1, H, S, D) each, joined
+    after the frames' own (an audio window's silent rest, `slim.model.SlimEncoder`); `keep_kv` keeps the
+    frames' own (k, v) in `kept_kv` (how that context is made)."""
+
+    context: tuple[torch.Tensor, torch.Tensor] | None = None
+    keep_kv: bool = False
+    kept_kv: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __init__(
         self,
@@ -107,6 +115,12 @@ class SlimAttention(nn.Module):
             src = key_value_states if is_cross else hidden_states
             k = self._heads(self.k_proj(src), B)
             v = self._heads(self.v_proj(src), B)
+            if self.keep_kv:
+                self.kept_kv = (k, v)
+            if self.context is not None and not is_cross:
+                ck, cv = self.context
+                k = torch.cat([k, ck.to(k.dtype).expand(B, -1, -1, -1)], dim=2)
+                v = torch.cat([v, cv.to(v.dtype).expand(B, -1, -1, -1)], dim=2)
             if cache is not None:
                 k, v = cache.update(k, v, self.layer_idx)
 

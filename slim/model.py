@@ -9,8 +9,9 @@ dense original, `slim_structure.json`:
      "quant": null | {...settings owned by qat/...},
      "audio_window": null | {"margin_s": 1.0, "frame_multiple": 16}}
 
-`audio_window` says the model was trained to encode windows sized to the audio (`window_frames`) instead
-of Whisper's fixed 30 s; a model without it is always given the full window.
+`audio_window` says the model encodes windows sized to the audio (`window_frames`) instead of Whisper's
+fixed 30 s: trained to (no `context`), or an unchanged model that reads a silent input's states beyond
+the window (`"context": "silence"`, `slim.window`); a model without it is always given the full window.
 
 `config.json` keeps the base model's shape (layers, d_model, vocab); the structure says what each layer
 kept. Weights are always `model.safetensors`; nothing is pickled. A dense, unquantized model is
@@ -35,7 +36,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY, capture_outputs
 
 from slim.attention import SlimAttention
-from slim.window import check_audio_window, window_frames
+from slim.window import check_audio_window, silence_context, silence_level, window_frames
 from slim.io import atomic_dir
 
 STRUCTURE_FILE = "slim_structure.json"
@@ -131,26 +132,96 @@ def trim_features(model: nn.Module, features: torch.Tensor, audio_frames) -> tor
 
 class SlimEncoder(WhisperEncoder):
     """Whisper's encoder on any even number of frames up to 30 s (HF's insists on exactly 3000): the
-    positional table is sliced to the frames present. With 3000 frames it runs HF's computation exactly."""
+    positional table is sliced to the frames present. With 3000 frames it runs HF's computation exactly.
+
+    With a "silence" window (`slim.window`) and fewer frames, each layer's self-attention also reads the
+    keys/values this encoder computes at the later positions of a silent 30 s input, and the output goes
+    on with that input's states, so the decoder cross-attends over 1500 frames as usual while the layers
+    ran only on the window's frames."""
 
     audio_window: dict | None = None
+
+    @property
+    def full_frames(self) -> int:
+        return self.max_source_positions * self.conv1.stride[0] * self.conv2.stride[0]
+
+    def _embed(self, input_features):
+        x = nn.functional.gelu(self.conv1(input_features))
+        x = nn.functional.gelu(self.conv2(x)).permute(0, 2, 1)
+        return x + self.embed_positions.weight[: x.shape[1]]
+
+    def _attentions(self) -> list[SlimAttention]:
+        attns = [layer.self_attn for layer in self.layers]
+        if not all(isinstance(a, SlimAttention) for a in attns):
+            raise TypeError("a silence window needs explicit attention (slim.model.install_explicit_attention)")
+        return attns
+
+    def silence_states(self, level: float, dtype: torch.dtype, device) -> tuple[list[tuple], torch.Tensor]:
+        """Per layer, the self-attention (k, v) of a silent 30 s input (every mel frame `level`), and the last
+        layer's output before the final norm; computed once per level and kept until a weight or buffer
+        changes (training, loading) or the dtype/device does."""
+        state = [(id(t), t._version) for t in (*self.parameters(), *self.buffers())]
+        key = (dtype, device, torch.is_inference_mode_enabled(), state)
+        cached = self.__dict__.get("_silence")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_silence"] = (key, {})
+        if level in cached[1]:
+            return cached[1][level]
+        attns = self._attentions()
+        feats = torch.full((1, self.config.num_mel_bins, self.full_frames), level, dtype=dtype, device=device)
+        try:
+            for a in attns:
+                a.keep_kv = True
+            with torch.no_grad():
+                x = self._embed(feats)
+                for layer in self.layers:
+                    x = layer(x, None)
+            kv = [a.kept_kv for a in attns]
+        finally:
+            for a in attns:
+                a.keep_kv, a.kept_kv = False, None
+        cached[1][level] = (kv, x)
+        return kv, x
+
+    def silent_rest(self, input_features: torch.Tensor, frames: int) -> tuple[list[tuple], torch.Tensor]:
+        """What a "silence" window reads from encoder frame `frames` on, for each item of a batch: per layer
+        (k, v), and the output before the final norm, of the silent input at the level nearest the item's
+        own padding (`slim.window.silence_level`); batch 1 when every item has the same level."""
+        levels = [silence_level(float(f)) for f in input_features.detach().amin(dim=(1, 2))]
+        states = [self.silence_states(v, input_features.dtype, input_features.device) for v in dict.fromkeys(levels)]
+        if len(states) > 1:
+            pick = {v: i for i, v in enumerate(dict.fromkeys(levels))}
+            states = [states[pick[v]] for v in levels]
+        kv = [(torch.cat([st[0][i][0] for st in states])[:, :, frames:],
+               torch.cat([st[0][i][1] for st in states])[:, :, frames:]) for i in range(len(self.layers))]
+        return kv, torch.cat([st[1] for st in states])[:, frames:]
 
     @merge_with_config_defaults
     @capture_outputs
     def forward(self, input_features, attention_mask=None, **kwargs) -> BaseModelOutput:
-        stride = self.conv1.stride[0] * self.conv2.stride[0]
         n = input_features.shape[-1]
-        if n > self.max_source_positions * stride or n % stride:
-            raise ValueError(f"the encoder takes an even number of mel frames up to "
-                             f"{self.max_source_positions * stride}, got {n}")
-        x = nn.functional.gelu(self.conv1(input_features))
-        x = nn.functional.gelu(self.conv2(x)).permute(0, 2, 1)
-        x = x + self.embed_positions.weight[: x.shape[1]]
+        stride = self.conv1.stride[0] * self.conv2.stride[0]
+        if n > self.full_frames or n % stride:
+            raise ValueError(f"the encoder takes an even number of mel frames up to {self.full_frames}, got {n}")
+        x = self._embed(input_features)
         x = nn.functional.dropout(x, p=self.dropout, training=self.training)
-        for layer in self.layers:
-            if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
-                continue
-            x = layer(x, None, **kwargs)
+        if not (silence_context(self.audio_window) and n < self.full_frames):
+            for layer in self.layers:
+                if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
+                    continue
+                x = layer(x, None, **kwargs)
+            return BaseModelOutput(last_hidden_state=self.layer_norm(x))
+        kv, rest = self.silent_rest(input_features, x.shape[1])
+        attns = self._attentions()
+        try:
+            for a, context in zip(attns, kv):
+                a.context = context
+            for layer in self.layers:
+                x = layer(x, None, **kwargs)
+        finally:
+            for a in attns:
+                a.context = None
+        x = torch.cat([x, rest.to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)
         return BaseModelOutput(last_hidden_state=self.layer_norm(x))
 
 

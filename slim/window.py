@@ -1,6 +1,13 @@
-"""Audio windows: a model trained to encode only the frames a clip needs (instead of Whisper's fixed 30 s)
-says so in its structure (`audio_window`), and every engine asks `window_frames` how many mel frames to
-feed it. Plain Python, so the torch-free runtime shares the one rule with training and the torch engines.
+"""Audio windows: a model that encodes only the frames a clip needs (instead of Whisper's fixed 30 s) says so
+in its structure (`audio_window`), and every engine asks `window_frames` how many mel frames to feed it.
+Plain Python, so the torch-free runtime shares the one rule with training and the torch engines.
+
+Two kinds of window (`context`):
+- trained (no `context`): the model was fine-tuned to encode the window alone (`kind: audio-context`);
+- "silence": an unchanged model encodes the window's frames, and wherever it would have read the rest of
+  the 30 s input (the encoder's self-attention, the decoder's cross-attention) it reads the states the
+  same model computes for a silent 30 s input instead, computed once per model (`SILENCE_LEVELS`). No
+  training; engines that cannot do this (sherpa-onnx, transformers.js) run such a model on 30 s.
 """
 
 from __future__ import annotations
@@ -9,16 +16,31 @@ import math
 
 MEL_FRAMES_PER_SECOND = 100  # the feature extractor's hop: 160 samples at 16 kHz
 WINDOW_KEYS = {"margin_s": (int, float), "frame_multiple": int}
+CONTEXTS = ("silence",)
+SILENCE_LEVELS = (-1.0, -0.75, -0.5)
+"""Log-mel values of the silent inputs whose states a "silence" window reads (every frame the one value):
+each clip reads the one nearest its own padding's value, the floor the feature extractor gives padding,
+(max - 4) / 4 for a clip whose log10 power peaks at max; real clips' floors lie between -1.05 and -0.5.
+With one level (-0.5) the INT8 tiny.en export made one word error more than its 30 s run on the real clips;
+with these three, the same (docs/short-clips.md)."""
+
+
+def silence_level(floor: float) -> float:
+    """The `SILENCE_LEVELS` value nearest a clip's padding floor (its features' minimum)."""
+    return min(SILENCE_LEVELS, key=lambda v: abs(v - floor))
 
 
 def check_audio_window(window: dict, where: str = "audio_window") -> dict:
     """`window` checked: {"margin_s": seconds of padding kept after the audio's last whole second,
-    "frame_multiple": encoder frames the window is rounded up to}; a bad one fails naming the key."""
+    "frame_multiple": encoder frames the window is rounded up to, and optionally "context": "silence"
+    (see the module docstring)}; a bad one fails naming the key."""
     if not isinstance(window, dict):
         raise ValueError(f"{where} must be a mapping with {sorted(WINDOW_KEYS)}, got {window!r}")
-    unknown = set(window) - set(WINDOW_KEYS)
+    unknown = set(window) - set(WINDOW_KEYS) - {"context"}
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)} (known: {sorted(WINDOW_KEYS)})")
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)} (known: {sorted(WINDOW_KEYS) + ['context']})")
+    if window.get("context") is not None and window["context"] not in CONTEXTS:
+        raise ValueError(f"{where}.context must be one of {list(CONTEXTS)} or absent, got {window['context']!r}")
     for key, kind in WINDOW_KEYS.items():
         v = window.get(key)
         if isinstance(v, bool) or not isinstance(v, kind):
@@ -52,6 +74,11 @@ def engine_window(model_window: dict | None, override) -> dict | None:
     if override == FROM_MODEL:
         return model_window
     return None if override is None else check_audio_window(override, "audio_window")
+
+
+def silence_context(window: dict | None) -> bool:
+    """Whether `window` reads a silent input's states beyond its frames (the module docstring)."""
+    return window is not None and window.get("context") == "silence"
 
 
 def clip_frames(audio, hop_length: int = 160) -> int:

@@ -57,7 +57,8 @@ def test_window_rule(audio_frames, want):
 @pytest.mark.parametrize("window, key", [({"margin_s": -1, "frame_multiple": 16}, "margin_s"),
                                          ({"margin_s": 1, "frame_multiple": 0}, "frame_multiple"),
                                          ({"margin_s": 1, "frame_multiple": 1.5}, "frame_multiple"),
-                                         ({"margin_s": 1, "frame_multiple": 16, "pad": 2}, "pad")])
+                                         ({"margin_s": 1, "frame_multiple": 16, "pad": 2}, "pad"),
+                                         ({"margin_s": 1, "frame_multiple": 16, "context": "noise"}, "context")])
 def test_bad_window_is_named(window, key):
     from slim.window import check_audio_window
 
@@ -234,6 +235,148 @@ def test_slim_runtime_uses_the_exports_window_and_matches_torch(exports):
 
 
 # ---------------------------------------------------------------------------------------------
+# silence windows: an unchanged model reads a silent input's states beyond its window
+
+SILENCE = {"margin_s": 0.5, "frame_multiple": 16, "context": "silence"}
+
+
+def _clip_features(level: float, batch: int = 1, speech: int = 300, seed: int = 0) -> torch.Tensor:
+    """Features of a clip: `speech` frames above the floor, then its padding at `level` (the floor)."""
+    x = torch.full((batch, 80, 3000), level)
+    g = torch.Generator().manual_seed(seed)
+    x[..., :speech] = level + 0.5 + torch.rand(batch, 80, speech, generator=g)
+    return x
+
+
+class _LayerFrames:
+    """The frame count every encoder layer runs on."""
+
+    def __init__(self, encoder):
+        self.seen = []
+        for layer in encoder.layers:
+            layer.register_forward_pre_hook(lambda mod, args: self.seen.append(args[0].shape[1]))
+
+
+def test_silence_window_runs_the_layers_on_its_frames_and_reads_the_silent_rest():
+    from slim.window import silence_level
+
+    m, plain = _model(SILENCE), _model()
+    enc = m.model.encoder
+    x = _clip_features(-0.5)
+    with torch.no_grad():
+        kv, rest = enc.silence_states(-0.5, torch.float32, torch.device("cpu"))  # made before counting
+        frames = _LayerFrames(enc)
+        short = enc(x[..., :416]).last_hidden_state
+        full = enc(x).last_hidden_state
+        want = plain.model.encoder(x).last_hidden_state
+    assert frames.seen == [208] * 2 + [1500] * 2  # the window's frames, then a 30 s input the usual way
+    assert short.shape == (1, 1500, 64)
+    assert torch.equal(short[:, 208:], enc.layer_norm(rest[:, 208:]))  # from the window on: the silent input's
+    assert torch.equal(full, want)  # 30 s of features: the plain computation, bit for bit
+    # the window's own frames see the silent rest where the 30 s encoder sees this clip's padding: close
+    assert float((short[:, :208] - want[:, :208]).abs().max()) < 0.05 * float(want.abs().max())
+    assert [silence_level(v) for v in (-1.2, -0.8, -0.6, -0.2)] == [-1.0, -0.75, -0.5, -0.5]
+
+
+def test_silence_window_reads_each_clips_own_level_in_a_batch():
+    m = _model(SILENCE)
+    x = torch.cat([_clip_features(-1.0, seed=1), _clip_features(-0.5, seed=2)])[..., :416]
+    with torch.no_grad():
+        both = m.model.encoder(x).last_hidden_state
+        one = [m.model.encoder(x[i:i + 1]).last_hidden_state for i in range(2)]
+        _, rest = m.model.encoder.silence_states(-1.0, torch.float32, torch.device("cpu"))
+    torch.testing.assert_close(both, torch.cat(one), atol=1e-5, rtol=1e-5)
+    assert torch.equal(both[0, 208:], m.model.encoder.layer_norm(rest[0, 208:]))
+
+
+def test_silence_window_survives_ptq_and_int8_conversion():
+    from qat.convert import convert_to_int8
+    from qat.prepare import QuantConfig, ptq
+
+    m = _model(SILENCE)
+    batch = {"input_features": _clip_features(-0.5, batch=2), "labels": torch.tensor([[50362, 400, 50256]] * 2)}
+    fq = ptq(m, QuantConfig(embeddings=True, row_matmuls=["*.pv"]), [batch])
+    int8 = convert_to_int8(fq)
+    x = _clip_features(-0.5)[..., :416]
+    with torch.no_grad():
+        a, b = fq.model.encoder(x).last_hidden_state, int8.model.encoder(x).last_hidden_state
+    assert a.shape == b.shape == (1, 1500, 64)
+    assert float((a - b).abs().max()) < 0.05 * float(a.abs().max())
+
+
+@pytest.fixture(scope="module")
+def silence_exports(tmp_path_factory):
+    from qat.onnx_export import export_model
+    from qat.prepare import QuantConfig, ptq
+    from slim.model import audio_window_of, save_model
+    from slim.sources import tiny_random_processor
+
+    root = tmp_path_factory.mktemp("silence-exports")
+    model = _model()
+    save_model(model, root / "model", processor=tiny_random_processor())
+    batch = {"input_features": _clip_features(-0.5, batch=2), "labels": torch.tensor([[50362, 400, 50256]] * 2)}
+    fq = ptq(_model(), QuantConfig(embeddings=True, row_matmuls=["*.pv"]), [batch])
+    out = {"model": _model(SILENCE), "fq": fq}
+    for name, src, mode in (("float", root / "model", "float"), ("qdq", fq, "qdq")):
+        out[name] = export_model(src, root / name, mode=mode, audio_window=SILENCE)
+        out[f"{name}-30s"] = export_model(src, root / f"{name}-30s", mode=mode)
+    assert audio_window_of(fq) is None  # the caller's model is left as it was
+    return out
+
+
+@pytest.mark.parametrize("mode", ["float", "qdq"])
+def test_silence_export_on_30_s_is_the_plain_export(silence_exports, mode):
+    import onnxruntime as ort
+
+    from slim.runtime import OnnxEngine
+
+    engine = OnnxEngine(silence_exports[mode])
+    assert engine.audio_window == SILENCE
+    types = {i.name: i.type for i in engine.encoder.get_inputs()}
+    want = {"float": "tensor(float)", "qdq": "tensor(int8)"}[mode]
+    assert [types[n] for n in engine.context_names if "key" in n] == [want] * 2  # keys on the int8 grid
+    x = _clip_features(-0.5).numpy()
+    plain = ort.InferenceSession(str(silence_exports[f"{mode}-30s"] / "encoder.onnx")).run(None, {"input_features": x})
+    ours = [o.numpy() for o in engine._run_encoder(x, [], ["encoder_hidden_states"] + engine.cross_names)]
+    for a, b in zip(ours, plain):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_slim_runtime_on_a_silence_window_matches_torch(silence_exports):
+    from eval.onnx_engine import torch_greedy_tokens
+    from slim.runtime import OnnxEngine
+    from slim.window import silence_level
+
+    engine = OnnxEngine(silence_exports["float"])
+    seen = []
+    run = engine._run_encoder
+    engine._run_encoder = lambda f, c, o: (seen.append(f.shape[-1]), run(f, c, o))[1]
+    loud = np.random.RandomState(0).randn(int(16000 * 2.5)).astype(np.float32) * 0.5
+    quiet = np.random.RandomState(1).randn(int(16000 * 1.5)).astype(np.float32) * 0.005
+    engine.transcribe([loud, quiet], batch_size=2, max_new_tokens=6)
+    assert seen == [2 * 176]  # ceil(2.5 s) + 0.5 s = 175 encoder frames -> 176 (the silent inputs ran at load)
+    feats = engine.features([loud, quiet], 2 * 176)
+    assert len({silence_level(float(f.min())) for f in feats}) == 2  # two clips that read two silent inputs
+    cross = [c.numpy() for c in engine.encode(feats)]
+    model = silence_exports["model"]
+    with torch.no_grad():
+        h = model.model.encoder(torch.from_numpy(feats)).last_hidden_state
+    layer = model.model.decoder.layers[0].encoder_attn
+    np.testing.assert_allclose(cross[0], layer.k_proj(h).detach().reshape(2, 1500, layer.num_heads, -1)
+                               .permute(0, 2, 3, 1).numpy(), atol=1e-4)
+    assert engine.generate_tokens(feats, 6) == torch_greedy_tokens(model, feats, engine.decode, 6)
+
+
+def test_export_sets_only_a_silence_window(silence_exports, tmp_path):
+    from qat.onnx_export import export_model
+
+    with pytest.raises(ValueError, match="context 'silence'"):
+        export_model(silence_exports["fq"], tmp_path / "x", mode="qdq", audio_window=WINDOW)
+    with pytest.raises(ValueError, match="already has one"):
+        export_model(_model(WINDOW), tmp_path / "y", mode="float", audio_window=SILENCE)
+
+
+# ---------------------------------------------------------------------------------------------
 # the stage: killed and resumed bit for bit, then QAT and the export on the same windows
 
 
@@ -280,4 +423,4 @@ def test_audio_context_stage_resumes_bit_exactly_and_qat_and_export_keep_the_win
     # the stage trained on short windows: its hidden-state loss is not the zero of an unchanged model
     first = json.loads((out / "01-audio-context" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["hidden"] > 0
-    assert yaml.safe_load((out / "recipe.yaml").read_text())["stages"][0]["audio_window"] == WINDOW
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["stages"][0]["audio_window"] == {**WINDOW, "context": None}

@@ -303,3 +303,17 @@ def test_base_recipe_ships_a_dense_and_a_pruned_int8_export_of_base():
     assert stages["qat-pruned"].teacher == "input"  # distilled from the repaired model, no recovery
     assert stages["export"].export_mode == stages["export-pruned"].export_mode == "qdq"
     assert r.data.optional_eval == {"real_prompts": "../shared/data/real-prompts/manifest.jsonl"}
+
+
+@pytest.mark.parametrize("stage, message", [
+    ("{name: a, kind: audio-context, audio_window: {context: silence}}", r"context: silence needs no training"),
+    ("{name: e, kind: export, export_mode: float, audio_window: {margin_s: 1.0}}", r"sets only a window with context"),
+    ("{name: q, kind: ptq, audio_window: {context: silence}}", r"kind ptq takes none"),
+    ("{name: e, kind: export, export_mode: float, audio_window: {context: noise}}", r"context: 'noise' is not one of"),
+])
+def test_bad_audio_window_is_named(tmp_path, stage, message):
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(_write(tmp_path, BASE + f"  - {stage}\n"))
+    ok = load_recipe(_write(tmp_path, BASE + "  - {name: e, kind: export, export_mode: float, "
+                                             "audio_window: {context: silence, margin_s: 0.5}}\n"))
+    assert ok.stages[-1].audio_window.as_dict() == {"margin_s": 0.5, "frame_multiple": 16, "context": "silence"}

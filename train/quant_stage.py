@@ -82,8 +82,9 @@ def run_convert(ctx: RunContext, stage: StageConfig, prev: Path, model_out: Path
 def run_export(ctx: RunContext, stage: StageConfig, prev: Path, model_out: Path) -> None:
     from qat.onnx_export import export_model
 
+    window = stage.audio_window.as_dict() if stage.audio_window is not None else None
     export_model(export_source(ctx, stage, prev), model_out, mode=stage.export_mode, layout=stage.export_format,
-                 uint8_weights=stage.export_uint8_weights)
+                 uint8_weights=stage.export_uint8_weights, audio_window=window)
 
 
 def export_source(ctx: RunContext, stage: StageConfig, prev: Path) -> Path:

@@ -165,17 +165,25 @@ class InterpolateConfig:
 
 @dataclass
 class AudioWindowConfig:
-    """kind=audio-context: the window the model learns to encode, ceil(duration) + margin_s seconds."""
+    """The window a model encodes, ceil(duration) + margin_s seconds: learnt in kind=audio-context, or, with
+    `context: silence`, set on kind=export with no training (`slim.window`)."""
 
     margin_s: float = 2.0
     """Seconds of Whisper's padding kept after the audio's last whole second (2: docs/short-clips.md)."""
     frame_multiple: int = 16
     """The encoder's frame count is rounded up to a multiple of this (two mel frames each; 50 per second)."""
+    context: Literal["silence"] | None = None
+    """None: the model learns to encode the window alone (kind=audio-context). silence: the unchanged model
+    reads a silent input's states beyond the window (kind=export; the slim layout's runtime)."""
 
     def __post_init__(self):
         from slim.model import check_audio_window
 
-        check_audio_window({"margin_s": self.margin_s, "frame_multiple": self.frame_multiple})
+        check_audio_window(self.as_dict())
+
+    def as_dict(self) -> dict:
+        d = {"margin_s": self.margin_s, "frame_multiple": self.frame_multiple}
+        return d if self.context is None else {**d, "context": self.context}
 
 
 @dataclass
@@ -195,7 +203,8 @@ class StageConfig:
     """Distillation teacher: the dense base model, this stage's input model, or none (CE only). An
     audio-context stage's teacher runs on the full 30 s window."""
     audio_window: AudioWindowConfig | None = None
-    """Settings for kind=audio-context (defaults when absent)."""
+    """kind=audio-context: the window it trains (defaults when absent); kind=export: a window with
+    `context: silence` recorded with the export (none when absent)."""
     quant: QuantConfig | None = None
     """Quantization settings for kind=qat / ptq (and the export that follows)."""
     interpolate: InterpolateConfig | None = None
@@ -231,6 +240,15 @@ class StageConfig:
             self.train = TrainConfig()
         if self.kind == "audio-context" and self.audio_window is None:
             self.audio_window = AudioWindowConfig()
+        if self.audio_window is not None:
+            silence = self.audio_window.context == "silence"
+            if self.kind == "audio-context" and silence:
+                raise ValueError("audio_window.context: silence needs no training; set it on the export stage")
+            if self.kind == "export" and not silence:
+                raise ValueError("audio_window: an export stage sets only a window with context: silence (a "
+                                 "trained window comes from an audio-context stage)")
+            if self.kind not in ("audio-context", "export"):
+                raise ValueError(f"audio_window: kind {self.kind} takes none (audio-context and export do)")
         if self.kind == "interpolate" and self.interpolate is None:
             raise ValueError("kind interpolate needs interpolate: {base: STAGE}")
 

@@ -109,8 +109,6 @@ def _audio_context(ctx: RunContext, stage: StageConfig, prev: Path, model_out: P
     """Fine-tune the input to encode windows sized to the audio (`slim.model.window_frames`), distilled from
     a model on the full 30 s window: the input itself (`teacher: input`, the usual choice: the stage
     should change how the model encodes, not what it says) or the dense base."""
-    from dataclasses import asdict
-
     from slim.model import audio_window_of, set_audio_window
     from train.context import input_teacher
 
@@ -119,7 +117,7 @@ def _audio_context(ctx: RunContext, stage: StageConfig, prev: Path, model_out: P
         raise RunError(f"stages.{stage.name}: its input already encodes audio windows; one audio-context stage "
                        "per lineage")
     teacher = input_teacher(stage, model)  # before the window is set: the teacher sees 30 s
-    set_audio_window(model, asdict(stage.audio_window))
+    set_audio_window(model, stage.audio_window.as_dict())
     fit(ctx, stage, model, model_out.parent, teacher=teacher)
     save_final(ctx, model, model_out)
 
