@@ -54,11 +54,22 @@ def test_window_rule(audio_frames, want):
     assert window_frames(None, audio_frames, 3000) == 3000
 
 
+def test_window_rule_goes_to_30_s_past_max_s():
+    from slim.window import SILENCE_WINDOW, window_frames
+
+    capped = {**WINDOW, "max_s": 10}
+    assert window_frames(capped, 800, 3000) == 2 * 464  # 8 s + 1 s = 450 frames -> 464: under 10 s
+    assert window_frames(capped, 950, 3000) == 3000  # 10 s + 1 s: past 10 s, the full window
+    assert window_frames(SILENCE_WINDOW, 850, 3000) == 2 * 480  # 9 s + 0.5 s = 475 -> 480
+    assert window_frames(SILENCE_WINDOW, 950, 3000) == 3000
+
+
 @pytest.mark.parametrize("window, key", [({"margin_s": -1, "frame_multiple": 16}, "margin_s"),
                                          ({"margin_s": 1, "frame_multiple": 0}, "frame_multiple"),
                                          ({"margin_s": 1, "frame_multiple": 1.5}, "frame_multiple"),
                                          ({"margin_s": 1, "frame_multiple": 16, "pad": 2}, "pad"),
-                                         ({"margin_s": 1, "frame_multiple": 16, "context": "noise"}, "context")])
+                                         ({"margin_s": 1, "frame_multiple": 16, "context": "noise"}, "context"),
+                                         ({"margin_s": 1, "frame_multiple": 16, "max_s": 0}, "max_s")])
 def test_bad_window_is_named(window, key):
     from slim.window import check_audio_window
 
@@ -316,7 +327,7 @@ def silence_exports(tmp_path_factory):
     save_model(model, root / "model", processor=tiny_random_processor())
     batch = {"input_features": _clip_features(-0.5, batch=2), "labels": torch.tensor([[50362, 400, 50256]] * 2)}
     fq = ptq(_model(), QuantConfig(embeddings=True, row_matmuls=["*.pv"]), [batch])
-    out = {"model": _model(SILENCE), "fq": fq}
+    out = {"model": _model(SILENCE), "fq": fq, "root": root}
     for name, src, mode in (("float", root / "model", "float"), ("qdq", fq, "qdq")):
         out[name] = export_model(src, root / name, mode=mode, audio_window=SILENCE)
         out[f"{name}-30s"] = export_model(src, root / f"{name}-30s", mode=mode)
@@ -369,6 +380,13 @@ def test_slim_runtime_on_a_silence_window_matches_torch(silence_exports):
 
 def test_export_sets_only_a_silence_window(silence_exports, tmp_path):
     from qat.onnx_export import export_model
+    from slim.window import SILENCE_WINDOW
+    from train.cli import _export
+
+    assert _export([str(silence_exports["root"] / "model"), str(tmp_path / "cli"), "--silence-window"]) == 0
+    config = json.loads((tmp_path / "cli" / "export_config.json").read_text())
+    assert config["structure"]["audio_window"] == SILENCE_WINDOW
+    assert config["io"]["names"]["context"] == ["context_key_0", "context_value_0", "context_key_1", "context_value_1"]
 
     with pytest.raises(ValueError, match="context 'silence'"):
         export_model(silence_exports["fq"], tmp_path / "x", mode="qdq", audio_window=WINDOW)
@@ -423,4 +441,4 @@ def test_audio_context_stage_resumes_bit_exactly_and_qat_and_export_keep_the_win
     # the stage trained on short windows: its hidden-state loss is not the zero of an unchanged model
     first = json.loads((out / "01-audio-context" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["hidden"] > 0
-    assert yaml.safe_load((out / "recipe.yaml").read_text())["stages"][0]["audio_window"] == {**WINDOW, "context": None}
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["stages"][0]["audio_window"] == {**WINDOW, "context": None, "max_s": None}

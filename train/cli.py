@@ -134,9 +134,13 @@ def _export(argv: list[str]) -> int:
                    help="store the int8 weights as uint8 + 128 (the same values): exact in runtimes that keep ONNX "
                         "Runtime's default kernels (sherpa-onnx, transformers.js) on x86 CPUs without VNNI; "
                         "u8 x u8 kernels, slower where VNNI runs u8 x s8 (docs/runtimes.md)")
+    p.add_argument("--silence-window", action="store_true",
+                   help="record a silence window (slim.window.SILENCE_WINDOW): the slim runtime encodes only "
+                        "ceil(duration) + 0.5 s of a clip up to 9 s, and reads a silent input's states beyond it")
     args = p.parse_args(argv)
     from qat.onnx_export import export_model
     from slim.model import read_structure
+    from slim.window import SILENCE_WINDOW
 
     if not (Path(args.model) / "config.json").exists():
         raise FileNotFoundError(f"{Path(args.model) / 'config.json'}: missing (MODEL must be a model directory)")
@@ -144,7 +148,8 @@ def _export(argv: list[str]) -> int:
     if mode is None:
         s = read_structure(args.model)
         mode = "qdq" if s is not None and s.quant is not None else "float"
-    print(export_model(args.model, args.out, mode=mode, layout=args.format, uint8_weights=args.uint8_weights))
+    print(export_model(args.model, args.out, mode=mode, layout=args.format, uint8_weights=args.uint8_weights,
+                       audio_window=dict(SILENCE_WINDOW) if args.silence_window else None))
     return 0
 
 

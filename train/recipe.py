@@ -175,6 +175,10 @@ class AudioWindowConfig:
     context: Literal["silence"] | None = None
     """None: the model learns to encode the window alone (kind=audio-context). silence: the unchanged model
     reads a silent input's states beyond the window (kind=export; the slim layout's runtime)."""
+    max_s: float | None = None
+    """A window longer than this many seconds is the full 30 s (None: no limit). A silence window's states
+    drift from the 30 s model's as the clip fills the window (docs/short-clips.md), where the window saves
+    little anyway."""
 
     def __post_init__(self):
         from slim.model import check_audio_window
@@ -183,7 +187,7 @@ class AudioWindowConfig:
 
     def as_dict(self) -> dict:
         d = {"margin_s": self.margin_s, "frame_multiple": self.frame_multiple}
-        return d if self.context is None else {**d, "context": self.context}
+        return {**d, **{k: getattr(self, k) for k in ("context", "max_s") if getattr(self, k) is not None}}
 
 
 @dataclass
