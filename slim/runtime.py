@@ -4,7 +4,8 @@ and `tokenizers` alone (no torch, no transformers), installed by `pip install wh
 The encoder graph runs once per batch and hands the cross-attention keys/values over as ORT values;
 each decoder step binds the previous step's `present_*` outputs as its `past_*` inputs (IO binding), so
 the growing cache never round-trips through numpy. Only the last position's logits come back to
-Python, where the suppress masks and the argmax are applied. Features are `slim.mel.LogMel` (transformers'
+Python, where the suppress masks and the argmax are applied. An export with a "silence" window
+(`slim.window`) encodes only a clip's window and joins the rest from a silent input's states, computed at load. Features are `slim.mel.LogMel` (transformers'
 WhisperFeatureExtractor in numpy), text is the export's `tokenizer.json` decoded by `tokenizers`.
 
     python -m slim.runtime EXPORT_DIR AUDIO... [--threads N]     # prints "<audio>\t<text>" per file
@@ -143,7 +144,9 @@ class OnnxEngine:
         return feats
 
     def encode(self, features: np.ndarray) -> list:
-        """Cross-attention keys/values (ORT values, in `cross_names` order) for a batch of features."""
+        """Cross-attention keys/values (ORT values, in `cross_names` order) for a batch of features. On a
+        silence window (`slim.window`) they are the window's followed by the silent input's, in buffers the
+        engine keeps per batch size: the next `encode` of a batch of that size overwrites them."""
         feats = np.ascontiguousarray(features, dtype=np.float32)
         mels, frames = self.config["model"]["num_mel_bins"], self.config["model"]["n_frames"]
         if feats.ndim != 3 or feats.shape[1] != mels or not (0 < feats.shape[2] <= frames and feats.shape[2] % 2 == 0):
