@@ -443,8 +443,8 @@ class _Graph(nn.Module):
 
     def self_attention(self, attn, h, past=None, mask=None, per_head: bool = False, context=None):
         """Self-attention of h (B,T,C); `past` = cached (k_t, v) to extend. Returns (output, (k_t, v)).
-        `context`: float (k_t, v) of batch 1 read after the frames' own (an audio window's silent rest,
-        `slim.window`); the frames' own float (k_t, v) then go to `self.own`.
+        `context`: (k_t, v) read after the frames' own (an audio window's silent rest, `slim.window`), as
+        `context_codes` makes them; the frames' own then go to `self.own`.
 
         per_head (the encoder's 1500 x 1500 attention): one QK -> softmax -> quantize -> PV chain per
         head. All heads' float scores at once (6 x 1500 x 1500 x 4 bytes = 54 MB for tiny.en) overflow
@@ -496,7 +496,8 @@ class _Graph(nn.Module):
         return k_t, v
 
     def join_context(self, attn, k_t, v, context, per_head: bool):
-        """The window's k_t, v followed by `context` (batch 1, the silent rest), as `split_kv` returns them.
+        """The window's k_t, v followed by `context` (the silent rest; batch 1, broadcast, or the batch's own),
+        as `split_kv` returns them.
         Both are joined as the matmuls' int8 codes (float where a matmul is float), so the rest is
         quantized once, when the runtime makes it, and a DequantizeLinear still feeds each matmul for ORT
         to fuse; the window's own codes go to `self.own` (the graph's `self_*` outputs)."""
@@ -557,9 +558,9 @@ def _no_heads(attn, x):
 
 class _EncoderGraph(_Graph):
     """input_features -> encoder_hidden_states and the cross-attention K/V for the decoder graph. With
-    `context` (a "silence" audio window, `slim.window`): also each encoder layer's float (k_t, v) to read
-    after the frames' own as inputs (`context_*`), and the frames' own as outputs (`self_*`), from which the
-    runtime makes that context (the same graph run once on a silent 30 s input)."""
+    `context` (a "silence" audio window, `slim.window`): also each encoder layer's (k_t, v) to read after
+    the frames' own as inputs (`context_*`, `context_codes`), and the frames' own as outputs (`self_*`), from
+    which the runtime makes that context (the same graph run once on a silent 30 s input)."""
 
     def __init__(self, model, plan, context: bool = False):
         super().__init__(model, plan)

@@ -30,7 +30,7 @@ class MatMul(nn.Module):
 class SlimAttention(nn.Module):
     """Multi-head attention with `num_heads` heads of width `head_dim` on a `d_model` stream.
 
-    Self-attention can read keys/values beyond its own frames: `context` = (k, v), (1, H, S, D) each, joined
+    Self-attention can read keys/values beyond its own frames: `context` = (k, v), (1 or B, H, S, D), joined
     after the frames' own (an audio window's silent rest, `slim.model.SlimEncoder`); `keep_kv` keeps the
     frames' own (k, v) in `kept_kv` (how that context is made)."""
 
