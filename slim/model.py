@@ -159,8 +159,10 @@ class SlimEncoder(WhisperEncoder):
     def silence_states(self, level: float, dtype: torch.dtype, device) -> tuple[list[tuple], torch.Tensor]:
         """Per layer, the self-attention (k, v) of a silent 30 s input (every mel frame `level`), and the last
         layer's output before the final norm; computed once per level and kept until a weight or buffer
-        changes (training, loading) or the dtype/device does."""
-        state = [(id(t), t._version) for t in (*self.parameters(), *self.buffers())]
+        changes in place (training, loading), is replaced, or the dtype/device changes. Writes through `.data`
+        bump no version: call `forget_silence` after them."""
+        state = [(id(t), t.data_ptr(), -1 if t.is_inference() else t._version)
+                 for t in (*self.parameters(), *self.buffers())]
         key = (dtype, device, torch.is_inference_mode_enabled(), state)
         cached = self.__dict__.get("_silence")
         if cached is None or cached[0] != key:
@@ -175,13 +177,19 @@ class SlimEncoder(WhisperEncoder):
             with torch.no_grad():
                 x = self._embed(feats)
                 for layer in self.layers:
-                    x = layer(x, None)
+                    # .forward, not the module call: no output-recording hook sees this run, so a caller's
+                    # output_hidden_states holds the clip's states only
+                    x = layer.forward(x, None)
             kv = [a.kept_kv for a in attns]
         finally:
             for a in attns:
                 a.keep_kv, a.kept_kv = False, None
         cached[1][level] = (kv, x)
         return kv, x
+
+    def forget_silence(self) -> None:
+        """Drop the silent input's states; the next silence window computes them again."""
+        self.__dict__.pop("_silence", None)
 
     def silent_rest(self, input_features: torch.Tensor, frames: int) -> tuple[list[tuple], torch.Tensor]:
         """What a "silence" window reads from encoder frame `frames` on, for each item of a batch: per layer

@@ -219,7 +219,8 @@ class OnnxEngine:
         own picks, and each item's list holds the engine's pick at every position of its forced tokens
         and one more (where eos is due).
         cross: `encode(features)` already run (then features is not read): decoding the same audio again,
-        free running and teacher forced, encodes it once.
+        free running and teacher forced, encodes it once. On a silence window, valid until the next `encode`
+        of a batch of the same size (its buffers, see `encode`).
         """
         import onnxruntime as ort
 

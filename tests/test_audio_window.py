@@ -378,6 +378,57 @@ def test_slim_runtime_on_a_silence_window_matches_torch(silence_exports):
     assert engine.generate_tokens(feats, 6) == torch_greedy_tokens(model, feats, engine.decode, 6)
 
 
+@pytest.mark.parametrize("kind", ["qdq", "zero-head-layer"])
+def test_slim_runtime_on_a_silence_window_matches_torch_int8_and_pruned(kind, tmp_path):
+    """A pruned model whose second encoder layer has no heads left decodes a two-level batch on the window
+    as its torch model does; the QDQ export (context as int8 codes) encodes it as its fake-quant model does,
+    within the int8 grids."""
+    from eval.onnx_engine import torch_greedy_tokens
+    from qat.onnx_export import export_model
+    from qat.prepare import QuantConfig, ptq
+    from slim.model import Structure, build_model, install_explicit_attention, set_audio_window
+    from slim.runtime import OnnxEngine
+
+    model = _model()
+    if kind == "zero-head-layer":
+        s = Structure.dense(model.config)
+        s.encoder_heads = [3, 0]
+        torch.manual_seed(3)
+        model = install_explicit_attention(build_model(model.config, s)).eval()
+    else:
+        batch = {"input_features": _clip_features(-0.5, batch=2), "labels": torch.tensor([[50362, 400, 50256]] * 2)}
+        model = ptq(model, QuantConfig(embeddings=True, row_matmuls=["*.pv"]), [batch])
+    engine = OnnxEngine(export_model(model, tmp_path / kind, mode="qdq" if kind == "qdq" else "float",
+                                     audio_window=SILENCE))
+    set_audio_window(model, SILENCE)
+    feats = torch.cat([_clip_features(-1.0, seed=1), _clip_features(-0.5, seed=2)])[..., :352].numpy()
+    if kind == "zero-head-layer":
+        assert engine.generate_tokens(feats, 6) == torch_greedy_tokens(model, feats, engine.decode, 6)
+        return
+    calls = []
+    run = engine._run_encoder
+    engine._run_encoder = lambda f, c, o: (calls.append(c), run(f, c, o))[1]
+    engine.encode(feats)
+    assert [a.dtype for a in calls[0]] == [np.int8, np.uint8] * 2  # keys int8, per-row P.V's values uint8
+    ours = run(feats, calls[0], ["encoder_hidden_states"])[0].numpy()
+    with torch.no_grad():
+        want = model.model.encoder(torch.from_numpy(feats)).last_hidden_state[:, :176].numpy()
+    assert ours.shape == want.shape == (2, 176, 64)
+    assert float(np.abs(ours - want).max()) < 0.01 * float(np.abs(want).max())
+
+
+def test_silence_window_hidden_states_do_not_depend_on_the_cache():
+    m = _model(SILENCE)
+    x = _clip_features(-0.5)[..., :416]
+    with torch.no_grad():
+        cold = m.model.encoder(x, output_hidden_states=True).hidden_states
+        warm = m.model.encoder(x, output_hidden_states=True).hidden_states
+    assert [h.shape[1] for h in cold] == [h.shape[1] for h in warm]
+    assert all(torch.equal(a, b) for a, b in zip(cold, warm))
+    m.model.encoder.forget_silence()
+    assert "_silence" not in m.model.encoder.__dict__
+
+
 def test_export_sets_only_a_silence_window(silence_exports, tmp_path):
     from qat.onnx_export import export_model
     from slim.window import SILENCE_WINDOW
