@@ -528,12 +528,6 @@ class _Graph(nn.Module):
             v = self.dq(v, pv, "b")
         return k_t, v
 
-    def context_dtypes(self, attn) -> tuple:
-        """dtypes of `context_codes`' (k_t, v): the encoder graph's context inputs and `self_*` outputs."""
-        qk, pv = self.t.name(attn.qk), self.t.name(attn.pv)
-        return (torch.int8 if qk in self.t.matmuls else torch.float32,
-                (torch.uint8 if pv in self.t.row_a else torch.int8) if pv in self.t.matmuls else torch.float32)
-
     def shipped_dtypes(self, attn) -> tuple:
         """dtypes of the (k_t, v) that `split_kv(ship=True)` hands from the encoder graph to the decoder graph."""
         return tuple(torch.uint8 if self.quantized(mm) else torch.float32 for mm in (attn.qk, attn.pv))
@@ -730,12 +724,10 @@ def _export_graphs(model, plan: QuantPlan | None, tmp: Path, opset: int) -> dict
     contexts = []
     if context:
         for layer in model.model.encoder.layers:
-            a = layer.self_attn
-            if a.num_heads:
-                S = 3  # traced with a few frames; the axis is dynamic
-                kt, vt = enc.context_dtypes(a)
-                contexts += [torch.zeros(1, a.num_heads, a.head_dim, S, dtype=kt),
-                             torch.zeros(1, a.num_heads, S, a.head_dim, dtype=vt)]
+            a, S = layer.self_attn, 3  # traced with a few frames; the axis is dynamic
+            if a.num_heads:  # examples in the inputs' dtypes: what `context_codes` makes
+                contexts += enc.context_codes(a, torch.zeros(1, a.num_heads, a.head_dim, S),
+                                              torch.zeros(1, a.num_heads, S, a.head_dim))
         for n in names["context"]:  # batch 1 (one level for the batch, broadcast) or the batch's own
             axes[n] = {0: "context_batch", (3 if "key" in n else 2): "context"}
     _onnx_export(enc, (feats, *contexts), tmp / ENCODER_FILE, ["input_features"] + names.get("context", []),

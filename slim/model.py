@@ -36,7 +36,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY, capture_outputs
 
 from slim.attention import SlimAttention
-from slim.window import check_audio_window, silence_context, silence_level, window_frames
+from slim.window import batch_levels, check_audio_window, silence_context, window_frames
 from slim.io import atomic_dir
 
 STRUCTURE_FILE = "slim_structure.json"
@@ -194,15 +194,12 @@ class SlimEncoder(WhisperEncoder):
     def silent_rest(self, input_features: torch.Tensor, frames: int) -> tuple[list[tuple], torch.Tensor]:
         """What a "silence" window reads from encoder frame `frames` on, for each item of a batch: per layer
         (k, v), and the output before the final norm, of the silent input at the level nearest the item's
-        own padding (`slim.window.silence_level`); batch 1 when every item has the same level."""
-        levels = [silence_level(float(f)) for f in input_features.detach().amin(dim=(1, 2))]
-        states = [self.silence_states(v, input_features.dtype, input_features.device) for v in dict.fromkeys(levels)]
-        if len(states) > 1:
-            pick = {v: i for i, v in enumerate(dict.fromkeys(levels))}
-            states = [states[pick[v]] for v in levels]
-        kv = [(torch.cat([st[0][i][0] for st in states])[:, :, frames:],
-               torch.cat([st[0][i][1] for st in states])[:, :, frames:]) for i in range(len(self.layers))]
-        return kv, torch.cat([st[1] for st in states])[:, frames:]
+        own padding (`slim.window.batch_levels`: batch 1 when every item reads the same)."""
+        states = [self.silence_states(v, input_features.dtype, input_features.device)
+                  for v in batch_levels(input_features.detach().amin(dim=(1, 2)))]
+        kv = [tuple(torch.cat([kvs[i][j] for kvs, _ in states])[:, :, frames:] for j in (0, 1))
+              for i in range(len(self.layers))]
+        return kv, torch.cat([out for _, out in states])[:, frames:]
 
     @merge_with_config_defaults
     @capture_outputs

@@ -5,8 +5,9 @@ The encoder graph runs once per batch and hands the cross-attention keys/values 
 each decoder step binds the previous step's `present_*` outputs as its `past_*` inputs (IO binding), so
 the growing cache never round-trips through numpy. Only the last position's logits come back to
 Python, where the suppress masks and the argmax are applied. An export with a "silence" window
-(`slim.window`) encodes only a clip's window and joins the rest from a silent input's states, computed at load. Features are `slim.mel.LogMel` (transformers'
-WhisperFeatureExtractor in numpy), text is the export's `tokenizer.json` decoded by `tokenizers`.
+(`slim.window`) encodes only a clip's window and joins the rest from a silent input's states, computed at
+load. Features are `slim.mel.LogMel` (transformers' WhisperFeatureExtractor in numpy), text is the export's
+`tokenizer.json` decoded by `tokenizers`.
 
     python -m slim.runtime EXPORT_DIR AUDIO... [--threads N]     # prints "<audio>\t<text>" per file
 """
@@ -24,7 +25,7 @@ from slim.decoding import repeat_ban_index, token_budget
 from slim.export_format import (CONFIG_FILE, DECODER_FILE, ENCODER_FILE, PROCESSOR_FILES, TOKENIZER_FILE,
                                 DecodeConfig, ExportDirError, has_processor, load_export_config, session_options)
 from slim.mel import LogMel
-from slim.window import (FROM_MODEL, SILENCE_LEVELS, clip_frames, engine_window, silence_context, silence_level,
+from slim.window import (FROM_MODEL, SILENCE_LEVELS, batch_levels, clip_frames, engine_window, silence_context,
                           window_frames)
 
 
@@ -153,36 +154,35 @@ class OnnxEngine:
             raise ValueError(f"features must have shape (batch, {mels}, an even number of frames up to {frames}), "
                              f"got {feats.shape}")
         t = self.clock()
-        m, rest = feats.shape[2] // 2, None
         if silence_context(self.audio_window) and feats.shape[2] < frames:
-            rest = [self.silence()[silence_level(float(f))] for f in feats.min(axis=(1, 2))]
-            if all(r is rest[0] for r in rest):
-                rest = rest[:1]  # one level for the whole batch: batch-1 contexts, broadcast by the graph
-        contexts = [] if rest is None else [  # contiguous copies of the rest from frame m on
-            np.concatenate([r[1][i][..., m:] if "key" in n else r[1][i][:, :, m:] for r in rest])
-            for i, n in enumerate(self.context_names)]
-        cross = self._run_encoder(feats, contexts, self.cross_names)
-        if rest is not None:  # the window's frames, then the silent input's from there on
-            import onnxruntime as ort
-
-            joined = []
-            for i, (n, c) in enumerate(zip(self.cross_names, cross)):
-                # keys (B, heads, head_dim, frames), values (B, heads, frames, head_dim); written into a buffer
-                # kept per name and batch size, as ORT reuses its output memory: a fresh array each call
-                # made the decoder steps that read it 20-70% slower
-                B, own = feats.shape[0], c.numpy()
-                tails = rest[0][0][i] if len(rest) == 1 else np.concatenate([r[0][i] for r in rest])
-                buf = self._cross_buffers.get((n, B))
-                if buf is None:
-                    buf = self._cross_buffers[(n, B)] = np.empty((B,) + tails.shape[1:], tails.dtype)
-                if "key" in n:
-                    buf[..., :m], buf[..., m:] = own, tails[..., m:]
-                else:
-                    buf[:, :, :m], buf[:, :, m:] = own, tails[:, :, m:]
-                joined.append(ort.OrtValue.ortvalue_from_numpy(buf))
-            cross = joined
+            cross = self._encode_window(feats)
+        else:
+            cross = self._run_encoder(feats, [], self.cross_names)
         self.timings.encoder_s += self.clock() - t
         return cross
+
+    def _encode_window(self, feats: np.ndarray) -> list:
+        """`encode` on a silence window: the graph encodes the window's frames, reading each layer's silent
+        rest as its context, and the cross K/V go on with the silent input's from the window's end."""
+        import onnxruntime as ort
+
+        m, B = feats.shape[2] // 2, feats.shape[0]
+        rest = [self.silence()[v] for v in batch_levels(feats.min(axis=(1, 2)))]  # (cross K/V, layers' K/V)
+        contexts = [np.concatenate([_frames(n, layers[i], m) for _, layers in rest])  # contiguous copies
+                    for i, n in enumerate(self.context_names)]
+        joined = []
+        for i, (n, own) in enumerate(zip(self.cross_names, self._run_encoder(feats, contexts, self.cross_names))):
+            # into a buffer kept per name and batch size, as ORT reuses its output memory: a fresh array each
+            # call made the decoder steps that read it 20-70% slower
+            full = rest[0][0][i]
+            buf = self._cross_buffers.get((n, B))
+            if buf is None:
+                buf = self._cross_buffers[(n, B)] = np.empty((B,) + full.shape[1:], full.dtype)
+            tails = [_frames(n, cross[i], m) for cross, _ in rest]
+            _frames(n, buf, 0, m)[...] = own.numpy()
+            _frames(n, buf, m)[...] = tails[0] if len(tails) == 1 else np.concatenate(tails)
+            joined.append(ort.OrtValue.ortvalue_from_numpy(buf))
+        return joined
 
     def _run_encoder(self, feats: np.ndarray, contexts: list[np.ndarray], outputs: list[str]) -> list:
         """The encoder graph's `outputs` (ORT values) for `feats`; `contexts` for its context inputs (empty:
@@ -279,6 +279,14 @@ class OnnxEngine:
             tokens = self.generate_tokens(feats, token_budget(chunk, max_new_tokens))
             texts += self.decode_text(tokens)
         return texts
+
+
+def _frames(name: str, a: np.ndarray, start: int, stop: int | None = None) -> np.ndarray:
+    """A view of K/V tensor `name`'s frames start:stop: keys are (B, heads, head_dim, frames), values
+    (B, heads, frames, head_dim)."""
+    index = [slice(None)] * a.ndim
+    index[3 if "key" in name else 2] = slice(start, stop)
+    return a[tuple(index)]
 
 
 def forced_schedule(decode: DecodeConfig, max_new_tokens: int | None, forced: list[list[int]] | None,

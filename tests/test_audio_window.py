@@ -424,6 +424,7 @@ def test_silence_window_hidden_states_do_not_depend_on_the_cache():
         cold = m.model.encoder(x, output_hidden_states=True).hidden_states
         warm = m.model.encoder(x, output_hidden_states=True).hidden_states
     assert [h.shape[1] for h in cold] == [h.shape[1] for h in warm]
+    assert cold[0].shape[1] == 208  # the clip's window, not the silent input's 1500 frames
     assert all(torch.equal(a, b) for a, b in zip(cold, warm))
     m.model.encoder.forget_silence()
     assert "_silence" not in m.model.encoder.__dict__

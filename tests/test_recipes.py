@@ -32,6 +32,12 @@ def _write(tmp_path, text):
     return p
 
 
+def _rejected(tmp_path, stages: str, message: str) -> None:
+    """BASE with `stages` appended fails to load, with `message` (a regex) naming the key."""
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(_write(tmp_path, BASE + stages))
+
+
 BASE = """
 output_dir: /tmp/x
 data: {eval: a.jsonl, train: b.jsonl}
@@ -117,9 +123,7 @@ def test_cli_takes_options_before_or_after_overrides(tmp_path, capsys):
     ("{keep_float_max_mb: 2}", r"keep_float_max_mb is a budget for quant.keep_float, which is 0"),
 ])
 def test_bad_quant_setting_is_named(tmp_path, quant, message):
-    p = _write(tmp_path, BASE + f"  - name: q\n    kind: ptq\n    quant: {quant}\n")
-    with pytest.raises(ConfigError, match=message):
-        load_recipe(p)
+    _rejected(tmp_path, f"  - name: q\n    kind: ptq\n    quant: {quant}\n", message)
 
 
 
@@ -134,17 +138,14 @@ def test_bad_quant_setting_is_named(tmp_path, quant, message):
     ("{repair: {pad_weight: -0.5}}", r"stages\[\d+\]\.prune\.repair.*pad_weight must be in \[0, 1\]"),
 ])
 def test_bad_prune_setting_is_named(tmp_path, prune, message):
-    p = _write(tmp_path, BASE + f"  - name: p\n    kind: prune\n    prune: {prune}\n")
-    with pytest.raises(ConfigError, match=message):
-        load_recipe(p)
+    _rejected(tmp_path, f"  - name: p\n    kind: prune\n    prune: {prune}\n", message)
     ok = _write(tmp_path, BASE + "  - name: p\n    kind: prune\n    prune: {criterion: ablation, ablation_batches: 2}\n")
     assert load_recipe(ok).stages[-1].prune.ablation_batches == 2
 
 
 def test_bad_distill_pad_weight_is_named(tmp_path):
     stage = "  - name: r\n    kind: recover\n    train: {max_steps: 2, distill: {hidden_weight: 1, pad_weight: %s}}\n"
-    with pytest.raises(ConfigError, match=r"stages\[\d+\]\.train\.distill.*pad_weight must be in \[0, 1\]"):
-        load_recipe(_write(tmp_path, BASE + stage % "-0.1"))
+    _rejected(tmp_path, stage % "-0.1", r"stages\[\d+\]\.train\.distill.*pad_weight must be in \[0, 1\]")
     assert load_recipe(_write(tmp_path, BASE + stage % "0.1")).stages[-1].train.distill.pad_weight == 0.1
 
 
@@ -157,8 +158,7 @@ def test_bad_distill_pad_weight_is_named(tmp_path):
 ])
 def test_bad_augment_setting_is_named(tmp_path, augment, message):
     stage = "  - name: r\n    kind: recover\n    train: {max_steps: 2, augment: %s}\n"
-    with pytest.raises(ConfigError, match=message):
-        load_recipe(_write(tmp_path, BASE + stage % augment))
+    _rejected(tmp_path, stage % augment, message)
     ok = load_recipe(_write(tmp_path, BASE + stage % "{enabled: true, rt60_s: [0.2, 0.3]}"))
     assert ok.stages[-1].train.augment.enabled and ok.stages[-1].train.augment.rt60_s == (0.2, 0.3)
 
@@ -312,8 +312,7 @@ def test_base_recipe_ships_a_dense_and_a_pruned_int8_export_of_base():
     ("{name: e, kind: export, export_mode: float, audio_window: {context: noise}}", r"context: 'noise' is not one of"),
 ])
 def test_bad_audio_window_is_named(tmp_path, stage, message):
-    with pytest.raises(ConfigError, match=message):
-        load_recipe(_write(tmp_path, BASE + f"  - {stage}\n"))
+    _rejected(tmp_path, f"  - {stage}\n", message)
     ok = load_recipe(_write(tmp_path, BASE + "  - {name: e, kind: export, export_mode: float, "
                                              "audio_window: {context: silence, margin_s: 0.5}}\n"))
     assert ok.stages[-1].audio_window.as_dict() == {"margin_s": 0.5, "frame_multiple": 16, "context": "silence"}
