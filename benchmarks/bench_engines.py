@@ -461,6 +461,7 @@ def main(argv=None) -> int:
                     "threads": args.threads, "clock": args.clock,
                     "loadavg_before": load_before, "loadavg_after": load_after},
         "clips": len(clips), "clips_with_text": len(refs), "repeats": args.repeats,
+        "references": refs,  # the engines' hypotheses are in this order: a report can be rescored
         "features_s_per_utterance": features_s, "engines": results, "ratios": ratios,
         "dirs": {k: str(v) for k, v in dirs.items()},
     }

@@ -37,8 +37,14 @@ def _normalizer():
 
 
 def normalize(text: str) -> str:
-    """Whisper's English normalization of one transcript."""
-    return _normalizer()(text or "")
+    """Whisper's English normalization of one transcript, without tokens that hold no letter or digit.
+
+    The normalizer drops `. $ ¢ € £` when a non-digit follows them and `%` after a non-digit, but its rule
+    needs a following character, so a transcript's last symbols survive: "In this regard..." -> "in this
+    regard ." and "Hello…" -> "hello ..". Those would be scored as words (a hypothesis ending in an ellipsis
+    gains an insertion, and a reference ending in one charges every hypothesis that does not a deletion).
+    The normalizer leaves a symbol-only token nowhere else, so dropping them applies its rule at the end."""
+    return " ".join(w for w in _normalizer()(text or "").split() if any(c.isalnum() for c in w))
 
 
 def _pairs(refs: Sequence[str], hyps: Sequence[str], do_normalize: bool) -> tuple[list[str], list[str]]:
@@ -106,7 +112,7 @@ def failure_counts(hyps: Sequence[str], refs: Sequence[str] | None = None) -> di
         raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
     counts = {"empty": 0, "repetition": 0, "overlong": 0, "runaway": 0}
     for i, hyp in enumerate(hyps):
-        words = [w for w in normalize(hyp).split() if any(c.isalnum() for c in w)]
+        words = normalize(hyp).split()
         ref = normalize(refs[i]).split() if refs is not None else None
         if not words:
             counts["empty"] += 1

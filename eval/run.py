@@ -280,13 +280,19 @@ def compare_main(argv: list[str] | None = None) -> int:
     p.add_argument("--worst", type=int, default=0, metavar="N",
                    help="also list the N utterances where each report gains the most word errors over the base")
     a = p.parse_args(argv)
+    from eval.metrics import word_error_rate
+
     reports = {spec: load_report(spec) for spec in [a.base, *a.others]}
     base = reports[a.base]
+
+    def wer(report: dict) -> float:  # rescored from its hypotheses: the metric of this checkout, not the stored one
+        return word_error_rate([h["ref"] for h in report["hypotheses"]], [h["hyp"] for h in report["hypotheses"]])
+
     print(f"{'report':50s} {'WER %':>7s} {'Δ vs base':>10s} {'95% interval':>18s}")
-    print(f"{a.base:50s} {100 * base['wer']:7.2f}")
+    print(f"{a.base:50s} {100 * wer(base):7.2f}")
     for path in a.others:
         d = compare_reports(base, reports[path], a.samples)
-        print(f"{path:50s} {100 * reports[path]['wer']:7.2f} {100 * d['delta']:+10.2f} "
+        print(f"{path:50s} {100 * wer(reports[path]):7.2f} {100 * d['delta']:+10.2f} "
               f"[{100 * d['low']:+6.2f}, {100 * d['high']:+6.2f}]")
         if a.worst > 0:
             _print_worst(base, reports[path], a.worst)

@@ -67,6 +67,19 @@ def test_normalize_false_scores_raw_strings():
     assert normalize("Mr. Jones, the COLOUR!") == "mister jones the color"
 
 
+def test_a_trailing_ellipsis_is_not_a_word():
+    """Whisper's normalizer drops "." before a non-digit but keeps a transcript's last dots as a token; those
+    are not words on either side (mid-sentence ellipses were never tokens, a decimal point stays)."""
+    assert normalize("In this regard...") == normalize("In this regard,") == "in this regard"
+    assert normalize("Hello…") == "hello" and normalize("Wait... what?") == "wait what"
+    assert normalize("It costs $3.50...") == "it costs $3.50"
+    assert word_error_rate(["At the sound of the tone, the time will be exactly..."],
+                           ["At the sound of the tone the time will be exactly."]) == 0.0
+    assert word_error_rate(["the time is"], ["The time is..."]) == 0.0
+    assert normalize("...") == "" and failure_counts(["..."]) == {"empty": 1, "repetition": 0, "overlong": 0,
+                                                                   "runaway": 0}
+
+
 def test_cer_hand_computed():
     assert char_error_rate(["abcd"], ["abed"]) == pytest.approx(1 / 4)
     # "the cat" (7 chars incl. space) -> "the bat": 1 substitution
@@ -139,6 +152,12 @@ def test_compare_lists_the_utterances_that_carry_the_difference(tmp_path, capsys
     assert compare_main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--worst", "2", "--samples", "20"]) == 0
     out = capsys.readouterr().out
     assert "word errors +5 in all; the 2 largest gains:" in out
+    # the WER shown is rescored from the hypotheses, not read from the report's stored figure
+    assert f"{100 * word_error_rate(refs, other):7.2f}" in out and f"{100 * word_error_rate(refs, base):7.2f}" in out
+    stale = json.loads((tmp_path / "b.json").read_text()) | {"wer": 0.5}
+    (tmp_path / "b.json").write_text(json.dumps(stale))
+    assert compare_main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--samples", "20"]) == 0
+    assert " 50.00 " not in capsys.readouterr().out
     assert "+2  u1: 'a dog dog dog'" in out and "+2  u2: 'no way'" in out and "u0" not in out
 
 
