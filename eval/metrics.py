@@ -3,7 +3,8 @@
 Both sides go through `whisper_normalizer.english.EnglishTextNormalizer` (OpenAI's normalizer from the
 Whisper paper: lower case, no punctuation, "mr." -> "mister", spelled numbers -> digits, British ->
 American spelling from its 1,739-word map, fillers like "uh"/"hmm" dropped), so a model is not charged
-for "Mr." vs "mister" or "colour" vs "color". Rates are corpus-level: total edits / total reference
+for "Mr." vs "mister" or "colour" vs "color"; the symbols it leaves at a transcript's end ("regard..." ->
+"regard .") are dropped too (`normalize`). Rates are corpus-level: total edits / total reference
 words (characters), not a mean of per-utterance rates.
 
 The same numbers through `evaluate` (`evaluate.load("wer")` needs the hub, this does not):

@@ -145,7 +145,8 @@ def write_comparison(rows: list[dict], out_dir: str | Path, title: str, notes: l
     per = ("batch 1, wall clock after a warm-up (latency)" if batches == [1] else
            f"batch {'/'.join(map(str, batches))}, wall clock per utterance after a warm-up (throughput, not "
            "latency, where the batch is over 1)")
-    md.append("- WER/CER after Whisper's English normalizer; size = bytes a deployment ships (MB = 10^6 bytes); "
+    md.append("- WER/CER after Whisper's English normalizer (tokens without a letter or digit dropped); size = bytes "
+              "a deployment ships (MB = 10^6 bytes); "
               f"s/utt = greedy decoding, {per}; speed-up relative to the first row.")
     md += ["", comparison_table(rows), "", f"![WER against size and latency]({PLOT_FILE})", ""]
     return atomic_write_text(out / "report.md", "\n".join(md))
