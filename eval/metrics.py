@@ -40,11 +40,12 @@ def _normalizer():
 def normalize(text: str) -> str:
     """Whisper's English normalization of one transcript, without tokens that hold no letter or digit.
 
-    The normalizer drops `. $ ¢ € £` when a non-digit follows them and `%` after a non-digit, but its rule
-    needs a following character, so a transcript's last symbols survive: "In this regard..." -> "in this
-    regard ." and "Hello…" -> "hello ..". Those would be scored as words (a hypothesis ending in an ellipsis
-    gains an insertion, and a reference ending in one charges every hypothesis that does not a deletion).
-    The normalizer leaves a symbol-only token nowhere else, so dropping them applies its rule at the end."""
+    The normalizer drops `. $ ¢ € £` when a non-digit follows them and `%` after a non-digit, but its rules
+    need a neighbouring character, so symbols at a transcript's end (or a `%` at its start) survive: "In this
+    regard..." -> "in this regard ." and "Hello…" -> "hello ..". Those would be scored as words (a hypothesis
+    ending in an ellipsis gains an insertion, and a reference ending in one charges every hypothesis that does
+    not a deletion). Nowhere else does the normalizer leave a symbol-only token, so dropping them applies its
+    rules at the ends too."""
     return " ".join(w for w in _normalizer()(text or "").split() if any(c.isalnum() for c in w))
 
 
