@@ -225,7 +225,8 @@ def main(argv=None) -> int:
                 row = {"model": str(model), "export": str(ex[r.layout]),
                        "data": name, "runtime": r.name, "utterances": len(clips),
                        "seconds_per_utterance": o["seconds"] / len(clips),
-                       "wer": word_error_rate(refs, o["texts"]), **a}
+                       "wer": word_error_rate(refs, o["texts"]), **a,
+                       "references": refs, "texts": o["texts"]}  # a report can be rescored
                 report["results"].append(row)
                 tokens = "—" if row["token_agreement"] is None else f"{row['token_agreement']:.4f}"
                 print(f"{label(model):>12} {Path(name).parent.name:>13} {r.name:>20}  {row['seconds_per_utterance']:.3f} s/utt  "

@@ -44,8 +44,8 @@ def normalize(text: str) -> str:
     need a neighbouring character, so symbols at a transcript's end (or a `%` at its start) survive: "In this
     regard..." -> "in this regard ." and "Hello…" -> "hello ..". Those would be scored as words (a hypothesis
     ending in an ellipsis gains an insertion, and a reference ending in one charges every hypothesis that does
-    not a deletion). Nowhere else does the normalizer leave a symbol-only token, so dropping them applies its
-    rules at the ends too."""
+    not a deletion). Elsewhere only a doubled symbol leaves one ("x %% y" -> "x % y"), so dropping such tokens
+    applies its rules at the ends and to doubled symbols too."""
     return " ".join(w for w in _normalizer()(text or "").split() if any(c.isalnum() for c in w))
 
 

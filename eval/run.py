@@ -225,14 +225,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _hypotheses(report: dict) -> list[dict]:
+    """A report's per-utterance {"id", "ref", "hyp"} entries; an error names what is missing."""
+    if not report.get("hypotheses"):
+        raise ValueError("a report without per-utterance hypotheses (written by `./launch.sh eval --out`?)")
+    return report["hypotheses"]
+
+
 def compare_reports(base: dict, other: dict, samples: int = 2000) -> dict:
     """WER difference other - base of two `eval` reports over the same utterances, with its 95% paired
     bootstrap interval (`eval.metrics.paired_wer_difference`)."""
     from eval.metrics import paired_wer_difference
 
-    a, b = base.get("hypotheses"), other.get("hypotheses")
-    if not a or not b:
-        raise ValueError("a report without per-utterance hypotheses (written by `./launch.sh eval --out`?)")
+    a, b = _hypotheses(base), _hypotheses(other)
     ids_a, ids_b = [h["id"] for h in a], [h["id"] for h in b]
     if ids_a != ids_b:
         common = len(set(ids_a) & set(ids_b))
@@ -286,7 +291,8 @@ def compare_main(argv: list[str] | None = None) -> int:
     base = reports[a.base]
 
     def wer(report: dict) -> float:  # rescored from its hypotheses: the metric of this checkout, not the stored one
-        return word_error_rate([h["ref"] for h in report["hypotheses"]], [h["hyp"] for h in report["hypotheses"]])
+        h = _hypotheses(report)
+        return word_error_rate([x["ref"] for x in h], [x["hyp"] for x in h])
 
     print(f"{'report':50s} {'WER %':>7s} {'Δ vs base':>10s} {'95% interval':>18s}")
     print(f"{a.base:50s} {100 * wer(base):7.2f}")

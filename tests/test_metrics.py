@@ -76,6 +76,8 @@ def test_a_trailing_ellipsis_is_not_a_word():
     assert word_error_rate(["At the sound of the tone, the time will be exactly..."],
                            ["At the sound of the tone the time will be exactly."]) == 0.0
     assert word_error_rate(["the time is"], ["The time is..."]) == 0.0
+    assert char_error_rate(["the time is"], ["The time is..."]) == 0.0
+    assert normalize("x %% y") == "x y"
     assert normalize("...") == "" and failure_counts(["..."]) == {"empty": 1, "repetition": 0, "overlong": 0,
                                                                    "runaway": 0}
 
@@ -154,10 +156,16 @@ def test_compare_lists_the_utterances_that_carry_the_difference(tmp_path, capsys
     assert "word errors +5 in all; the 2 largest gains:" in out
     # the WER shown is rescored from the hypotheses, not read from the report's stored figure
     assert f"{100 * word_error_rate(refs, other):7.2f}" in out and f"{100 * word_error_rate(refs, base):7.2f}" in out
-    stale = json.loads((tmp_path / "b.json").read_text()) | {"wer": 0.5}
-    (tmp_path / "b.json").write_text(json.dumps(stale))
+    for name in ("a", "b"):
+        stale = json.loads((tmp_path / f"{name}.json").read_text()) | {"wer": 0.5}
+        (tmp_path / f"{name}.json").write_text(json.dumps(stale))
     assert compare_main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--samples", "20"]) == 0
-    assert " 50.00 " not in capsys.readouterr().out
+    rescored = capsys.readouterr().out
+    assert " 50.00" not in rescored and "   0.00\n" in rescored
+    assert f"{100 * word_error_rate(refs, other):7.2f}" in rescored
+    (tmp_path / "c.json").write_text(json.dumps({"wer": 0.1}))
+    with pytest.raises(ValueError, match="without per-utterance hypotheses"):
+        compare_main([str(tmp_path / "c.json"), str(tmp_path / "b.json")])
     assert "+2  u1: 'a dog dog dog'" in out and "+2  u2: 'no way'" in out and "u0" not in out
 
 
