@@ -110,22 +110,39 @@ def concat_clips(clips: list[dict], seconds: float, gap: float = 0.3) -> list[di
 SOURCE_FILE = "bench_source.json"
 
 
+def _record(path: Path) -> Path:
+    """Where what `path` (a directory or a file in --work) was made from is recorded."""
+    return path / SOURCE_FILE if path.is_dir() else path.parent / f"{path.name}.{SOURCE_FILE}"
+
+
 def cached(path: Path, made_from: dict, reexport: bool) -> bool:
-    """Whether `path` (a file or a directory in --work) exists and was made from `made_from` (the source paths and
-    settings, recorded beside it by `record_source`). A conversion made from another model or with other settings
-    is made again, so one --work folder can serve several models without a stale row."""
-    record = (path if path.is_dir() else path.parent) / (SOURCE_FILE if path.is_dir() else f"{path.name}.{SOURCE_FILE}")
-    if reexport or not path.exists() or not record.exists():
+    """Whether `path` exists and was made from `made_from` (the source paths and settings `record_source`
+    wrote beside it). A conversion made from another model or with other settings, or with no readable
+    record, is made again, so one --work folder serves several models without a stale row."""
+    if reexport or not path.exists() or not _record(path).exists():
         return False
-    if json.loads(record.read_text()) != made_from:
-        print(f"[bench] {path} was made from {record.read_text().strip()}; making it again from {made_from}")
+    try:
+        recorded = json.loads(_record(path).read_text())
+    except ValueError:
+        recorded = None
+    if recorded != made_from:
+        print(f"[bench] {path} was made from {recorded}; making it again from {made_from}")
         return False
     return True
 
 
 def record_source(path: Path, made_from: dict) -> None:
-    record = (path if path.is_dir() else path.parent) / (SOURCE_FILE if path.is_dir() else f"{path.name}.{SOURCE_FILE}")
-    record.write_text(json.dumps(made_from, sort_keys=True) + "\n")
+    from slim.io import atomic_write_json
+
+    atomic_write_json(_record(path), made_from)
+
+
+def made(path: Path, made_from: dict, reexport: bool, make) -> Path:
+    """`path`, made by `make()` unless `cached` from the same sources and settings, then recorded."""
+    if not cached(path, made_from, reexport):
+        make()
+        record_source(path, made_from)
+    return path
 
 
 def _src(path: Path) -> str:
@@ -148,18 +165,12 @@ def prepare_models(args, work: Path, wanted: list[str]) -> dict:
                               ("onnx-dynamic", "dynamic-int8", {"per_channel": args.dynamic_per_channel})):
         if name != "onnx-float" and name not in wanted:
             continue
-        made_from = {"model": _src(model_dir), "mode": mode, **extra}
-        if not cached(work / name, made_from, args.reexport):
-            export_model(model_dir, work / name, mode=mode, **extra)
-            record_source(work / name, made_from)
-        out[name] = work / name
+        out[name] = made(work / name, {"model": _src(model_dir), "mode": mode, **extra}, args.reexport,
+                         lambda: export_model(model_dir, work / name, mode=mode, **extra))
     if "onnx-int8" in wanted:
         int8_src = Path(args.int8_model) if args.int8_model else ptq_model(model_dir, work, args)
-        made_from = {"model": _src(int8_src), "mode": "qdq"}
-        if not cached(work / "onnx-int8", made_from, args.reexport):
-            export_model(int8_src, work / "onnx-int8", mode="qdq")
-            record_source(work / "onnx-int8", made_from)
-        out["onnx-int8"] = work / "onnx-int8"
+        out["onnx-int8"] = made(work / "onnx-int8", {"model": _src(int8_src), "mode": "qdq"}, args.reexport,
+                                lambda: export_model(int8_src, work / "onnx-int8", mode="qdq"))
     out["ct2"] = ct2_int8_dir(model_dir, work, args) if "ct2-int8" in wanted else None
     return out
 
@@ -346,10 +357,7 @@ def whisper_cpp_engines(model_dir: Path, work: Path, threads: int, window: dict,
     from benchmarks.convert_ggml import convert
 
     ggml = work / "ggml-model-f16.bin"
-    made_from = {"model": _src(model_dir), "type": "f16"}
-    if not cached(ggml, made_from, reexport):
-        convert(model_dir, ggml)
-        record_source(ggml, made_from)
+    made(ggml, {"model": _src(model_dir), "type": "f16"}, reexport, lambda: convert(model_dir, ggml))
     return [WhisperCppRow("whisper.cpp", ggml, threads, tokenizer, None),
             WhisperCppRow("whisper.cpp-ctx", ggml, threads, tokenizer, window)]
 

@@ -188,7 +188,8 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     sets = {str(m): load_set(Path(m)) for m in args.data}
     report = {"machine": {"cpu": _cpu(), "threads": args.threads, "python": platform.python_version()},
-              "command": " ".join(["benchmarks/bench_runtimes.py"] + (argv or sys.argv[1:])), "results": []}
+              "command": " ".join(["benchmarks/bench_runtimes.py"] + (argv or sys.argv[1:])), "results": [],
+              "references": {name: [c["text"] for c in clips] for name, clips in sets.items()}}
     for model in map(Path, args.models):
         ex = exports_of(model, work)
         kinds = [HfFeatures, Nudged, Runtime, Sherpa, SherpaLead, TransformersJs]
@@ -213,7 +214,7 @@ def main(argv=None) -> int:
                     out[r.name]["seconds"] += time.perf_counter() - t
                     out[r.name]["ids"].append(ids)
                     out[r.name]["texts"].append(text)
-            refs = [c["text"] for c in clips]
+            refs = report["references"][name]
             ref_ids, ref_texts = out[runtimes[0].name]["ids"], out[runtimes[0].name]["texts"]
             for r in runtimes:
                 o = out[r.name]
@@ -226,7 +227,7 @@ def main(argv=None) -> int:
                        "data": name, "runtime": r.name, "utterances": len(clips),
                        "seconds_per_utterance": o["seconds"] / len(clips),
                        "wer": word_error_rate(refs, o["texts"]), **a,
-                       "references": refs, "texts": o["texts"]}  # a report can be rescored
+                       "texts": o["texts"]}  # in the order of report["references"][data]: it can be rescored
                 report["results"].append(row)
                 tokens = "—" if row["token_agreement"] is None else f"{row['token_agreement']:.4f}"
                 print(f"{label(model):>12} {Path(name).parent.name:>13} {r.name:>20}  {row['seconds_per_utterance']:.3f} s/utt  "

@@ -289,16 +289,15 @@ def compare_main(argv: list[str] | None = None) -> int:
 
     reports = {spec: load_report(spec) for spec in [a.base, *a.others]}
     base = reports[a.base]
-
-    def wer(report: dict) -> float:  # rescored from its hypotheses: the metric of this checkout, not the stored one
-        h = _hypotheses(report)
-        return word_error_rate([x["ref"] for x in h], [x["hyp"] for x in h])
-
+    # every WER shown is rescored from the hypotheses (this checkout's metric, not the figure a report stored);
+    # each other report's is the base's plus the exact difference the bootstrap computes on the same utterances
+    h = _hypotheses(base)
+    base_wer = word_error_rate([x["ref"] for x in h], [x["hyp"] for x in h])
     print(f"{'report':50s} {'WER %':>7s} {'Δ vs base':>10s} {'95% interval':>18s}")
-    print(f"{a.base:50s} {100 * wer(base):7.2f}")
+    print(f"{a.base:50s} {100 * base_wer:7.2f}")
     for path in a.others:
         d = compare_reports(base, reports[path], a.samples)
-        print(f"{path:50s} {100 * wer(reports[path]):7.2f} {100 * d['delta']:+10.2f} "
+        print(f"{path:50s} {100 * (base_wer + d['delta']):7.2f} {100 * d['delta']:+10.2f} "
               f"[{100 * d['low']:+6.2f}, {100 * d['high']:+6.2f}]")
         if a.worst > 0:
             _print_worst(base, reports[path], a.worst)

@@ -255,7 +255,7 @@ def test_concat_windows_writes_the_benchs_long_windows_as_an_eval_set(tmp_path):
 
 def test_bench_cache_is_made_again_from_another_model(tmp_path):
     """bench_engines.py reuses a conversion in --work only when it was made from the same model and settings."""
-    from benchmarks.bench_engines import cached, record_source
+    from benchmarks.bench_engines import _record, cached, made, record_source
 
     d, f = tmp_path / "onnx-int8", tmp_path / "ggml-model-f16.bin"
     d.mkdir()
@@ -268,3 +268,9 @@ def test_bench_cache_is_made_again_from_another_model(tmp_path):
     assert not cached(d, b, reexport=False) and not cached(f, {**a, "mode": "float"}, reexport=False)
     assert not cached(d, a, reexport=True)
     assert not cached(tmp_path / "absent", a, reexport=False)
+    _record(d).write_text("{not json")  # a torn record: made again, not a crash
+    assert not cached(d, a, reexport=False)
+    calls = []
+    for src in (a, a, b):  # made, reused, made again from another model
+        assert made(d, src, False, lambda: calls.append(1)) == d
+    assert len(calls) == 2 and cached(d, b, reexport=False)
