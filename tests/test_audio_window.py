@@ -378,33 +378,38 @@ def test_slim_runtime_on_a_silence_window_matches_torch(silence_exports):
     assert engine.generate_tokens(feats, 6) == torch_greedy_tokens(model, feats, engine.decode, 6)
 
 
-@pytest.mark.parametrize("kind", ["qdq", "zero-head-layer"])
-def test_slim_runtime_on_a_silence_window_matches_torch_int8_and_pruned(kind, tmp_path):
-    """A pruned model whose second encoder layer has no heads left decodes a two-level batch on the window
-    as its torch model does; the QDQ export (context as int8 codes) encodes it as its fake-quant model does,
-    within the int8 grids."""
+def test_slim_runtime_on_a_silence_window_matches_torch_with_a_zero_head_layer(tmp_path):
+    """A pruned model whose second encoder layer has no heads left decodes a two-level batch on the window as
+    its torch model does."""
     from eval.onnx_engine import torch_greedy_tokens
     from qat.onnx_export import export_model
-    from qat.prepare import QuantConfig, ptq
     from slim.model import Structure, build_model, install_explicit_attention, set_audio_window
     from slim.runtime import OnnxEngine
 
-    model = _model()
-    if kind == "zero-head-layer":
-        s = Structure.dense(model.config)
-        s.encoder_heads = [3, 0]
-        torch.manual_seed(3)
-        model = install_explicit_attention(build_model(model.config, s)).eval()
-    else:
-        batch = {"input_features": _clip_features(-0.5, batch=2), "labels": torch.tensor([[50362, 400, 50256]] * 2)}
-        model = ptq(model, QuantConfig(embeddings=True, row_matmuls=["*.pv"]), [batch])
-    engine = OnnxEngine(export_model(model, tmp_path / kind, mode="qdq" if kind == "qdq" else "float",
-                                     audio_window=SILENCE))
+    config = _model().config
+    s = Structure.dense(config)
+    s.encoder_heads = [3, 0]
+    torch.manual_seed(3)
+    model = install_explicit_attention(build_model(config, s)).eval()
+    engine = OnnxEngine(export_model(model, tmp_path / "pruned", mode="float", audio_window=SILENCE))
     set_audio_window(model, SILENCE)
     feats = torch.cat([_clip_features(-1.0, seed=1), _clip_features(-0.5, seed=2)])[..., :352].numpy()
-    if kind == "zero-head-layer":
-        assert engine.generate_tokens(feats, 6) == torch_greedy_tokens(model, feats, engine.decode, 6)
-        return
+    assert engine.generate_tokens(feats, 6) == torch_greedy_tokens(model, feats, engine.decode, 6)
+
+
+def test_slim_runtime_on_a_silence_window_matches_torch_int8(tmp_path):
+    """The QDQ export (context as int8 codes) encodes a two-level batch on the window as its fake-quant model
+    does, within the int8 grids."""
+    from qat.onnx_export import export_model
+    from qat.prepare import QuantConfig, ptq
+    from slim.model import set_audio_window
+    from slim.runtime import OnnxEngine
+
+    batch = {"input_features": _clip_features(-0.5, batch=2), "labels": torch.tensor([[50362, 400, 50256]] * 2)}
+    model = ptq(_model(), QuantConfig(embeddings=True, row_matmuls=["*.pv"]), [batch])
+    engine = OnnxEngine(export_model(model, tmp_path / "qdq", mode="qdq", audio_window=SILENCE))
+    set_audio_window(model, SILENCE)
+    feats = torch.cat([_clip_features(-1.0, seed=1), _clip_features(-0.5, seed=2)])[..., :352].numpy()
     calls = []
     run = engine._run_encoder
     engine._run_encoder = lambda f, c, o: (calls.append(c), run(f, c, o))[1]
