@@ -66,7 +66,7 @@ class Int8Linear(nn.Module):
     """W8A8 Linear: uint8 static input quantization, int8 per-channel weight, int32 accumulate, fp32 out."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, engine: str = "x86",
-                 exact: bool = True):
+                 exact: bool = True, float_channels: int = 0):
         super().__init__()
         self.in_features, self.out_features, self.engine = in_features, out_features, _check_engine(engine)
         self.exact = exact
@@ -76,12 +76,16 @@ class Int8Linear(nn.Module):
         self.register_buffer("input_scale", torch.tensor(1.0))
         self.register_buffer("input_zero_point", torch.tensor(0, dtype=torch.int32))
         self.per_row = False  # the input's grid per row, at each call (`QuantConfig.dynamic`): set by _load_qat
+        # input channels that bypass the grids (`QuantConfig.outlier_channels`): weight_int8 is zero there
+        self.register_buffer("float_channels", torch.zeros(float_channels, dtype=torch.long) if float_channels else None)
+        self.register_buffer("float_weight", torch.zeros(out_features, float_channels) if float_channels else None)
         self._packed = None
         self._w_float = None  # the dequantized weight of the float paths, built on first use
 
     @classmethod
     def from_qat(cls, m: QATLinear, engine: str = "x86", exact: bool = True) -> "Int8Linear":
-        return cls(m.in_features, m.out_features, m.bias is not None, engine, exact)._load_qat(m)
+        k = 0 if m.float_channels is None else m.float_channels.numel()
+        return cls(m.in_features, m.out_features, m.bias is not None, engine, exact, k)._load_qat(m)
 
     @torch.no_grad()
     def _load_qat(self, m: QATLinear | QATConv1d) -> "Int8Linear":
@@ -89,7 +93,12 @@ class Int8Linear(nn.Module):
         q = m.weight_quant
         if q.bits != 8 or m.input_quant.bits != 8:
             raise ValueError(f"convert needs 8-bit quantizers, got weight {q.bits} / input {m.input_quant.bits} bits")
-        qw, ws = int8_weight(q, m.weight)
+        if getattr(m, "float_channels", None) is not None and m.channels_chosen:
+            qw, ws = int8_weight(q, m._grid_weight())
+            self.float_channels.copy_(m.float_channels)
+            self.float_weight.copy_(m.weight.detach().index_select(1, m.float_channels))
+        else:  # (or a converted model's shapes before its tensors are loaded)
+            qw, ws = int8_weight(q, m.weight)
         self.weight_int8.copy_(qw)
         self.weight_scale.copy_(ws)
         if m.bias is not None:
@@ -120,6 +129,14 @@ class Int8Linear(nn.Module):
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._forward_int8(x)
+        if self.float_channels is None:
+            return y
+        # the float channels' codes saturate the grid; their int8 weight columns are zero, so the int8
+        # product leaves them out and this adds them
+        return y + F.linear(x.index_select(-1, self.float_channels), self.float_weight.to(x.dtype))
+
+    def _forward_int8(self, x: torch.Tensor) -> torch.Tensor:
         if self.per_row:
             return self._forward_per_row(x)
         if not int8_kernels_exact():

@@ -267,9 +267,14 @@ class _Tables(nn.Module):
         self.matmuls: set[str] = set()
         self.row_a: set[str] = set()  # quantized matmuls whose first input is on a grid per row
         self.groups: dict[tuple[str, ...], list[int]] = {}  # fused projections -> output widths
+        self.float_in: set[str] = set()  # quantized Linears with input channels in float (`WeightQuant.float_channels`)
         if plan is None:
             return
         for name, (act, w) in plan.linears.items():
+            if w.float_channels is not None:
+                self._buf(name, "fc", w.float_channels)
+                self._buf(name, "fw", w.float_weight.t().contiguous())  # (k, out)
+                self.float_in.add(name)
             self._buf(name, "wq", w.q.t().contiguous())  # (in, out): MatMul's B layout, axis 1 = channel
             self._buf(name, "ws", w.scale.float())
             self._buf(name, "wz", torch.zeros_like(w.scale, dtype=torch.int8))
@@ -305,7 +310,7 @@ class _Tables(nn.Module):
         """
         names = tuple(self.name(m) for m in mods)
         acts = {self.linears.get(n) for n in names}
-        if len(mods) < 2 or len(acts) != 1:
+        if len(mods) < 2 or len(acts) != 1 or self.float_in.intersection(names):
             return
         key = "+".join(names)
         bias = torch.cat([m.bias.detach() if m.bias is not None else torch.zeros(m.out_features) for m in mods])
@@ -375,6 +380,8 @@ class _Graph(nn.Module):
         if name not in self.t.linears:
             return F.linear(x, mod.weight, mod.bias)
         y = self.int8_matmul(x, name, self.t.linears[name] == PER_ROW)
+        if name in self.t.float_in:  # + the float channels (a Gather and a small MatMul); their int8 columns are 0
+            y = y + torch.matmul(torch.index_select(x, -1, self.t.get(name, "fc")), self.t.get(name, "fw"))
         return y if mod.bias is None else y + mod.bias
 
     def conv(self, x, mod: nn.Conv1d, channels_first: bool):

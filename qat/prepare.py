@@ -84,6 +84,15 @@ class QuantConfig:
     """Quantize the encoder's conv front end (conv1, conv2; `include`/`exclude` apply) like Linear layers
     over their kernel windows: uint8 input per tensor, int8 weight per output channel. The INT8 engines
     then run each conv as one int8 GEMM over the windows (`conv_windows`) instead of a float conv."""
+    outlier_channels: int = 0
+    """Input channels of each Linear matched by `outlier_linears` that skip the input grid: the k channels with
+    the largest magnitude on the calibration batches (chosen once, by `calibrate`) are multiplied by their
+    weight columns in float, and the uint8 grid and the int8 weight cover the other channels only
+    (LLM.int8()'s mixed-precision decomposition, Dettmers et al. 2022, with the channels fixed). A few GELU
+    channels of Whisper base's late encoder FFN reach 10-30x the rest, and one per-tensor grid sized for them
+    is as coarse as 0.8 per step (docs/base.md). Costs k float weight columns per Linear."""
+    outlier_linears: list[str] = field(default_factory=list)
+    """fnmatch patterns of the quantized Linears that keep `outlier_channels` input channels float."""
     freeze_observers_after: int | None = None
     """Trainer step after which activation observers are frozen (None: observe throughout QAT)."""
     lsq: bool = False
@@ -113,11 +122,20 @@ class QuantConfig:
             raise ValueError(f"quant.momentum must be in (0, 1], got {self.momentum!r}")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"quant.percentile must be in (50, 100], got {self.percentile!r}")
-        for name in ("include", "exclude", "dynamic", "row_matmuls"):
+        for name in ("include", "exclude", "dynamic", "row_matmuls", "outlier_linears"):
             v = getattr(self, name)
             if isinstance(v, str) or not all(isinstance(p, str) for p in v):
                 raise ValueError(f"quant.{name} must be a list of fnmatch patterns, got {v!r}")
             setattr(self, name, list(v))
+        if not isinstance(self.outlier_channels, int) or isinstance(self.outlier_channels, bool) \
+                or self.outlier_channels < 0:
+            raise ValueError(f"quant.outlier_channels must be an integer >= 0, got {self.outlier_channels!r}")
+        if bool(self.outlier_channels) != bool(self.outlier_linears):
+            raise ValueError("quant.outlier_channels and quant.outlier_linears go together (a number of channels "
+                             f"and the Linears that keep them float), got {self.outlier_channels!r} and "
+                             f"{self.outlier_linears!r}")
+        if self.outlier_channels and self.calibration_batches < 1:
+            raise ValueError("quant.outlier_channels needs quant.calibration_batches >= 1 (calibration picks them)")
         if self.freeze_observers_after is not None and (not isinstance(self.freeze_observers_after, int)
                                                         or self.freeze_observers_after < 0):
             raise ValueError(f"quant.freeze_observers_after must be a step >= 0 or null, got {self.freeze_observers_after!r}")
@@ -167,15 +185,28 @@ class QATLinear(nn.Linear):
     Built by `from_linear`, which reuses the Linear's Parameters (optimizer state and tying survive);
     `to_linear` gives the plain Linear back. `input_quant=None` is weight-only (the output projection).
     With both quantizers disabled the forward is exactly `nn.Linear`'s.
+
+    `outliers` > 0 (`QuantConfig.outlier_channels`): the buffer `float_channels` holds that many input channels
+    (-1 until `calibrate` picks them), which bypass both grids: y = q(x') · q(W') + x[..., c] · W[:, c] + b,
+    where x' and W' are x and W with channels c zeroed.
     """
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, weight_quant: FakeQuantizer, input_quant: FakeQuantizer | None) -> "QATLinear":
+    def from_linear(cls, linear: nn.Linear, weight_quant: FakeQuantizer, input_quant: FakeQuantizer | None,
+                    outliers: int = 0) -> "QATLinear":
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight, new.bias = linear.weight, linear.bias
         new.weight_quant, new.input_quant = weight_quant, input_quant
+        if outliers:
+            if input_quant is None or input_quant.dynamic or not 0 < outliers < linear.in_features:
+                raise ValueError(f"float input channels need a calibrated input grid and 0 < k < "
+                                 f"{linear.in_features}, got k={outliers}")
+            new.register_buffer("float_channels", torch.full((outliers,), -1, dtype=torch.long,
+                                                             device=linear.weight.device))
+        else:
+            new.float_channels = None
         return new.train(linear.training)
 
     def to_linear(self) -> nn.Linear:
@@ -185,10 +216,40 @@ class QATLinear(nn.Linear):
         lin.weight, lin.bias = self.weight, self.bias
         return lin.train(self.training)
 
+    @property
+    def channels_chosen(self) -> bool:
+        return self.float_channels is not None and bool((self.float_channels >= 0).all())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_quant is not None:
-            x = self.input_quant(x)
-        return F.linear(x, self.weight_quant.cached(self.weight), self.bias)
+        if self.float_channels is None:
+            if self.input_quant is not None:
+                x = self.input_quant(x)
+            return F.linear(x, self.weight_quant.cached(self.weight), self.bias)
+        quantized = self.input_quant.is_enabled or self.weight_quant.is_enabled
+        if not self.channels_chosen:
+            if quantized or self.input_quant.is_observing and self.training:
+                raise RuntimeError("the float input channels are not chosen yet: run qat.prepare.calibrate first")
+            return F.linear(x, self.weight, self.bias)
+        c = self.float_channels
+        xq = self.input_quant(x.index_fill(-1, c, 0.0))  # the grid (and its observer) without channels c
+        if not quantized:
+            return F.linear(x, self.weight, self.bias)
+        return F.linear(xq, self.weight_quant.cached(self._grid_weight()), self.bias) + \
+            F.linear(x.index_select(-1, c), self.weight.index_select(1, c))
+
+    def _grid_weight(self) -> torch.Tensor:
+        """The weight with the float channels' columns zeroed; one tensor reused while neither changes (so
+        the weight quantizer's cache holds), a fresh one under autograd."""
+        w, c = self.weight, self.float_channels
+        if torch.is_grad_enabled() and w.requires_grad:
+            return w.index_fill(1, c, 0.0)
+        key = (w.data_ptr(), w._version, c.data_ptr(), c._version)
+        hit = self.__dict__.get("_grid_w")
+        if hit is None or hit[0] != key:
+            with torch.inference_mode(False):  # a normal tensor even under inference mode: it is reused after
+                hit = (key, w.detach().index_fill(1, c, 0.0))
+            self.__dict__["_grid_w"] = hit
+        return hit[1]
 
 
 class QATConv1d(nn.Conv1d):
@@ -320,7 +381,11 @@ def prepare_qat(model: nn.Module, cfg: QuantConfig) -> nn.Module:
             continue
         if isinstance(m, nn.Linear):
             wq = weight_quantizer(m.out_features, cfg.weight_bits, cfg.lsq)
-            model.set_submodule(name, QATLinear.from_linear(m, wq, act(name)))
+            outliers = cfg.outlier_channels if any(fnmatch.fnmatchcase(name, p) for p in cfg.outlier_linears) else 0
+            if outliers and any(fnmatch.fnmatchcase(name, p) for p in cfg.dynamic):
+                raise ValueError(f"{name}: quant.outlier_linears and quant.dynamic both match it (a grid per row "
+                                 "is fitted at run time, over every channel)")
+            model.set_submodule(name, QATLinear.from_linear(m, wq, act(name), outliers))
         elif cfg.quantize_matmuls:
             per_row = any(fnmatch.fnmatchcase(name, p) for p in cfg.row_matmuls)
             a = activation_quantizer(cfg.activation_bits, "dynamic") if per_row else act()
@@ -329,6 +394,11 @@ def prepare_qat(model: nn.Module, cfg: QuantConfig) -> nn.Module:
         if not any(fnmatch.fnmatchcase(n, p) for n, m in model.named_modules() if isinstance(m, QuantMatMul)):
             raise ValueError(f"quant.row_matmuls: {p!r} matches no quantized attention matmul (their names end in "
                              "'.qk' and '.pv', e.g. 'model.encoder.layers.*.self_attn.pv')")
+    for p in cfg.outlier_linears:
+        if not any(fnmatch.fnmatchcase(n, p) for n, m in model.named_modules()
+                   if isinstance(m, QATLinear) and m.float_channels is not None):
+            raise ValueError(f"quant.outlier_linears: {p!r} matches no quantized Linear (e.g. "
+                             "'model.encoder.layers.*.fc2')")
     if cfg.conv:
         for name in CONV_FRONT_END:
             if cfg.selects(name):
@@ -376,6 +446,8 @@ def calibrate(model: nn.Module, batches: Iterable[dict], *, fake_quant: bool = F
     qs = [q for _, q in quantizers(model)]
     if not qs:
         raise ValueError("model has no quantizers: call prepare_qat first")
+    batches = list(batches)
+    choose_float_channels(model, batches)
     was_training = model.training
     enabled = [q.is_enabled for q in qs]
     device = next(model.parameters()).device
@@ -395,6 +467,48 @@ def calibrate(model: nn.Module, batches: Iterable[dict], *, fake_quant: bool = F
             q.enable(e)
         model.train(was_training)
     return n
+
+
+@torch.no_grad()
+def choose_float_channels(model: nn.Module, batches: list[dict]) -> int:
+    """Fill every unchosen `QATLinear.float_channels` with the input channels of largest magnitude over
+    float forward passes of `batches` (`QuantConfig.outlier_channels`). Returns how many Linears it filled.
+
+    Every process of a multi-GPU run calibrates on the same first training batches, so all pick the same
+    channels; once picked they are saved and restored with the model and never picked again."""
+    todo = [m for m in model.modules() if isinstance(m, QATLinear) and m.float_channels is not None
+            and not m.channels_chosen]
+    if not todo:
+        return 0
+    peak: dict[int, torch.Tensor] = {}
+
+    def hook(m, args):
+        x = args[0].detach().abs().flatten(0, -2).amax(0).float()
+        peak[id(m)] = x if id(m) not in peak else torch.maximum(peak[id(m)], x)
+
+    qs = [q for _, q in quantizers(model)]
+    state = [(q.is_enabled, q.is_observing) for q in qs]
+    was_training = model.training
+    handles = [m.register_forward_pre_hook(hook) for m in todo]
+    device = next(model.parameters()).device
+    try:
+        model.eval()
+        for q in qs:
+            q.enable(False).observe_(False)
+        for batch in batches:
+            model(**{k: v.to(device) for k, v in _batch_kwargs(batch, model).items()})
+    finally:
+        for h in handles:
+            h.remove()
+        for q, (on, observing) in zip(qs, state):
+            q.enable(on).observe_(observing)
+        model.train(was_training)
+    if not peak:
+        raise ValueError("choose_float_channels: no calibration batches")
+    for m in todo:
+        chosen = peak[id(m)].topk(m.float_channels.numel()).indices.sort().values
+        m.float_channels.copy_(chosen)
+    return len(todo)
 
 
 def freeze_observers(model: nn.Module, weights: bool = False) -> int:
@@ -542,11 +656,20 @@ def export_quant_plan(model: nn.Module):
             raise ValueError(f"{name}: only 8-bit weights export, got {q.bits} bits")
         return WeightQuant(*int8_weight(q, w))
 
+    def linear_weight(name: str, m: QATLinear | QATConv1d) -> WeightQuant:
+        if getattr(m, "float_channels", None) is None:
+            return weight(name, m.weight_quant, m.weight)
+        if not m.channels_chosen:
+            raise ValueError(f"{name}: float input channels never chosen (run qat.prepare.calibrate)")
+        w = weight(name, m.weight_quant, m._grid_weight())
+        c = m.float_channels.detach().clone()
+        return WeightQuant(w.q, w.scale, c, m.weight.detach().index_select(1, c).float().clone())
+
     plan = QuantPlan()
     for name, m in model.named_modules():
         if isinstance(m, (QATLinear, QATConv1d)) and m.input_quant is not None:
             if m.input_quant.is_enabled and m.weight_quant.is_enabled:
-                plan.linears[name] = (act(name + ".input_quant", m.input_quant), weight(name, m.weight_quant, m.weight))
+                plan.linears[name] = (act(name + ".input_quant", m.input_quant), linear_weight(name, m))
             elif m.input_quant.is_enabled != m.weight_quant.is_enabled:
                 raise ValueError(f"{name}: input and weight quantizers must be both on or both off to export")
         elif isinstance(m, QuantMatMul):

@@ -391,16 +391,30 @@ class ActQuant:
 
 @dataclass
 class WeightQuant:
-    """Symmetric int8 weight, one scale per output channel: w ≈ q * scale[:, None]."""
+    """Symmetric int8 weight, one scale per output channel: w ≈ q * scale[:, None].
+
+    `float_channels` (int64 (k,)) and `float_weight` (float32 (out, k)): input channels that bypass the grids
+    (`qat.prepare.QuantConfig.outlier_channels`); q is zero in their columns, and the layer adds
+    x[..., float_channels] @ float_weight.T to the int8 product.
+    """
 
     q: torch.Tensor  # int8 (out, in)
     scale: torch.Tensor  # float32 (out,)
+    float_channels: torch.Tensor | None = None
+    float_weight: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.q.dtype != torch.int8 or self.q.dim() != 2:
             raise ValueError(f"weight must be a 2-D int8 tensor, got {self.q.dtype} {tuple(self.q.shape)}")
         if self.scale.shape != (self.q.shape[0],):
             raise ValueError(f"weight scale must have shape ({self.q.shape[0]},), got {tuple(self.scale.shape)}")
+        if (self.float_channels is None) != (self.float_weight is None):
+            raise ValueError("float_channels and float_weight go together")
+        if self.float_channels is not None:
+            k = self.float_channels.numel()
+            if self.float_weight.shape != (self.q.shape[0], k) or bool(self.q[:, self.float_channels].any()):
+                raise ValueError(f"float_weight must have shape ({self.q.shape[0]}, {k}) and q zero columns at "
+                                 f"float_channels, got {tuple(self.float_weight.shape)}")
 
 
 @dataclass

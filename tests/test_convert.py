@@ -153,6 +153,27 @@ def test_per_row_inputs_convert_to_the_fake_quant_arithmetic_and_round_trip(tmp_
     assert torch.equal(_logits(loaded, b), _logits(int8, b))
 
 
+def test_outlier_channels_convert_to_the_fake_quant_arithmetic_and_round_trip(tmp_path):
+    float_model = install_explicit_attention(tiny_random_whisper(seed=0, max_source_positions=FRAMES // 2).eval())
+    cfg = QuantConfig(embeddings=True, outlier_channels=4, outlier_linears=["model.encoder.layers.*.fc2"])
+    fq = ptq(float_model, cfg, _batches(1))
+    int8 = convert_to_int8(fq)
+    fc2, qfc2 = int8.model.encoder.layers[0].fc2, fq.model.encoder.layers[0].fc2
+    assert isinstance(fc2, Int8Linear) and torch.equal(fc2.float_channels, qfc2.float_channels)
+    assert not fc2.weight_int8[:, fc2.float_channels].any()
+    assert int8.model.decoder.layers[0].fc2.float_channels is None
+    # the layer: the int8 kernel over the other channels plus the float ones, as fake quant computes it
+    x = torch.randn(2, 7, fc2.in_features)
+    x[..., qfc2.float_channels] *= 40  # outliers far off the grid: they must not leak into the int8 product
+    with torch.no_grad():
+        assert torch.allclose(fc2(x), qfc2(x), atol=1e-4)
+    b = _batches(1, seed=5)[0]
+    assert float((_logits(fq, b) - _logits(int8, b)).abs().max()) < 1e-3
+    loaded = load_int8_model(save_int8_model(int8, tmp_path / "int8"))
+    assert torch.equal(loaded.model.encoder.layers[0].fc2.float_channels, fc2.float_channels)
+    assert torch.equal(_logits(loaded, b), _logits(int8, b))
+
+
 def test_per_row_attention_probabilities_convert_exactly_and_round_trip(tmp_path):
     float_model = install_explicit_attention(tiny_random_whisper(seed=0, max_source_positions=FRAMES // 2).eval())
     fq = ptq(float_model, QuantConfig(embeddings=True, row_matmuls=["*.pv"]), _batches(2))

@@ -498,6 +498,30 @@ def test_per_row_linear_inputs_export_as_integer_matmuls_that_agree_with_fake_qu
     assert r["tokens_torch"] == len(feats) * NEW and r["token_agreement"] >= 0.99
 
 
+def test_outlier_channels_export_as_a_gather_and_a_float_matmul_that_agree_with_fake_quant(dense, exports, feats,
+                                                                                           tmp_path):
+    from slim.model import save_model
+
+    ids = torch.tensor([[50257, 50362] + list(range(400, 420))] * len(feats))
+    fq, cfg = _ptq(dense, feats, ids, outlier_channels=4, outlier_linears=["model.encoder.layers.*.fc2"])
+    out = export_model(save_model(fq, tmp_path / "ptq", processor=tiny_random_processor(), quant=cfg.to_dict()),
+                       tmp_path / "qdq", mode="qdq")
+    graph = onnx.load(str(out / "encoder.onnx")).graph
+    inits = {i.name: i for i in graph.initializer}
+    for layer in range(2):
+        chosen = fq.model.encoder.layers[layer].fc2.float_channels
+        idx = onnx.numpy_helper.to_array(inits[f"t.model_encoder_layers_{layer}_fc2__fc"])
+        assert idx.tolist() == chosen.tolist()
+    # each fc2 still one int8 kernel (the int8 columns of the float channels are zero), plus a float MatMul
+    # over the Gather of its 4 channels; the decoder is untouched
+    enc, base = int8_kernel_counts(out / "encoder.onnx"), int8_kernel_counts(exports["qdq"] / "encoder.onnx")
+    assert enc.get("MatMulIntegerToFloat", 0) == base.get("MatMulIntegerToFloat", 0)
+    assert enc.get("MatMul", 0) == base.get("MatMul", 0) + 2 and enc.get("Gather", 0) == base.get("Gather", 0) + 2
+    assert int8_kernel_counts(out / "decoder.onnx") == int8_kernel_counts(exports["qdq"] / "decoder.onnx")
+    r = parity(fq, out, feats, threads=1, max_new_tokens=NEW)
+    assert r["tokens_torch"] == len(feats) * NEW and r["token_agreement"] >= 0.99
+
+
 def test_per_row_attention_probabilities_export_and_agree_with_fake_quant(dense, feats, tmp_path):
     import onnx
 

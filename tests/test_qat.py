@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -233,6 +234,61 @@ def test_row_matmuls_put_the_first_input_of_matching_attention_matmuls_on_a_grid
         prepare_qat(copy.deepcopy(float_model), QuantConfig(row_matmuls=["*.fc1"]))
 
 
+def test_outlier_channels_bypass_both_grids(float_model):
+    cfg = QuantConfig(outlier_channels=3, outlier_linears=["model.encoder.layers.*.fc2"])
+    m = prepare_qat(copy.deepcopy(float_model), cfg)
+    fc2 = m.model.encoder.layers[1].fc2
+    assert fc2.float_channels.tolist() == [-1] * 3 and m.model.decoder.layers[0].fc2.float_channels is None
+    with pytest.raises(RuntimeError, match="not chosen yet"):
+        _logits(m, _batches(1)[0])
+    # calibration picks the 3 channels of largest magnitude on its batches (as the float model sees them)
+    seen = []
+    h = float_model.model.encoder.layers[1].fc2.register_forward_pre_hook(lambda mod, a: seen.append(a[0]))
+    batches = _batches(2)
+    for b in batches:
+        _logits(float_model, b)
+    h.remove()
+    peak = torch.stack([x.abs().flatten(0, 1).amax(0) for x in seen]).amax(0)
+    calibrate(m, batches)
+    assert fc2.float_channels.tolist() == sorted(peak.topk(3).indices.tolist())
+    # the input grid is fitted without them: its range is that of the other channels
+    c = fc2.float_channels
+    rest = torch.cat([x.index_fill(-1, c, 0.0).flatten() for x in seen])
+    assert float(fc2.input_quant.max_val) == pytest.approx(float(rest.max()))
+    assert float(fc2.input_quant.max_val) < float(peak.max())
+    # y = q(x') q(W') + x_c W_c + b, where x' and W' are x and W with channels c zeroed
+    x = seen[0]
+    with torch.no_grad():
+        w0 = fc2.weight.index_fill(1, c, 0.0)
+        s, z = fc2.input_quant.qparams()
+        want = F.linear(fake_quant(x.index_fill(-1, c, 0.0), s, z, 0, 255), fc2.weight_quant(w0), fc2.bias) + \
+            F.linear(x[..., c], fc2.weight[:, c])
+        assert torch.equal(fc2(x), want)
+    with torch.inference_mode():  # as eval runs it; the zeroed weight is reused across both modes
+        assert torch.equal(fc2(x), want)
+    with torch.no_grad():
+        assert torch.equal(fc2(x), want)
+    # the export plan carries them; the int8 weight is zero in their columns
+    act, w = export_quant_plan(m).linears["model.encoder.layers.1.fc2"]
+    assert torch.equal(w.float_channels, c) and torch.equal(w.float_weight, fc2.weight[:, c].detach())
+    assert not w.q[:, c].any() and w.q.any()
+    assert "model.decoder.layers.0.fc2" in export_quant_plan(m).linears
+    # with the quantizers off the layer is the float Linear exactly
+    set_fake_quant(m, False)
+    b = _batches(1, seed=5)[0]
+    assert torch.equal(_logits(m, b), _logits(float_model, b))
+    # settings that cannot work are named
+    with pytest.raises(ValueError, match="go together"):
+        QuantConfig(outlier_channels=4)
+    with pytest.raises(ValueError, match="calibration_batches"):
+        QuantConfig(outlier_channels=4, outlier_linears=["*.fc2"], calibration_batches=0)
+    with pytest.raises(ValueError, match=r"outlier_linears: '\*.qk' matches no quantized Linear"):
+        prepare_qat(copy.deepcopy(float_model), QuantConfig(outlier_channels=2, outlier_linears=["*.qk"]))
+    with pytest.raises(ValueError, match="both match it"):
+        prepare_qat(copy.deepcopy(float_model), QuantConfig(outlier_channels=2, outlier_linears=["*.fc2"],
+                                                             dynamic=["*"]))
+
+
 def test_include_exclude_patterns(float_model):
     cfg = QuantConfig(include=["model.decoder.*"], exclude=["*.encoder_attn.*", "*.pv"])
     m = prepare_qat(copy.deepcopy(float_model), cfg)
@@ -319,8 +375,9 @@ def test_float_weights_rounded_to_fp16_only_where_the_engine_keeps_float(float_m
 
 
 @pytest.mark.parametrize("cfg", [QuantConfig(embeddings=True), QuantConfig(observer="percentile", lsq=True),
-                                 QuantConfig(dynamic=["*"], lsq=True, embeddings=True)],
-                         ids=["minmax-embeddings", "percentile-lsq", "dynamic-lsq"])
+                                 QuantConfig(dynamic=["*"], lsq=True, embeddings=True),
+                                 QuantConfig(outlier_channels=5, outlier_linears=["*.fc2", "*.out_proj"])],
+                         ids=["minmax-embeddings", "percentile-lsq", "dynamic-lsq", "outlier-channels"])
 def test_quant_state_roundtrips_bit_exactly(float_model, tmp_path, cfg):
     m = prepare_qat(copy.deepcopy(float_model), cfg)
     calibrate(m, _batches(1))
