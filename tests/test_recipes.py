@@ -121,6 +121,9 @@ def test_cli_takes_options_before_or_after_overrides(tmp_path, capsys):
     ("{keep_float: 1, sensitivity_by: model}", r"stages\[2\]\.quant\.sensitivity_by: 'model' is not one of"),
     ("{keep_float: 1, keep_float_max_mb: -2}", r"keep_float_max_mb must be a number of MB >= 0 or null, got -2"),
     ("{keep_float_max_mb: 2}", r"keep_float_max_mb is a budget for quant.keep_float, which is 0"),
+    ("{outlier_channels: 8}", r"outlier_channels and quant.outlier_linears go together"),
+    ("{outlier_channels: -1, outlier_linears: ['*.fc2']}", r"outlier_channels must be an integer >= 0"),
+    ("{outlier_channels: 8, outlier_linears: '*.fc2'}", r"stages\[2\]\.quant\.outlier_linears: expected a list, got '\*.fc2'"),
 ])
 def test_bad_quant_setting_is_named(tmp_path, quant, message):
     _rejected(tmp_path, f"  - name: q\n    kind: ptq\n    quant: {quant}\n", message)
@@ -297,6 +300,10 @@ def test_base_recipe_ships_a_dense_and_a_pruned_int8_export_of_base():
     assert stages["qat"].teacher == "input" and stages["qat"].quant.keep_float == 0  # the size bound: all int8
     assert stages["qat"].quant.conv and stages["qat-pruned"].quant.conv
     assert stages["qat"].quant.exclude == ["model.encoder.layers.*.self_attn.qk", "model.encoder.layers.*.self_attn.pv"]
+    # the encoder FFN's outlier GELU channels skip the fc2 input grid in both branches (docs/base.md)
+    for name in ("qat", "qat-pruned"):
+        assert stages[name].quant.outlier_channels == 32
+        assert stages[name].quant.outlier_linears == ["model.encoder.layers.*.fc2"]
     assert stages["prune"].input == "dense" and stages["prune"].prune.repair is not None
     # the branch holds real speech only with scores and repair on 32 batches (docs/base.md)
     assert stages["prune"].prune.calibration_batches == stages["prune"].prune.repair.calibration_batches == 32
