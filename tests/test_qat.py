@@ -542,3 +542,26 @@ def test_eager_static_quantization_cannot_reach_sdpa_matmuls_but_ours_does():
     assert sum(isinstance(x, QDQMatMul) for x in int8.modules()) == 12
     assert sum(isinstance(x, Int8Linear) for x in int8.modules()) == 32
     assert float((_logits(int8, b) - out).abs().max()) < 1e-3
+
+
+def test_channel_peaks_measures_each_input_channel_of_the_matching_linears(tmp_path):
+    """benchmarks/channel_peaks.py: the peak |x| per input channel, as a forward hook on the float model sees it."""
+    import sys
+    from pathlib import Path
+
+    from slim.sources import tiny_random_processor, tiny_random_whisper
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))  # benchmarks/ is not an installed package
+    from benchmarks.channel_peaks import channel_peaks, summary
+
+    model = tiny_random_whisper(seed=0)  # 30 s windows, as the processor's features
+    d = save_model(model, tmp_path / "m", processor=tiny_random_processor())
+    manifest = tmp_path / "two.jsonl"
+    lines = (root / "data" / "real-speech" / "manifest.jsonl").read_text().splitlines()[:2]
+    manifest.write_text("".join(l.replace('"audio": "', f'"audio": "{root}/data/real-speech/') + "\n" for l in lines))
+    peaks = channel_peaks(str(d), str(manifest), ["model.encoder.layers.*.fc2"], limit=2)
+    assert sorted(peaks) == ["model.encoder.layers.0.fc2", "model.encoder.layers.1.fc2"]
+    assert all(len(p) == model.config.encoder_ffn_dim and min(p) >= 0 for p in peaks.values())
+    row = summary({"x": [1.0, 8.0, 2.0, 4.0]}, [1, 2])[0]
+    assert (row["max"], row["k1"], row["k2"], row["ratio_k1"], row["step_k2"]) == (8.0, 4.0, 2.0, 2.0, 2.0 / 255)
