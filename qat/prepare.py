@@ -475,7 +475,8 @@ def choose_float_channels(model: nn.Module, batches: list[dict]) -> int:
     float forward passes of `batches` (`QuantConfig.outlier_channels`). Returns how many Linears it filled.
 
     Every process of a multi-GPU run calibrates on the same first training batches, so all pick the same
-    channels; once picked they are saved and restored with the model and never picked again."""
+    channels (and DDP broadcasts the main process's buffers, these among them, before each training step);
+    once picked they are saved and restored with the model and never picked again."""
     todo = [m for m in model.modules() if isinstance(m, QATLinear) and m.float_channels is not None
             and not m.channels_chosen]
     if not todo:
