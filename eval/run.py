@@ -284,6 +284,10 @@ def compare_main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=2000, help="bootstrap resamples")
     p.add_argument("--worst", type=int, default=0, metavar="N",
                    help="also list the N utterances where each report gains the most word errors over the base")
+    p.add_argument("--agreement", action="store_true",
+                   help="also print each report's word disagreement with the base's own transcripts (its WER "
+                        "with the base's hypotheses as references): how closely a compressed model follows the "
+                        "model it came from, which moves far less from run to run than WER against the references")
     a = p.parse_args(argv)
     from eval.metrics import word_error_rate
 
@@ -293,12 +297,16 @@ def compare_main(argv: list[str] | None = None) -> int:
     # each other report's is the base's plus the exact difference the bootstrap computes on the same utterances
     h = _hypotheses(base)
     base_wer = word_error_rate([x["ref"] for x in h], [x["hyp"] for x in h])
-    print(f"{'report':50s} {'WER %':>7s} {'Δ vs base':>10s} {'95% interval':>18s}")
+    print(f"{'report':50s} {'WER %':>7s} {'Δ vs base':>10s} {'95% interval':>18s}"
+          + (f" {'≠ base %':>9s}" if a.agreement else ""))
     print(f"{a.base:50s} {100 * base_wer:7.2f}")
     for path in a.others:
-        d = compare_reports(base, reports[path], a.samples)
+        d = compare_reports(base, reports[path], a.samples)  # checks that both hold the same utterances
+        agreement = ""
+        if a.agreement:
+            agreement = f" {100 * word_error_rate([x['hyp'] for x in h], [x['hyp'] for x in _hypotheses(reports[path])]):9.2f}"
         print(f"{path:50s} {100 * (base_wer + d['delta']):7.2f} {100 * d['delta']:+10.2f} "
-              f"[{100 * d['low']:+6.2f}, {100 * d['high']:+6.2f}]")
+              f"[{100 * d['low']:+6.2f}, {100 * d['high']:+6.2f}]" + agreement)
         if a.worst > 0:
             _print_worst(base, reports[path], a.worst)
     return 0

@@ -167,6 +167,15 @@ def test_compare_lists_the_utterances_that_carry_the_difference(tmp_path, capsys
     with pytest.raises(ValueError, match="without per-utterance hypotheses"):
         compare_main([str(tmp_path / "c.json"), str(tmp_path / "b.json")])
     assert "+2  u1: 'a dog dog dog'" in out and "+2  u2: 'no way'" in out and "u0" not in out
+    # --agreement: the WER of b's transcripts with a's as the references (a wrote the references here)
+    swapped = ["the cat sit", "a dog", "", "red green blue black"]
+    for name, hyps in (("a", swapped), ("b", other)):
+        rep = {"hypotheses": [{"id": f"u{i}", "ref": r, "hyp": h} for i, (r, h) in enumerate(zip(refs, hyps))]}
+        (tmp_path / f"{name}.json").write_text(json.dumps(rep))
+    assert compare_main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--agreement", "--samples", "20"]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert word_error_rate(swapped, other) == 5 / 9  # "sit" deleted, 2 + 2 words inserted
+    assert line.endswith(f"{100 * 5 / 9:9.2f}") and "≠ base" not in line
 
 
 def test_paired_wer_difference_is_exact_and_its_interval_brackets_it():
