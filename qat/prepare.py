@@ -7,8 +7,10 @@
                               quantizers: a Linear over its kernel windows);
                               every matched attention MatMul (`qk`, `pv`) -> QuantMatMul
                               (+ `a_quant`, `b_quant`, both uint8 per tensor);
-                              optionally the tied embedding / output projection, int8 weight-only.
-    calibrate(model, batches) teacher-forced forward passes with the observers on
+                              optionally the tied embedding / output projection, int8 weight-only;
+                              with `outlier_channels`, the matched Linears keep k input channels float.
+    calibrate(model, batches) teacher-forced forward passes with the observers on (first picking the
+                              float input channels, where there are any to pick)
     freeze_observers(model)   fixed scales from now on
     ptq(model, cfg, batches)  prepare + calibrate + freeze: the post-training baseline
 
