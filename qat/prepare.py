@@ -387,6 +387,9 @@ def prepare_qat(model: nn.Module, cfg: QuantConfig) -> nn.Module:
             if outliers and any(fnmatch.fnmatchcase(name, p) for p in cfg.dynamic):
                 raise ValueError(f"{name}: quant.outlier_linears and quant.dynamic both match it (a grid per row "
                                  "is fitted at run time, over every channel)")
+            if outliers >= m.in_features:
+                raise ValueError(f"{name}: quant.outlier_channels {outliers} leaves none of its {m.in_features} "
+                                 "input channels on the grid (a pruned layer?): lower it or narrow outlier_linears")
             model.set_submodule(name, QATLinear.from_linear(m, wq, act(name), outliers))
         elif cfg.quantize_matmuls:
             per_row = any(fnmatch.fnmatchcase(name, p) for p in cfg.row_matmuls)

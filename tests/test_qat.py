@@ -284,6 +284,8 @@ def test_outlier_channels_bypass_both_grids(float_model):
         QuantConfig(outlier_channels=4, outlier_linears=["*.fc2"], calibration_batches=0)
     with pytest.raises(ValueError, match=r"outlier_linears: '\*.qk' matches no quantized Linear"):
         prepare_qat(copy.deepcopy(float_model), QuantConfig(outlier_channels=2, outlier_linears=["*.qk"]))
+    with pytest.raises(ValueError, match=r"model.encoder.layers.0.fc2: quant.outlier_channels 128 leaves none"):
+        prepare_qat(copy.deepcopy(float_model), QuantConfig(outlier_channels=128, outlier_linears=["*.fc2"]))
     with pytest.raises(ValueError, match="both match it"):
         prepare_qat(copy.deepcopy(float_model), QuantConfig(outlier_channels=2, outlier_linears=["*.fc2"],
                                                              dynamic=["*"]))
