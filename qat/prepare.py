@@ -202,9 +202,12 @@ class QATLinear(nn.Linear):
         new.weight, new.bias = linear.weight, linear.bias
         new.weight_quant, new.input_quant = weight_quant, input_quant
         if outliers:
-            if input_quant is None or input_quant.dynamic or not 0 < outliers < linear.in_features:
-                raise ValueError(f"float input channels need a calibrated input grid and 0 < k < "
-                                 f"{linear.in_features}, got k={outliers}")
+            if input_quant is None or input_quant.dynamic:
+                raise ValueError("quant.outlier_linears and quant.dynamic both match it (a grid per row is fitted "
+                                 "at run time, over every channel), or it has no input grid")
+            if not 0 < outliers < linear.in_features:
+                raise ValueError(f"quant.outlier_channels {outliers} leaves none of its {linear.in_features} input "
+                                 "channels on the grid (a pruned layer?): lower it or narrow outlier_linears")
             new.register_buffer("float_channels", torch.full((outliers,), -1, dtype=torch.long,
                                                              device=linear.weight.device))
         else:
@@ -384,13 +387,10 @@ def prepare_qat(model: nn.Module, cfg: QuantConfig) -> nn.Module:
         if isinstance(m, nn.Linear):
             wq = weight_quantizer(m.out_features, cfg.weight_bits, cfg.lsq)
             outliers = cfg.outlier_channels if any(fnmatch.fnmatchcase(name, p) for p in cfg.outlier_linears) else 0
-            if outliers and any(fnmatch.fnmatchcase(name, p) for p in cfg.dynamic):
-                raise ValueError(f"{name}: quant.outlier_linears and quant.dynamic both match it (a grid per row "
-                                 "is fitted at run time, over every channel)")
-            if outliers >= m.in_features:
-                raise ValueError(f"{name}: quant.outlier_channels {outliers} leaves none of its {m.in_features} "
-                                 "input channels on the grid (a pruned layer?): lower it or narrow outlier_linears")
-            model.set_submodule(name, QATLinear.from_linear(m, wq, act(name), outliers))
+            try:
+                model.set_submodule(name, QATLinear.from_linear(m, wq, act(name), outliers))
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
         elif cfg.quantize_matmuls:
             per_row = any(fnmatch.fnmatchcase(name, p) for p in cfg.row_matmuls)
             a = activation_quantizer(cfg.activation_bits, "dynamic") if per_row else act()
@@ -455,22 +455,27 @@ def calibrate(model: nn.Module, batches: Iterable[dict], *, fake_quant: bool = F
     choose_float_channels(model, batches)
     was_training = model.training
     enabled = [q.is_enabled for q in qs]
-    device = next(model.parameters()).device
     model.eval()
     for q in qs:
         q.train()
         if not fake_quant:
             q.enable(False)
-    n = 0
     try:
-        for batch in batches:
-            kw = {k: v.to(device) for k, v in _batch_kwargs(batch, model).items()}
-            model(**kw)
-            n += 1
+        n = _forward_passes(model, batches)
     finally:
         for q, e in zip(qs, enabled):
             q.enable(e)
         model.train(was_training)
+    return n
+
+
+def _forward_passes(model: nn.Module, batches: Iterable[dict]) -> int:
+    """One teacher-forced forward pass per batch, on the model's device. Returns how many ran."""
+    device = next(model.parameters()).device
+    n = 0
+    for batch in batches:
+        model(**{k: v.to(device) for k, v in _batch_kwargs(batch, model).items()})
+        n += 1
     return n
 
 
@@ -496,13 +501,11 @@ def choose_float_channels(model: nn.Module, batches: list[dict]) -> int:
     state = [(q.is_enabled, q.is_observing) for q in qs]
     was_training = model.training
     handles = [m.register_forward_pre_hook(hook) for m in todo]
-    device = next(model.parameters()).device
     try:
         model.eval()
         for q in qs:
             q.enable(False).observe_(False)
-        for batch in batches:
-            model(**{k: v.to(device) for k, v in _batch_kwargs(batch, model).items()})
+        _forward_passes(model, batches)
     finally:
         for h in handles:
             h.remove()
@@ -663,13 +666,12 @@ def export_quant_plan(model: nn.Module):
         return WeightQuant(*int8_weight(q, w))
 
     def linear_weight(name: str, m: QATLinear | QATConv1d) -> WeightQuant:
-        if getattr(m, "float_channels", None) is None:
-            return weight(name, m.weight_quant, m.weight)
-        if not m.channels_chosen:
-            raise ValueError(f"{name}: float input channels never chosen (run qat.prepare.calibrate)")
-        w = weight(name, m.weight_quant, m._grid_weight())
-        c = m.float_channels.detach().clone()
-        return WeightQuant(w.q, w.scale, c, m.weight.detach().index_select(1, c).float().clone())
+        if m.weight_quant.bits != 8:
+            raise ValueError(f"{name}: only 8-bit weights export, got {m.weight_quant.bits} bits")
+        try:
+            return int8_linear_weight(m)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
 
     plan = QuantPlan()
     for name, m in model.named_modules():
@@ -686,6 +688,19 @@ def export_quant_plan(model: nn.Module):
         elif isinstance(m, QATEmbedding) and m.weight_quant.is_enabled:
             plan.embedding = weight(name, m.weight_quant, m.weight)
     return plan
+
+
+@torch.no_grad()
+def int8_linear_weight(m: "QATLinear | QATConv1d") -> WeightQuant:
+    """The weight a quantized Linear (or conv, as its window matrix) ships: int8 per output channel, and with
+    float input channels (`QuantConfig.outlier_channels`) their columns zero in it and kept float beside it."""
+    c = getattr(m, "float_channels", None)
+    if c is None:
+        return WeightQuant(*int8_weight(m.weight_quant, m.weight))
+    if not m.channels_chosen:
+        raise ValueError("float input channels never chosen (run qat.prepare.calibrate)")
+    q, scale = int8_weight(m.weight_quant, m._grid_weight())
+    return WeightQuant(q, scale, c.detach().clone(), m.weight.detach().index_select(1, c).float())
 
 
 @torch.no_grad()

@@ -564,6 +564,6 @@ def test_channel_peaks_measures_each_input_channel_of_the_matching_linears(tmp_p
     manifest.write_text("".join(l.replace('"audio": "', f'"audio": "{root}/data/real-speech/') + "\n" for l in lines))
     peaks = channel_peaks(str(d), str(manifest), ["model.encoder.layers.*.fc2"], limit=2)
     assert sorted(peaks) == ["model.encoder.layers.0.fc2", "model.encoder.layers.1.fc2"]
-    assert all(len(p) == model.config.encoder_ffn_dim and min(p) >= 0 for p in peaks.values())
+    assert all(len(p) == model.config.encoder_ffn_dim and min(p) >= 0 and max(p) > 0 for p in peaks.values())
     row = summary({"x": [1.0, 8.0, 2.0, 4.0]}, [1, 2])[0]
     assert (row["max"], row["k1"], row["k2"], row["ratio_k1"], row["step_k2"]) == (8.0, 4.0, 2.0, 2.0, 2.0 / 255)
