@@ -312,6 +312,24 @@ def test_base_recipe_ships_a_dense_and_a_pruned_int8_export_of_base():
     assert r.data.optional_eval == {"real_prompts": "../shared/data/real-prompts/manifest.jsonl"}
 
 
+def test_quickstart_recipe_cuts_what_its_readme_row_says_and_floats_the_fc2_outliers():
+    """recipes/quickstart.yaml: 30% of the heads of every attention kind and a quarter of the FFN neurons (half
+    the decoder's, none of the encoder's: both stacks are 1,536 wide), repaired; QAT distilled from the recovered
+    model with the 16 largest input channels of every fc2 in float (docs/real-speech.md)."""
+    from train.recipe import load_recipe
+
+    r = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml")
+    stages = {s.name: s for s in r.stages}
+    assert list(stages) == ["dense", "prune", "recover", "qat", "convert", "export"]
+    sel = stages["prune"].prune.selection
+    assert sel.head_ratio == 0.3 and sel.ffn_ratio == {"encoder": 0.0, "decoder": 0.5}
+    assert stages["prune"].prune.repair is not None
+    assert stages["qat"].teacher == "input"
+    assert stages["qat"].quant.outlier_channels == 16
+    assert stages["qat"].quant.outlier_linears == ["model.encoder.layers.*.fc2", "model.decoder.layers.*.fc2"]
+    assert stages["export"].export_mode == "qdq"
+
+
 @pytest.mark.parametrize("stage, message", [
     ("{name: a, kind: audio-context, audio_window: {context: silence}}", r"context: silence needs no training"),
     ("{name: e, kind: export, export_mode: float, audio_window: {margin_s: 1.0}}", r"sets only a window with context"),
