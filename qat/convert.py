@@ -93,6 +93,7 @@ class Int8Linear(nn.Module):
         q = m.weight_quant
         if q.bits != 8 or m.input_quant.bits != 8:
             raise ValueError(f"convert needs 8-bit quantizers, got weight {q.bits} / input {m.input_quant.bits} bits")
+        self.per_row = m.input_quant.dynamic
         if self.float_channels is not None and not m.channels_chosen:
             return self  # a converted model's shapes, before its saved tensors are loaded into them
         w = int8_linear_weight(m)
@@ -103,7 +104,6 @@ class Int8Linear(nn.Module):
         self.weight_scale.copy_(w.scale)
         if m.bias is not None:
             self.bias.copy_(m.bias.detach())
-        self.per_row = m.input_quant.dynamic
         if not self.per_row:
             s, z = m.input_quant.qparams()
             self.input_scale.copy_(s)

@@ -660,16 +660,9 @@ def export_quant_plan(model: nn.Module):
         scale, zp = q.qparams()
         return ActQuant(float(scale), int(zp))
 
-    def weight(name: str, q: FakeQuantizer, w: torch.Tensor) -> WeightQuant:
-        if q.bits != 8:
-            raise ValueError(f"{name}: only 8-bit weights export, got {q.bits} bits")
-        return WeightQuant(*int8_weight(q, w))
-
-    def linear_weight(name: str, m: QATLinear | QATConv1d) -> WeightQuant:
-        if m.weight_quant.bits != 8:
-            raise ValueError(f"{name}: only 8-bit weights export, got {m.weight_quant.bits} bits")
+    def named(name: str, make, *args):
         try:
-            return int8_linear_weight(m)
+            return make(*args)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
 
@@ -677,7 +670,7 @@ def export_quant_plan(model: nn.Module):
     for name, m in model.named_modules():
         if isinstance(m, (QATLinear, QATConv1d)) and m.input_quant is not None:
             if m.input_quant.is_enabled and m.weight_quant.is_enabled:
-                plan.linears[name] = (act(name + ".input_quant", m.input_quant), linear_weight(name, m))
+                plan.linears[name] = (act(name + ".input_quant", m.input_quant), named(name, int8_linear_weight, m))
             elif m.input_quant.is_enabled != m.weight_quant.is_enabled:
                 raise ValueError(f"{name}: input and weight quantizers must be both on or both off to export")
         elif isinstance(m, QuantMatMul):
@@ -686,7 +679,7 @@ def export_quant_plan(model: nn.Module):
             elif m.a_quant.is_enabled != m.b_quant.is_enabled:
                 raise ValueError(f"{name}: both matmul input quantizers must be on or off to export")
         elif isinstance(m, QATEmbedding) and m.weight_quant.is_enabled:
-            plan.embedding = weight(name, m.weight_quant, m.weight)
+            plan.embedding = WeightQuant(*named(name, int8_weight, m.weight_quant, m.weight))
     return plan
 
 
@@ -707,6 +700,8 @@ def int8_linear_weight(m: "QATLinear | QATConv1d") -> WeightQuant:
 def int8_weight(q: FakeQuantizer, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 weight, per-channel scale) as fake quant uses them now; a conv's weight as its 2-D window
     matrix (`window_weight`): what the INT8 engines multiply by."""
+    if q.bits != 8:
+        raise ValueError(f"only 8-bit weights export, got {q.bits} bits")
     scale, zp = weight_qparams(q, w)
     qw = quantize(w, scale, zp, q.qmin, q.qmax, axis=0)
     return (window_weight(qw) if qw.dim() == 3 else qw), scale

@@ -353,6 +353,14 @@ def test_fake_quant_model_close_to_float_and_plan(float_model, ptq_model):
     assert a.zero_point == 0  # attention probabilities are >= 0: the uint8 grid starts at 0
     with pytest.raises(ValueError, match="never calibrated"):
         export_quant_plan(prepare_qat(copy.deepcopy(float_model), QuantConfig()))
+    # 4-bit weights train but do not export: the Linear (or the embedding) is named
+    four = ptq(copy.deepcopy(float_model), QuantConfig(weight_bits=4), _batches(1))
+    with pytest.raises(ValueError, match=r"^model\.encoder\.layers\.0\.self_attn\.k_proj: only 8-bit weights export, got 4"):
+        export_quant_plan(four)
+    four = ptq(copy.deepcopy(float_model), QuantConfig(weight_bits=4, embeddings=True, include=["*.embed_tokens"]),
+               _batches(1))
+    with pytest.raises(ValueError, match=r"^model\.decoder\.embed_tokens: only 8-bit weights export, got 4"):
+        export_quant_plan(four)
 
 
 def test_float_weights_rounded_to_fp16_only_where_the_engine_keeps_float(float_model):
