@@ -249,14 +249,21 @@ def compare_reports(base: dict, other: dict, samples: int = 2000) -> dict:
 
 
 def load_report(spec: str) -> dict:
-    """An eval report by SPEC: `REPORT.json` of `./launch.sh eval`, or `RUN/report.json:STAGE[:SET]`, one stage's
+    """An eval report by SPEC: `REPORT.json` of `./launch.sh eval`, `RUN/report.json:STAGE[:SET]`, one stage's
     evaluation in a recipe run's report (SET: `eval`, the default, or a name of `data.extra_eval` /
-    `data.optional_eval`)."""
+    `data.optional_eval`), or `BENCH.json:ENGINE`, one engine's transcripts in a `benchmarks/bench_engines.py
+    --out` report (utterances named by their position among the clips with text)."""
     path, _, sel = spec.partition(".json:")
     path = path + ".json" if sel else spec
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such report")
     data = json.loads(Path(path).read_text())
+    if isinstance(data, dict) and "engines" in data and "references" in data:
+        if sel not in data["engines"]:
+            raise ValueError(f"{spec}: an engine benchmark's report needs :ENGINE, one of {sorted(data['engines'])}")
+        hyps = data["engines"][sel]["hypotheses"]
+        return {"wer": data["engines"][sel]["wer"],
+                "hypotheses": [{"id": str(i), "ref": r, "hyp": h} for i, (r, h) in enumerate(zip(data["references"], hyps))]}
     if not isinstance(data, list):
         if sel:
             raise ValueError(f"{spec}: {path} is an eval report, not a run's report.json; name it without :STAGE")
@@ -279,7 +286,8 @@ def compare_main(argv: list[str] | None = None) -> int:
                                 description="WER differences of eval reports against a base report, paired "
                                             "bootstrap 95% intervals (same utterances).")
     p.add_argument("base", help="REPORT.json of `./launch.sh eval` (e.g. the float model), or a run's "
-                                "RUN/report.json:STAGE[:SET] (SET: eval, the default, or an extra eval set's name)")
+                                "RUN/report.json:STAGE[:SET] (SET: eval, the default, or an extra eval set's name), or an "
+                                "engine benchmark's BENCH.json:ENGINE (benchmarks/bench_engines.py --out)")
     p.add_argument("others", nargs="+", help="reports to compare with it, named the same ways (e.g. PTQ, QAT)")
     p.add_argument("--samples", type=int, default=2000, help="bootstrap resamples")
     p.add_argument("--worst", type=int, default=0, metavar="N",

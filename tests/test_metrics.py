@@ -240,6 +240,29 @@ def test_compare_reads_a_stage_and_eval_set_of_a_run_report(tmp_path, capsys):
         load_report(str(tmp_path / "missing.json"))
 
 
+def test_compare_reads_an_engine_of_an_engine_benchmark_report(tmp_path, capsys):
+    """`BENCH.json:ENGINE`: one engine's transcripts of a `bench_engines.py --out` report, paired by clip with
+    another engine of the same report or of another run on the same clips."""
+    from eval.run import compare_main, load_report
+
+    refs = ["red green blue gold", "cat dog fish bird"]
+    bench = {"references": refs, "clips": 2,
+             "engines": {"fp32": {"wer": 0.0, "hypotheses": list(refs)},
+                         "int8": {"wer": 0.125, "hypotheses": ["red green blue", "cat dog fish bird"]}}}
+    path = tmp_path / "win.json"
+    path.write_text(json.dumps(bench))
+    got = load_report(f"{path}:int8")
+    assert got["hypotheses"] == [{"id": "0", "ref": refs[0], "hyp": "red green blue"},
+                                 {"id": "1", "ref": refs[1], "hyp": refs[1]}]
+    assert compare_main([f"{path}:fp32", f"{path}:int8", "--agreement", "--samples", "50"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].split()[1:3] == ["12.50", "+12.50"] and out[-1].split()[-1] == "12.50"
+    with pytest.raises(ValueError, match=r"needs :ENGINE, one of \['fp32', 'int8'\]"):
+        load_report(str(path))
+    with pytest.raises(ValueError, match=r"needs :ENGINE"):
+        load_report(f"{path}:ct2")
+
+
 def test_concat_windows_writes_the_benchs_long_windows_as_an_eval_set(tmp_path):
     """benchmarks/concat_windows.py: the windows `bench_engines.py --concat` times, on disk and readable by eval."""
     import numpy as np
