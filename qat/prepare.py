@@ -387,10 +387,7 @@ def prepare_qat(model: nn.Module, cfg: QuantConfig) -> nn.Module:
         if isinstance(m, nn.Linear):
             wq = weight_quantizer(m.out_features, cfg.weight_bits, cfg.lsq)
             outliers = cfg.outlier_channels if any(fnmatch.fnmatchcase(name, p) for p in cfg.outlier_linears) else 0
-            try:
-                model.set_submodule(name, QATLinear.from_linear(m, wq, act(name), outliers))
-            except ValueError as e:
-                raise ValueError(f"{name}: {e}") from None
+            model.set_submodule(name, _named(name, QATLinear.from_linear, m, wq, act(name), outliers))
         elif cfg.quantize_matmuls:
             per_row = any(fnmatch.fnmatchcase(name, p) for p in cfg.row_matmuls)
             a = activation_quantizer(cfg.activation_bits, "dynamic") if per_row else act()
@@ -419,6 +416,14 @@ def prepare_qat(model: nn.Module, cfg: QuantConfig) -> nn.Module:
             model.proj_out, weight_quantizer(model.proj_out.out_features, cfg.weight_bits, cfg.lsq), None)
     model.slim_quant_config = cfg
     return model
+
+
+def _named(name: str, make, *args):
+    """make(*args), with a ValueError's message prefixed by the module name it concerns."""
+    try:
+        return make(*args)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
 
 
 def quantizers(model: nn.Module, pattern: str | None = None) -> Iterable[tuple[str, FakeQuantizer]]:
@@ -660,17 +665,11 @@ def export_quant_plan(model: nn.Module):
         scale, zp = q.qparams()
         return ActQuant(float(scale), int(zp))
 
-    def named(name: str, make, *args):
-        try:
-            return make(*args)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
-
     plan = QuantPlan()
     for name, m in model.named_modules():
         if isinstance(m, (QATLinear, QATConv1d)) and m.input_quant is not None:
             if m.input_quant.is_enabled and m.weight_quant.is_enabled:
-                plan.linears[name] = (act(name + ".input_quant", m.input_quant), named(name, int8_linear_weight, m))
+                plan.linears[name] = (act(name + ".input_quant", m.input_quant), _named(name, int8_linear_weight, m))
             elif m.input_quant.is_enabled != m.weight_quant.is_enabled:
                 raise ValueError(f"{name}: input and weight quantizers must be both on or both off to export")
         elif isinstance(m, QuantMatMul):
@@ -679,7 +678,7 @@ def export_quant_plan(model: nn.Module):
             elif m.a_quant.is_enabled != m.b_quant.is_enabled:
                 raise ValueError(f"{name}: both matmul input quantizers must be on or off to export")
         elif isinstance(m, QATEmbedding) and m.weight_quant.is_enabled:
-            plan.embedding = WeightQuant(*named(name, int8_weight, m.weight_quant, m.weight))
+            plan.embedding = WeightQuant(*_named(name, int8_weight, m.weight_quant, m.weight))
     return plan
 
 
