@@ -285,6 +285,18 @@ def test_concat_windows_writes_the_benchs_long_windows_as_an_eval_set(tmp_path):
     assert " ".join(texts).split() == " ".join(json.loads(l)["text"] for l in manifest.read_text().splitlines()).split()
 
 
+def test_spread_repeats_parts_a_sentence_read_several_times_in_a_row():
+    """concat_windows.py --spread-repeats: each sentence's first reading, then its second, ...; order kept."""
+    from benchmarks.concat_windows import spread_repeats
+
+    clips = [{"id": str(i), "text": t} for i, t in enumerate("a a a b b b c".split())]
+    got = spread_repeats(clips)
+    assert [c["id"] for c in got] == ["0", "3", "6", "1", "4", "2", "5"]
+    assert all(x["text"] != y["text"] for x, y in zip(got, got[1:]))
+    distinct = [{"id": str(i), "text": t} for i, t in enumerate("a b c".split())]
+    assert spread_repeats(distinct) == distinct
+
+
 def test_bench_cache_is_made_again_from_another_model(tmp_path):
     """bench_engines.py reuses a conversion in --work only when it was made from the same model and settings."""
     from benchmarks.bench_engines import _record, cached, made, record_source
