@@ -28,6 +28,8 @@ MAX_NGRAM = 8
 """Longest n-gram checked for loops."""
 OVERLONG = 2.0
 """A hypothesis with more than this many times the reference's words has run away."""
+SHORT = 0.7
+"""A hypothesis with under this share of the reference's words stopped early (or skipped speech)."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -108,11 +110,14 @@ def failure_counts(hyps: Sequence[str], refs: Sequence[str] | None = None) -> di
     - empty: no word with a letter or digit left after normalization ("", "...", "uh");
     - repetition: an n-gram repeated REPEAT_RUN+ times in a row (and not so in the reference, if given);
     - overlong: more than OVERLONG x the reference's words (needs REFS);
-    - runaway: repetition or overlong.
+    - runaway: repetition or overlong;
+    - short: not empty, and under SHORT x the reference's words (needs REFS): the decoder ended the
+      transcript early or skipped a stretch of speech (a pruned model's failure on long windows; a
+      transcript that runs out in dots, which the normalizer drops, counts here too).
     """
     if refs is not None and len(refs) != len(hyps):
         raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
-    counts = {"empty": 0, "repetition": 0, "overlong": 0, "runaway": 0}
+    counts = {"empty": 0, "repetition": 0, "overlong": 0, "runaway": 0, "short": 0}
     for i, hyp in enumerate(hyps):
         words = normalize(hyp).split()
         ref = normalize(refs[i]).split() if refs is not None else None
@@ -124,6 +129,7 @@ def failure_counts(hyps: Sequence[str], refs: Sequence[str] | None = None) -> di
         counts["repetition"] += loop
         counts["overlong"] += long
         counts["runaway"] += loop or long
+        counts["short"] += ref is not None and len(words) < SHORT * len(ref)
     return counts
 
 

@@ -31,11 +31,11 @@ def write_json(path: str | Path, obj) -> Path:
 
 
 def _failure(hyp: str, ref: str) -> str | None:
-    """The failure mode of one hypothesis (empty, repetition, overlong), or None."""
+    """The failure mode of one hypothesis (empty, repetition, overlong, short), or None."""
     from eval.metrics import failure_counts
 
     c = failure_counts([hyp], [ref])
-    return next((k for k in ("empty", "repetition", "overlong") if c[k]), None)
+    return next((k for k in ("empty", "repetition", "overlong", "short") if c[k]), None)
 
 
 def evaluate_engine(engine: Engine, data, batch_size: int = 1, limit: int | None = None, warmup: int = 1,
@@ -142,7 +142,7 @@ def evaluate_model(model_dir, data, engine: str = "auto", batch_size: int = 1, o
     repetition guard (slim.decoding; None: the model's setting, 0: off).
 
     Returns the report dict: wer, cer, utterances, skipped (+ skipped_by_reason), model_bytes,
-    seconds_per_utterance, engine, failures (empty / repetition / overlong / runaway counts), hypotheses
+    seconds_per_utterance, engine, failures (empty / repetition / overlong / runaway / short counts), hypotheses
     ({id, ref, hyp, failure, seconds}), data, model,
     threads, and for models with a config.json the structure and parameter count.
     """

@@ -117,7 +117,7 @@ def test_runner_scores_exactly_and_counts_failures(manifest):
     # refs of 7 + 8 + 7 words; errors: exact 0, empty output 8 deletions, and
     # "mend the coat before you go out" vs 12 x "mend": 1 hit, 6 substitutions, 5 insertions = 11
     assert r["wer"] == pytest.approx((0 + 8 + 11) / 22)
-    assert r["failures"] == {"empty": 1, "repetition": 1, "overlong": 0, "runaway": 1}
+    assert r["failures"] == {"empty": 1, "repetition": 1, "overlong": 0, "runaway": 1, "short": 0}
     assert [h["failure"] for h in r["hypotheses"]] == [None, "empty", "repetition"]
     assert r["model_bytes"] == 123 and r["engine"] == "scripted" and r["utterances"] == 3
     assert r["warmup"] == 0

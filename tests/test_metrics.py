@@ -79,7 +79,7 @@ def test_a_trailing_ellipsis_is_not_a_word():
     assert char_error_rate(["the time is"], ["The time is..."]) == 0.0
     assert normalize("x %% y") == "x y"
     assert normalize("...") == "" and failure_counts(["..."]) == {"empty": 1, "repetition": 0, "overlong": 0,
-                                                                   "runaway": 0}
+                                                                   "runaway": 0, "short": 0}
 
 
 def test_cer_hand_computed():
@@ -111,12 +111,16 @@ def test_longest_repeat():
 
 
 def test_failure_counts():
-    refs = ["the cat sat", "go to bed", "ha ha ha ha", "a b", "go home now"]
-    hyps = ["", "go to go to go to go to", "ha ha ha ha", "a b c d e", "..."]
-    assert failure_counts(hyps, refs) == {"empty": 2, "repetition": 1, "overlong": 2, "runaway": 2}
-    # without references: loops only (the laughing reference no longer excuses it)
-    assert failure_counts(hyps) == {"empty": 2, "repetition": 2, "overlong": 0, "runaway": 2}
-    assert failure_counts(["fine text"], ["fine text"]) == {"empty": 0, "repetition": 0, "overlong": 0, "runaway": 0}
+    ten = "the quick brown fox jumps over the lazy old dog"
+    refs = ["the cat sat", "go to bed", "ha ha ha ha", "a b", "go home now", ten, ten]
+    # the last two: 7 of 10 words is not short (under 70% is), 6 of 10 is, with a run of dots the normalizer drops
+    hyps = ["", "go to go to go to go to", "ha ha ha ha", "a b c d e", "...", "the quick brown fox jumps over the",
+            "the quick brown fox jumps over ... ... ......"]
+    assert failure_counts(hyps, refs) == {"empty": 2, "repetition": 1, "overlong": 2, "runaway": 2, "short": 1}
+    # without references: loops only (the laughing reference no longer excuses it), nothing is short
+    assert failure_counts(hyps) == {"empty": 2, "repetition": 2, "overlong": 0, "runaway": 2, "short": 0}
+    assert failure_counts(["fine text"], ["fine text"]) == {"empty": 0, "repetition": 0, "overlong": 0, "runaway": 0,
+                                                            "short": 0}
 
 
 def test_evaluate_loads_the_module_offline_and_matches_the_functions(tmp_path):
