@@ -119,6 +119,10 @@ def test_runner_scores_exactly_and_counts_failures(manifest):
     assert r["wer"] == pytest.approx((0 + 8 + 11) / 22)
     assert r["failures"] == {"empty": 1, "repetition": 1, "overlong": 0, "runaway": 1, "short": 0}
     assert [h["failure"] for h in r["hypotheses"]] == [None, "empty", "repetition"]
+    # the per-hypothesis tag names a short transcript too (3 of 7 words), and nothing for one word missing
+    from eval.run import _failure
+    assert _failure("the child almost", "the child almost hurt the small dog") == "short"
+    assert _failure("the child almost hurt the small", "the child almost hurt the small dog") is None
     assert r["model_bytes"] == 123 and r["engine"] == "scripted" and r["utterances"] == 3
     assert r["warmup"] == 0
 
