@@ -26,8 +26,13 @@ def _fmt(v, spec: str, none: str = "-") -> str:
 
 
 def _failures(r: dict) -> str:
-    f = r.get("failures") or {}
-    return ", ".join(f"{k} {v}" for k, v in f.items() if v) or "0"
+    """The main set's failure counts, then each extra set's that has any ("short 1; real_prompts: overlong 2")."""
+    def counts(f):
+        return ", ".join(f"{k} {v}" for k, v in (f or {}).items() if v)
+
+    parts = [counts(r.get("failures"))] + [f"{n}: {c}" for n, e in (r.get("extra") or {}).items()
+                                           if (c := counts(e.get("failures")))]
+    return "; ".join(p for p in parts if p) or "0"
 
 
 def eval_sets(rows: list[dict]) -> list[str]:

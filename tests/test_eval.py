@@ -250,6 +250,12 @@ def test_comparison_table_values(tmp_path):
     assert lines[0].startswith("| variant | engine | WER % | real WER % | prompts WER % | CER % |")
     assert lines[2] == "| fp32 | torch | 5.00 | 10.00 | 20.00 | 2.00 | 151.0 | 0.500 | 1.00x | 10 | 1 | 0 |"
     assert lines[3].startswith("| int8 | onnx-qdq | 6.25 | 12.50 | - | 3.00 |")
+    # the failures column names each extra set's counts after the main set's; sets without any are left out
+    rows[0]["extra"]["prompts"]["failures"] = {"empty": 0, "short": 3}
+    rows[1]["extra"]["real"]["failures"] = {"overlong": 1, "runaway": 1}
+    lines = comparison_table(rows).splitlines()
+    assert lines[2].endswith("| 10 | 1 | prompts: short 3 |")
+    assert lines[3].endswith("| 10 | 1 | empty 2, repetition 1; real: overlong 1, runaway 1 |")
     write_comparison(rows, tmp_path, title="t")
     assert (tmp_path / "report.png").read_bytes()[:8] == PNG_MAGIC
 

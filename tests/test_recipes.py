@@ -199,6 +199,28 @@ def test_optional_eval_set_is_evaluated_when_present_and_skipped_with_a_warning_
         f"data.optional_eval.gone: {tmp_path / 'gone.jsonl'} is not present; not evaluated"]
 
 
+def test_stage_report_keeps_every_eval_sets_failures_and_hypotheses(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from train.recipe import StageConfig
+    from train.stages import _evaluate
+
+    def fake_eval(model_dir, data, **kw):  # each set its own counts, so a mix-up shows
+        n = len(data)
+        return {"wer": n / 100, "cer": 0.0, "utterances": n, "skipped": 1, "skipped_by_reason": {"too long": 1},
+                "failures": {"empty": 0, "short": n}, "seconds_per_utterance": 0.5, "engine": "torch",
+                "hypotheses": [{"ref": "a", "hyp": data}]}
+
+    monkeypatch.setattr("eval.run.evaluate_model", fake_eval)
+    recipe = load_recipe(SMOKE)
+    ctx = SimpleNamespace(recipe=recipe, eval_sets={"eval": "e.jsonl", "real": "real.jsonl"})
+    entry = _evaluate(ctx, StageConfig(name="dense", kind="eval"), tmp_path)
+    assert entry["wer"] == 0.07 and entry["failures"] == {"empty": 0, "short": 7}
+    assert entry["extra"] == {"real": {"wer": 0.1, "cer": 0.0, "utterances": 10, "skipped": 1,
+                                       "skipped_by_reason": {"too long": 1}, "failures": {"empty": 0, "short": 10},
+                                       "seconds_per_utterance": 0.5, "hypotheses": [{"ref": "a", "hyp": "real.jsonl"}]}}
+
+
 # What a fresh clone holds: the packages, the recipes and the data they read (no ../shared next to it).
 CLONE_PARTS = ("train", "slim", "prune", "qat", "eval", "recipes", "data")
 LOCAL_RECIPES = ("recipes/quickstart.yaml", "recipes/smoke.yaml", "recipes/experiments/tiny_en_prune_qat.yaml")

@@ -203,6 +203,12 @@ def _run_stage(ctx: RunContext, stage: StageConfig, prev: Path, sdir: Path) -> P
     return model_out
 
 
+# what a run's report keeps of each extra eval set: the hypotheses so that `./launch.sh compare
+# report.json:STAGE:SET` can pair any two stages, the failure counts so that report.md shows them per set
+_EXTRA_KEYS = ("wer", "cer", "utterances", "skipped", "skipped_by_reason", "failures", "seconds_per_utterance",
+               "hypotheses")
+
+
 def _evaluate(ctx: RunContext, stage: StageConfig, model_dir: Path) -> dict:
     from eval.run import evaluate_model
 
@@ -219,9 +225,7 @@ def _evaluate(ctx: RunContext, stage: StageConfig, model_dir: Path) -> dict:
             if name == "eval":
                 entry.update(r)
             else:
-                # hypotheses kept so `./launch.sh compare report.json:STAGE:SET` can pair any two stages
-                entry.setdefault("extra", {})[name] = {k: r[k] for k in ("wer", "cer", "utterances", "skipped",
-                                                                         "seconds_per_utterance", "hypotheses")}
+                entry.setdefault("extra", {})[name] = {k: r[k] for k in _EXTRA_KEYS}
     finally:
         torch.set_num_threads(threads)
     return entry
