@@ -42,6 +42,30 @@ def test_error_split_counts_what_wer_counts_empty_references_included():
     assert (s["seen_words"], s["missed_seen"], s["missed_unseen"]) == (3, pytest.approx(1 / 3), pytest.approx(1 / 3))
 
 
+def test_error_split_by_voice_groups_each_utterance_by_its_id():
+    from benchmarks.error_split import by_voice
+
+    report = {"hypotheses": [{"id": "a", "ref": "the cat sat", "hyp": "the cat sat"},
+                             {"id": "b", "ref": "on the mat", "hyp": "on a mat"},
+                             {"id": "c", "ref": "a dog", "hyp": "the dog barked"}]}
+    got = by_voice(report, {"a": "flite:slt", "b": "espeak-ng:en-us", "c": "flite:slt"})
+    assert got == {"espeak-ng:en-us": (1, pytest.approx(1 / 3)), "flite:slt": (2, pytest.approx(2 / 5))}
+
+
+def test_loop_cut_ends_a_transcript_where_its_loop_starts():
+    from benchmarks.loop_cut import loop_cut, loop_start
+
+    speech = ("one day the old fisherman walked down to the harbour and counted every boat that had come back "
+              "safely from the storm before night fell")
+    assert len(speech.split()) == 25 and loop_start(speech) is None  # plain speech is not cut
+    assert loop_start("the the, " * 9) is None  # 18 words: too few to tell
+    for loop in (" the the," * 30, " I, you, I, I, you," * 12):
+        start = loop_start(speech + loop)
+        # the span that first compresses like a loop may begin a few words before it, never after its start
+        assert 20 <= start <= 25, start
+        assert loop_cut(speech + loop) == " ".join(speech.split()[:start])
+
+
 def test_wer_is_corpus_level_not_mean_of_utterances():
     # utterance 1: 0 errors / 4 words; utterance 2: 2 substitutions + 1 insertion / 2 words (rate 1.5).
     # corpus: 3 / 6 = 0.5 (the mean of rates would be 0.75)
